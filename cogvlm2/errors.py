@@ -1,0 +1,30 @@
+"""Error types. Every user-facing error is a ValueError subclass (or FileNotFoundError) that names the problem."""
+from __future__ import annotations
+
+
+class CogVLM2Error(Exception):
+    """Base class of this package's errors."""
+
+
+class ConfigError(CogVLM2Error, ValueError):
+    """A configuration value is invalid or a preset is unknown."""
+
+
+class CheckpointError(CogVLM2Error, ValueError):
+    """A checkpoint is missing a tensor, has a wrong shape, or cannot be read."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint file or folder does not exist."""
+
+
+class InputError(CogVLM2Error, ValueError):
+    """A request's input (prompt, image, history, template) is invalid."""
+
+
+class ImageError(InputError):
+    """An image cannot be read, is empty, too large, or of an unsupported type."""
+
+
+class TemplateError(InputError):
+    """Unknown prompt template."""
