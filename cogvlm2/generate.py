@@ -1,0 +1,129 @@
+"""The simple generation path: one conversation, a contiguous KV cache, greedy or sampled decoding.
+
+Kept deliberately plain: it is the oracle the batched engine is tested against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from mindspore import Tensor, ops
+
+from cogvlm2.layers import softmax_attention
+from cogvlm2.model import CogVLM2Model, TokenBatch
+
+if TYPE_CHECKING:
+    from cogvlm2.processor import ProcessedPrompt
+
+
+class ContiguousAttention:
+    """Per-layer K/V of one sequence, kept in sequence order; causal by sequence index."""
+
+    def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+        self.cached_index = np.zeros(0, np.int64)
+        self.step_index = np.zeros(0, np.int64)
+        self.mask: Tensor | None = None
+
+    def begin_step(self, token_index: np.ndarray) -> None:
+        """`token_index`: sequence index of each token of the coming forward, in batch order."""
+        self.step_index = token_index
+
+    def prepare(self, order: np.ndarray) -> None:
+        query_index = self.step_index[order]
+        self.cached_index = np.concatenate([self.cached_index, query_index])
+        visible = self.cached_index[None, :] <= query_index[:, None]
+        group = self.num_heads // self.num_kv_heads
+        mask = np.where(visible, np.float32(0), np.float32(-np.inf)).astype(np.float32)
+        self.mask = Tensor.from_numpy(np.ascontiguousarray(np.tile(mask, (group, 1))[None]))
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        keys = k if self.keys[layer] is None else ops.concat((self.keys[layer], k), 0)
+        values = v if self.values[layer] is None else ops.concat((self.values[layer], v), 0)
+        self.keys[layer], self.values[layer] = keys, values
+        n, kv, hd = q.shape[0], self.num_kv_heads, self.head_dim
+        group = self.num_heads // kv
+        # Query head h reads KV head h // group: rows of KV group j are (g, token) pairs.
+        q_grouped = q.transpose(1, 0, 2).reshape(kv, group * n, hd)
+        out = softmax_attention(q_grouped, keys.transpose(1, 0, 2), values.transpose(1, 0, 2), self.mask,
+                                hd ** -0.5)
+        return out.reshape(self.num_heads, n, hd).transpose(1, 0, 2).reshape(n, self.num_heads * hd)
+
+
+@dataclass
+class SimpleGenerationResult:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+
+
+class SimpleGenerator:
+    """Prefill the whole prompt, then one token per forward."""
+
+    def __init__(self, model: CogVLM2Model):
+        self.model = model
+        c = model.config
+        self.new_attention = lambda: ContiguousAttention(c.num_hidden_layers, c.num_attention_heads,  # noqa: E731
+                                                         c.num_kv_heads, c.head_dim)
+
+    def prefill_logits(self, prompt: ProcessedPrompt, all_positions: bool = False) -> np.ndarray:
+        """Logits of the prompt's last position ([vocab]), or of every position ([L, vocab])."""
+        attention = self.new_attention()
+        logits = self._prefill(prompt, attention, all_positions)
+        return logits if all_positions else logits[-1]
+
+    def _prefill(self, prompt: ProcessedPrompt, attention: ContiguousAttention, all_positions: bool) -> np.ndarray:
+        n = len(prompt.input_ids)
+        types = np.asarray(prompt.token_type_ids)
+        features, image_positions = None, None
+        if prompt.pixel_values is not None:
+            features = self.model.encode_images(prompt.pixel_values[None])[0]
+            image_positions = np.nonzero(types == 1)[0]
+        batch = TokenBatch(
+            token_ids=np.asarray(prompt.input_ids), position_ids=np.asarray(prompt.position_ids),
+            vision_expert=np.asarray(prompt.vision_expert_mask, bool),
+            logits_positions=np.arange(n) if all_positions else np.array([n - 1]),
+            image_features=features, image_positions=image_positions)
+        attention.begin_step(np.arange(n))
+        return self.model.forward(batch, attention).asnumpy()
+
+    def generate(self, prompt: ProcessedPrompt, max_tokens: int, stop_token_ids: tuple[int, ...] = (),
+                 temperature: float = 0.0, seed: int | None = None,
+                 step_logits: list[np.ndarray] | None = None) -> SimpleGenerationResult:
+        """Greedy when temperature is 0, else sampling from softmax(logits / temperature) with `seed`."""
+        rng = np.random.default_rng(seed)
+        attention = self.new_attention()
+        result = SimpleGenerationResult(list(prompt.input_ids))
+        logits = self._prefill(prompt, attention, all_positions=False)[-1]
+        position, index = int(prompt.position_ids[-1]), len(prompt.input_ids)
+        for _ in range(max_tokens):
+            if step_logits is not None:
+                step_logits.append(logits)
+            token = self._choose(logits, temperature, rng)
+            result.token_ids.append(token)
+            if token in stop_token_ids:
+                result.finish_reason = "stop"
+                break
+            if len(result.token_ids) == max_tokens:
+                break
+            position, index = position + 1, index + 1
+            logits = self._decode(token, position, index - 1, attention)
+        return result
+
+    def _decode(self, token: int, position: int, index: int, attention: ContiguousAttention) -> np.ndarray:
+        batch = TokenBatch(token_ids=np.array([token]), position_ids=np.array([position]),
+                           vision_expert=np.zeros(1, bool), logits_positions=np.array([0]))
+        attention.begin_step(np.array([index]))
+        return self.model.forward(batch, attention).asnumpy()[0]
+
+    @staticmethod
+    def _choose(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+        if temperature == 0:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / temperature
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        return int(rng.choice(probs.shape[0], p=probs))

@@ -1,0 +1,118 @@
+"""LLaMA-3 decoder with CogVLM2's visual expert.
+
+Tokens enter a forward pass in *routed order*: every language-expert token first, then every vision-expert token.
+Each expert projection is then two contiguous matmuls (one per expert) with no gather/scatter per layer, and each
+token is computed by exactly one expert. Attention does not care about the order: it receives each token's
+sequence index through its own metadata (`Attention.begin_step`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from mindspore import Tensor, ops
+
+from cogvlm2.config import CogVLM2Config
+from cogvlm2.layers import linear, rms_norm, to_tensor
+from cogvlm2.rope import default_inv_freq, rope_table
+
+
+class Attention(Protocol):
+    """Writes this step's K/V into the cache and attends. q [N, H, d], k and v [N, KV, d] -> [N, H * d]."""
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+@dataclass
+class DecoderLayerWeights:
+    input_norm: Tensor
+    post_norm: Tensor
+    language_qkv: Tensor
+    vision_qkv: Tensor
+    vision_qkv_bias: Tensor
+    language_dense: Tensor
+    vision_dense: Tensor
+    language_gate: Tensor
+    language_up: Tensor
+    language_down: Tensor
+    vision_gate: Tensor
+    vision_up: Tensor
+    vision_down: Tensor
+
+
+def expert_linear(x: Tensor, num_language: int, language_w: Tensor, vision_w: Tensor,
+                  vision_b: Tensor | None = None) -> Tensor:
+    """x in routed order: rows [:num_language] through the language weights, the rest through the vision ones."""
+    n = x.shape[0]
+    if num_language == n:
+        return linear(x, language_w)
+    if num_language == 0:
+        return linear(x, vision_w, vision_b)
+    return ops.concat((linear(x[:num_language], language_w), linear(x[num_language:], vision_w, vision_b)), 0)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """NeoX rotate-half; x [N, heads, d], cos/sin [N, d]."""
+    half = x.shape[-1] // 2
+    rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class LanguageModel:
+    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None):
+        self.config = config
+        self.embed_table = to_tensor(tensors["model.embed_tokens.weight"])
+        self.final_norm = to_tensor(tensors["model.norm.weight"])
+        self.lm_head = to_tensor(tensors["lm_head.weight"])
+        self.layers = [self._layer(tensors, f"model.layers.{i}.") for i in range(config.num_hidden_layers)]
+        if inv_freq is None:
+            inv_freq = default_inv_freq(config.head_dim, config.rope_theta)
+        cos, sin = rope_table(inv_freq, config.max_position_embeddings)
+        self.cos_table, self.sin_table = to_tensor(cos), to_tensor(sin)
+
+    @staticmethod
+    def _layer(t: dict[str, np.ndarray], p: str) -> DecoderLayerWeights:
+        get = lambda name: to_tensor(t[p + name])  # noqa: E731
+        return DecoderLayerWeights(
+            get("input_layernorm.weight"), get("post_attention_layernorm.weight"),
+            get("self_attn.language_expert_query_key_value.weight"),
+            get("self_attn.vision_expert_query_key_value.weight"),
+            get("self_attn.vision_expert_query_key_value.bias"),
+            get("self_attn.language_expert_dense.weight"), get("self_attn.vision_expert_dense.weight"),
+            get("mlp.language_mlp.gate_proj.weight"), get("mlp.language_mlp.up_proj.weight"),
+            get("mlp.language_mlp.down_proj.weight"), get("mlp.vision_mlp.gate_proj.weight"),
+            get("mlp.vision_mlp.up_proj.weight"), get("mlp.vision_mlp.down_proj.weight"))
+
+    def embed(self, token_ids: np.ndarray) -> Tensor:
+        return ops.gather(self.embed_table, Tensor.from_numpy(token_ids.astype(np.int32)), 0)
+
+    def rope(self, position_ids: np.ndarray) -> tuple[Tensor, Tensor]:
+        idx = Tensor.from_numpy(position_ids.astype(np.int32))
+        return ops.gather(self.cos_table, idx, 0), ops.gather(self.sin_table, idx, 0)
+
+    def forward(self, hidden: Tensor, position_ids: np.ndarray, num_language: int, attention: Attention) -> Tensor:
+        """hidden [N, hidden] and position_ids [N], both in routed order. Returns the final-normed hidden states."""
+        cos, sin = self.rope(position_ids)
+        for i, layer in enumerate(self.layers):
+            hidden = self._decoder_layer(i, layer, hidden, cos, sin, num_language, attention)
+        return rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return linear(hidden, self.lm_head)
+
+    def _decoder_layer(self, index: int, w: DecoderLayerWeights, x: Tensor, cos: Tensor, sin: Tensor,
+                       num_language: int, attention: Attention) -> Tensor:
+        c = self.config
+        n, heads, kv, hd = x.shape[0], c.num_attention_heads, c.num_kv_heads, c.head_dim
+        h = rms_norm(x, w.input_norm, c.rms_norm_eps)
+        qkv = expert_linear(h, num_language, w.language_qkv, w.vision_qkv, w.vision_qkv_bias)
+        q = apply_rope(qkv[:, :heads * hd].reshape(n, heads, hd), cos, sin)
+        k = apply_rope(qkv[:, heads * hd:(heads + kv) * hd].reshape(n, kv, hd), cos, sin)
+        v = qkv[:, (heads + kv) * hd:].reshape(n, kv, hd)
+        attn = attention(index, q, k, v)
+        x = x + expert_linear(attn, num_language, w.language_dense, w.vision_dense)
+        h = rms_norm(x, w.post_norm, c.rms_norm_eps)
+        gate = expert_linear(h, num_language, w.language_gate, w.vision_gate)
+        up = expert_linear(h, num_language, w.language_up, w.vision_up)
+        return x + expert_linear(ops.silu(gate) * up, num_language, w.language_down, w.vision_down)

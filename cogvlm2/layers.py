@@ -1,0 +1,39 @@
+"""Small MindSpore building blocks shared by the vision encoder and the language model (fp32 on CPU)."""
+from __future__ import annotations
+
+import numpy as np
+from mindspore import Tensor, ops
+
+_matmul_nt = ops.MatMul(transpose_b=True)
+
+
+def to_tensor(array: np.ndarray) -> Tensor:
+    """Zero-copy on CPU: the Tensor shares the (contiguous, float32) numpy buffer."""
+    return Tensor.from_numpy(np.ascontiguousarray(array))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [N, in] @ weight[out, in]^T (+ bias): weights stay in checkpoint layout, no transpose is materialised."""
+    y = _matmul_nt(x, weight)
+    return y if bias is None else y + bias
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    variance = ops.mean(x * x, -1, keep_dims=True)
+    return x * ops.rsqrt(variance + eps) * weight
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    return ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)(x, weight, bias)[0]
+
+
+def gelu_exact(x: Tensor) -> Tensor:
+    return ops.gelu(x, approximate="none")
+
+
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """q [G, M, d], k/v [G, T, d] -> [G, M, d]; mask is additive, broadcastable to [G, M, T]."""
+    scores = ops.BatchMatMul(transpose_b=True)(q, k) * scale
+    if mask is not None:
+        scores = scores + mask
+    return ops.BatchMatMul()(ops.softmax(scores, axis=-1), v)

@@ -1,0 +1,90 @@
+"""EVA2-CLIP vision encoder + the 2x2 conv / GLU adapter, producing one image's boi + patch + eoi embeddings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mindspore import Tensor, ops
+
+from cogvlm2.config import CogVLM2Config
+from cogvlm2.layers import gelu_exact, layer_norm, linear, softmax_attention, to_tensor
+
+PREFIX = "model.vision."
+
+
+@dataclass
+class VisionLayerWeights:
+    ln_in_w: Tensor
+    ln_in_b: Tensor
+    qkv_w: Tensor
+    qkv_b: Tensor
+    dense_w: Tensor
+    dense_b: Tensor
+    ln_post_w: Tensor
+    ln_post_b: Tensor
+    fc1_w: Tensor
+    fc1_b: Tensor
+    fc2_w: Tensor
+    fc2_b: Tensor
+
+
+class VisionEncoder:
+    """pixel_values [B, 3, S, S] -> features [B, tokens_per_image, lm_hidden]."""
+
+    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray]):
+        self.config = config
+        v = config.vision
+        t = {name[len(PREFIX):]: arr for name, arr in tensors.items() if name.startswith(PREFIX)}
+        # Conv kernels with stride == kernel size are matmuls over flattened patches: [out, in * k * k].
+        self.patch_w = to_tensor(t["patch_embedding.proj.weight"].reshape(v.hidden_size, -1))
+        self.patch_b = to_tensor(t["patch_embedding.proj.bias"])
+        self.cls = to_tensor(t["patch_embedding.cls_embedding"].reshape(1, v.hidden_size))
+        self.pos = to_tensor(t["patch_embedding.position_embedding.weight"])
+        self.layers = [self._layer(t, f"transformer.layers.{j}.") for j in range(v.num_hidden_layers)]
+        self.conv_w = to_tensor(t["conv.weight"].reshape(v.hidden_size, -1))
+        self.conv_b = to_tensor(t["conv.bias"])
+        self.proj_w = to_tensor(t["linear_proj.linear_proj.weight"])
+        self.norm_w = to_tensor(t["linear_proj.norm1.weight"])
+        self.norm_b = to_tensor(t["linear_proj.norm1.bias"])
+        self.gate_w = to_tensor(t["linear_proj.gate_proj.weight"])
+        self.up_w = to_tensor(t["linear_proj.dense_h_to_4h.weight"])
+        self.down_w = to_tensor(t["linear_proj.dense_4h_to_h.weight"])
+        self.boi = to_tensor(t["boi"].reshape(1, config.hidden_size))
+        self.eoi = to_tensor(t["eoi"].reshape(1, config.hidden_size))
+
+    @staticmethod
+    def _layer(t: dict[str, np.ndarray], p: str) -> VisionLayerWeights:
+        get = lambda name: to_tensor(t[p + name])  # noqa: E731
+        return VisionLayerWeights(
+            get("input_layernorm.weight"), get("input_layernorm.bias"),
+            get("attention.query_key_value.weight"), get("attention.query_key_value.bias"),
+            get("attention.dense.weight"), get("attention.dense.bias"),
+            get("post_attention_layernorm.weight"), get("post_attention_layernorm.bias"),
+            get("mlp.fc1.weight"), get("mlp.fc1.bias"), get("mlp.fc2.weight"), get("mlp.fc2.bias"))
+
+    def __call__(self, pixel_values: np.ndarray) -> Tensor:
+        return ops.stack([self.encode_one(Tensor.from_numpy(np.ascontiguousarray(p, np.float32)))
+                          for p in pixel_values])
+
+    def encode_one(self, pixels: Tensor) -> Tensor:
+        v = self.config.vision
+        g, p = v.grid_size, v.patch_size
+        patches = pixels.reshape(3, g, p, g, p).transpose(1, 3, 0, 2, 4).reshape(g * g, 3 * p * p)
+        x = ops.concat((self.cls, linear(patches, self.patch_w, self.patch_b)), 0) + self.pos
+        for layer in self.layers:
+            x = self._transformer_layer(x, layer)
+        x = x[1:].reshape(g // 2, 2, g // 2, 2, v.hidden_size).transpose(0, 2, 4, 1, 3)
+        x = linear(x.reshape((g // 2) ** 2, v.hidden_size * 4), self.conv_w, self.conv_b)
+        h = gelu_exact(layer_norm(linear(x, self.proj_w), self.norm_w, self.norm_b, 1e-5))
+        h = linear(ops.silu(linear(h, self.gate_w)) * linear(h, self.up_w), self.down_w)
+        return ops.concat((self.boi, h, self.eoi), 0)
+
+    def _transformer_layer(self, x: Tensor, w: VisionLayerWeights) -> Tensor:
+        v = self.config.vision
+        n = x.shape[0]
+        qkv = linear(x, w.qkv_w, w.qkv_b).reshape(n, 3, v.num_heads, v.head_dim).transpose(1, 2, 0, 3)
+        attn = softmax_attention(qkv[0], qkv[1], qkv[2], None, v.head_dim ** -0.5)
+        attn = linear(attn.transpose(1, 0, 2).reshape(n, v.hidden_size), w.dense_w, w.dense_b)
+        x = x + layer_norm(attn, w.ln_in_w, w.ln_in_b, v.layer_norm_eps)
+        mlp = linear(gelu_exact(linear(x, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
+        return x + layer_norm(mlp, w.ln_post_w, w.ln_post_b, v.layer_norm_eps)
