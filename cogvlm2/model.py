@@ -10,6 +10,7 @@ from mindspore import Tensor, ops
 from cogvlm2.config import CogVLM2Config
 from cogvlm2.language_model import Attention, LanguageModel
 from cogvlm2.model_source import ModelSource, resolve_model
+from cogvlm2.runtime import configure_mindspore
 from cogvlm2.vision import VisionEncoder
 
 
@@ -45,6 +46,7 @@ def routing_order(vision_expert: np.ndarray) -> tuple[np.ndarray, int]:
 
 class CogVLM2Model:
     def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None = None):
+        configure_mindspore()
         self.config = config
         self.vision = VisionEncoder(config, tensors)
         self.language = LanguageModel(config, tensors, inv_freq)
