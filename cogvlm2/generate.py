@@ -127,3 +127,41 @@ class SimpleGenerator:
         probs = np.exp(scaled - scaled.max())
         probs /= probs.sum()
         return int(rng.choice(probs.shape[0], p=probs))
+
+
+@dataclass
+class GenerationOutput:
+    """What `cogvlm2 generate --json` prints. `token_ids` exclude the stop token that ended generation."""
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+    def to_dict(self) -> dict:
+        return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
+                "finish_reason": self.finish_reason}
+
+
+class SimplePipeline:
+    """Processor + model + simple generation loop for one conversation at a time."""
+
+    def __init__(self, model: str | None = None, tokenizer: str | None = None, config_yaml: str | None = None):
+        from cogvlm2.model_source import resolve_model
+        from cogvlm2.processor import CogVLM2Processor
+        from cogvlm2.tokenizer import Llama3Tokenizer
+        source = resolve_model(model, config_yaml)
+        self.config = source.config
+        self.tokenizer = Llama3Tokenizer.from_file(tokenizer) if tokenizer else Llama3Tokenizer.for_model_dir(
+            source.model_dir)
+        self.processor = CogVLM2Processor(source.config, self.tokenizer)
+        self.generator = SimpleGenerator(CogVLM2Model.from_source(source))
+
+    def generate(self, prompt: str, image=None, history=None, template: str | None = None, max_tokens: int = 64,
+                 temperature: float = 0.0, seed: int | None = None, ignore_eos: bool = False) -> GenerationOutput:
+        processed = self.processor(prompt, image=image, history=history, template=template)
+        stops = () if ignore_eos else self.config.eos_token_ids
+        result = self.generator.generate(processed, max_tokens, stops, temperature, seed)
+        tokens = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
+        return GenerationOutput(result.prompt_token_ids, tokens,
+                                self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip(),
+                                result.finish_reason)

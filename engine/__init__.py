@@ -1,0 +1,16 @@
+"""The serving core: paged KV cache, continuous batching scheduler, sampling, the LLM API."""
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+
+def __getattr__(name: str):
+    # Lazy: importing `engine` must not load MindSpore until a model is actually built.
+    if name == "LLM":
+        from engine.llm import LLM
+        return LLM
+    if name == "LLMEngine":
+        from engine.llm_engine import LLMEngine
+        return LLMEngine
+    raise AttributeError(name)

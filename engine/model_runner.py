@@ -1,0 +1,166 @@
+"""Scheduler output -> one flat varlen batch -> the model over the paged KV cache -> logits of sampled rows."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+from mindspore import Parameter, Tensor, ops
+
+from cogvlm2.model import CogVLM2Model, TokenBatch
+from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.sequence import Sequence
+from kernels import reference
+
+
+@dataclass
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    num_blocks: int
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * 4
+
+
+def kv_cache_spec(model: CogVLM2Model, block_size: int, num_blocks: int) -> KVCacheSpec:
+    c = model.config
+    return KVCacheSpec(c.num_hidden_layers, c.num_kv_heads, c.head_dim, block_size, num_blocks)
+
+
+class PagedKVCache:
+    """Per layer, K and V of `num_blocks * block_size` slots, allocated once."""
+
+    def __init__(self, spec: KVCacheSpec):
+        self.spec = spec
+        shape = (spec.num_blocks * spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.keys = [Parameter(Tensor(np.zeros(shape, np.float32)), name=f"k_cache_{i}", requires_grad=False)
+                     for i in range(spec.num_layers)]
+        self.values = [Parameter(Tensor(np.zeros(shape, np.float32)), name=f"v_cache_{i}", requires_grad=False)
+                       for i in range(spec.num_layers)]
+
+
+class PagedAttention:
+    """The model's attention over the paged cache for one forward (built per step)."""
+
+    def __init__(self, cache: PagedKVCache, num_heads: int, token_seq_index: np.ndarray, token_position: np.ndarray,
+                 slot_mapping: np.ndarray, block_tables: list[list[int]], context_lens: list[int]):
+        self.cache, self.num_heads = cache, num_heads
+        self.token_seq_index, self.token_position, self.slot_mapping = token_seq_index, token_position, slot_mapping
+        self.block_tables, self.context_lens = block_tables, context_lens
+        self.meta: reference.PagedAttentionMetadata | None = None
+
+    def prepare(self, order: np.ndarray) -> None:
+        spec = self.cache.spec
+        self.meta = reference.build_paged_metadata(
+            self.token_seq_index[order], self.token_position[order], self.block_tables, self.context_lens,
+            self.slot_mapping[order], spec.block_size, self.num_heads, spec.num_kv_heads)
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        key_cache, value_cache = self.cache.keys[layer], self.cache.values[layer]
+        reference.write_kv_cache(key_cache, self.meta.slot_mapping, k)
+        reference.write_kv_cache(value_cache, self.meta.slot_mapping, v)
+        return reference.paged_attention(q, key_cache, value_cache, self.meta)
+
+
+class EncoderCache:
+    """Vision features by image content hash, so an image is encoded once however many chunks or requests use it."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self.entries: OrderedDict[str, Tensor] = OrderedDict()
+
+    def get(self, image_hash: str) -> Tensor | None:
+        features = self.entries.get(image_hash)
+        if features is not None:
+            self.entries.move_to_end(image_hash)
+        return features
+
+    def put(self, image_hash: str, features: Tensor) -> None:
+        self.entries[image_hash] = features
+        self.entries.move_to_end(image_hash)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
+class ModelRunner:
+    def __init__(self, model: CogVLM2Model, block_size: int, num_blocks: int):
+        self.model = model
+        self.block_size = block_size
+        self.kv_cache = PagedKVCache(kv_cache_spec(model, block_size, num_blocks))
+        self.encoder_cache = EncoderCache()
+        self.num_images_encoded = 0
+
+    def execute(self, output: SchedulerOutput) -> np.ndarray:
+        """Runs every scheduled chunk; returns logits [num chunks that need a sample, vocab] in chunk order."""
+        chunks = output.chunks
+        self._encode_missing_images(chunks)
+        batch, attention = self._build_batch(chunks)
+        if len(batch.logits_positions) == 0:  # only partial prefill chunks: fill the cache, sample nothing
+            self.model.hidden_states(batch, attention)
+            return np.zeros((0, self.model.config.vocab_size), np.float32)
+        return self.model.forward(batch, attention).asnumpy()
+
+    def _encode_missing_images(self, chunks: list[ScheduledChunk]) -> None:
+        pending: dict[str, np.ndarray] = {}
+        for chunk in chunks:
+            seq = chunk.seq
+            if seq.image_hash and _chunk_has_image_tokens(chunk) and self.encoder_cache.get(seq.image_hash) is None:
+                pending[seq.image_hash] = seq.pixel_values
+        if not pending:
+            return
+        features = self.model.encode_images(np.stack(list(pending.values())))
+        for i, image_hash in enumerate(pending):
+            self.encoder_cache.put(image_hash, features[i])
+        self.num_images_encoded += len(pending)
+
+    def _build_batch(self, chunks: list[ScheduledChunk]) -> tuple[TokenBatch, PagedAttention]:
+        token_ids, positions, experts, seq_index, token_index, slots = [], [], [], [], [], []
+        image_rows, image_positions, logits_positions = [], [], []
+        offset = 0
+        for s, chunk in enumerate(chunks):
+            seq, start, end = chunk.seq, chunk.start, chunk.end
+            token_ids.append(seq.token_ids_slice(start, end))
+            positions.append(seq.position_ids_slice(start, end))
+            experts.append(seq.vision_expert_mask_slice(start, end))
+            seq_index.append(np.full(end - start, s))
+            token_index.append(np.arange(start, end))
+            slots.append(_slots(seq.block_table, start, end, self.block_size))
+            self._collect_image_rows(chunk, offset, image_rows, image_positions)
+            offset += end - start
+            if chunk.needs_sample:
+                logits_positions.append(offset - 1)
+        batch = TokenBatch(
+            token_ids=np.concatenate(token_ids), position_ids=np.concatenate(positions),
+            vision_expert=np.concatenate(experts).astype(bool), logits_positions=np.asarray(logits_positions, np.int64),
+            image_features=ops.concat(image_rows, 0) if image_rows else None,
+            image_positions=np.concatenate(image_positions) if image_positions else None)
+        attention = PagedAttention(self.kv_cache, self.model.config.num_attention_heads, np.concatenate(seq_index),
+                                   np.concatenate(token_index), np.concatenate(slots),
+                                   [c.seq.block_table for c in chunks], [c.end for c in chunks])
+        return batch, attention
+
+    def _collect_image_rows(self, chunk: ScheduledChunk, offset: int, rows: list[Tensor],
+                            positions: list[np.ndarray]) -> None:
+        span = chunk.seq.image_token_range()
+        if span is None:
+            return
+        lo, hi = max(span[0], chunk.start), min(span[1], chunk.end)
+        if lo >= hi:
+            return
+        features = self.encoder_cache.get(chunk.seq.image_hash)
+        rows.append(features[lo - span[0]:hi - span[0]])
+        positions.append(np.arange(lo, hi) - chunk.start + offset)
+
+
+def _chunk_has_image_tokens(chunk: ScheduledChunk) -> bool:
+    span = chunk.seq.image_token_range()
+    return span is not None and max(span[0], chunk.start) < min(span[1], chunk.end)
+
+
+def _slots(block_table: list[int], start: int, end: int, block_size: int) -> np.ndarray:
+    index = np.arange(start, end)
+    return np.asarray(block_table, np.int64)[index // block_size] * block_size + index % block_size

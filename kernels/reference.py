@@ -1,0 +1,126 @@
+"""Reference composites (plain MindSpore ops) of the engine's hot ops: the oracle for every kernel test.
+
+- write_kv_cache: K/V of this step's tokens into the paged cache by slot_mapping, in place.
+- paged_attention: attention of a flat varlen batch (decodes + prefill chunks) over the paged cache, GQA, causal.
+The rotary and expert-routed projection composites live with the model (cogvlm2.language_model.apply_rope and
+expert_linear) and are re-exported here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mindspore import Parameter, Tensor, ops
+
+from cogvlm2.language_model import apply_rope, expert_linear  # noqa: F401  (re-exported references)
+from cogvlm2.layers import softmax_attention
+
+_NEG_INF = np.float32(-np.inf)
+
+
+def write_kv_cache(cache: Parameter, slot_mapping: Tensor, values: Tensor) -> None:
+    """cache [num_slots, kv_heads, head_dim]; slot_mapping [N] int32; values [N, kv_heads, head_dim]."""
+    ops.scatter_update(cache, slot_mapping, values)
+
+
+@dataclass
+class DecodeGroup:
+    """Single-token queries, batched: each reads its own context through its slot list."""
+    rows: Tensor            # [B] positions of the queries in the forward's token order
+    context_slots: Tensor   # [B * max_len] int32, padded with slot 0
+    mask: Tensor            # [B * kv_heads, 1, max_len] additive
+    batch: int
+    max_len: int
+
+
+@dataclass
+class PrefillGroup:
+    """One sequence's chunk of queries, causal by sequence index, over its context slots [0, end)."""
+    rows: Tensor            # [n] positions of the chunk's queries in the forward's token order
+    context_slots: Tensor   # [end] int32
+    mask: Tensor            # [1, group * n, end] additive (query head rows grouped by KV head)
+    num_queries: int
+
+
+@dataclass
+class PagedAttentionMetadata:
+    slot_mapping: Tensor          # [N] slot of each token, in forward order
+    decode: DecodeGroup | None
+    prefills: list[PrefillGroup]
+    restore_order: Tensor         # gather index putting [decode rows, prefill rows...] back in forward order
+
+
+def build_paged_metadata(token_seq_index: np.ndarray, token_position: np.ndarray, seq_block_tables: list[list[int]],
+                         seq_context_lens: list[int], slot_mapping: np.ndarray, block_size: int, num_heads: int,
+                         num_kv_heads: int) -> PagedAttentionMetadata:
+    """All arrays in forward order. token_seq_index: which sequence of the batch each token belongs to;
+    token_position: its index in that sequence; seq_context_lens: tokens visible to the sequence's last query."""
+    group = num_heads // num_kv_heads
+    rows_by_seq = [np.nonzero(token_seq_index == s)[0] for s in range(len(seq_context_lens))]
+    decode_seqs = [s for s, rows in enumerate(rows_by_seq) if len(rows) == 1]
+    prefill_seqs = [s for s, rows in enumerate(rows_by_seq) if len(rows) > 1]
+    slots_of = lambda s: _context_slots(seq_block_tables[s], seq_context_lens[s], block_size)  # noqa: E731
+    decode = None
+    if decode_seqs:
+        max_len = max(seq_context_lens[s] for s in decode_seqs)
+        slots = np.zeros((len(decode_seqs), max_len), np.int32)
+        mask = np.full((len(decode_seqs), max_len), _NEG_INF, np.float32)
+        for b, s in enumerate(decode_seqs):
+            slots[b, :seq_context_lens[s]] = slots_of(s)
+            mask[b, :seq_context_lens[s]] = 0
+        mask = np.repeat(mask[:, None, None, :], num_kv_heads, axis=1).reshape(-1, 1, max_len)
+        decode = DecodeGroup(_int_tensor(np.array([rows_by_seq[s][0] for s in decode_seqs])),
+                             _int_tensor(slots.reshape(-1)), Tensor.from_numpy(np.ascontiguousarray(mask)),
+                             len(decode_seqs), max_len)
+    prefills = []
+    for s in prefill_seqs:
+        rows = rows_by_seq[s]
+        end = seq_context_lens[s]
+        visible = np.arange(end)[None, :] <= token_position[rows][:, None]
+        mask = np.tile(np.where(visible, np.float32(0), _NEG_INF), (group, 1))[None]
+        prefills.append(PrefillGroup(_int_tensor(rows), _int_tensor(slots_of(s)),
+                                     Tensor.from_numpy(np.ascontiguousarray(mask, np.float32)), len(rows)))
+    decode_rows = np.array([rows_by_seq[s][0] for s in decode_seqs], np.int64)
+    grouped_rows = np.concatenate([decode_rows] + [rows_by_seq[s] for s in prefill_seqs]).astype(np.int64)
+    restore = np.empty_like(grouped_rows)
+    restore[grouped_rows] = np.arange(grouped_rows.shape[0])
+    return PagedAttentionMetadata(_int_tensor(slot_mapping), decode, prefills, _int_tensor(restore))
+
+
+def paged_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, meta: PagedAttentionMetadata) -> Tensor:
+    """q [N, H, d] in forward order; caches [num_slots, KV, d] already holding this step's K/V -> [N, H * d]."""
+    n, num_heads, head_dim = q.shape
+    num_kv = key_cache.shape[1]
+    group = num_heads // num_kv
+    scale = head_dim ** -0.5
+    outputs = []
+    if meta.decode is not None:
+        d = meta.decode
+        qd = ops.gather(q, d.rows, 0).reshape(d.batch * num_kv, group, head_dim)
+        k = _gather_batched(key_cache, d.context_slots, d.batch, d.max_len)
+        v = _gather_batched(value_cache, d.context_slots, d.batch, d.max_len)
+        outputs.append(softmax_attention(qd, k, v, d.mask, scale).reshape(d.batch, num_heads * head_dim))
+    for p in meta.prefills:
+        qp = ops.gather(q, p.rows, 0).transpose(1, 0, 2).reshape(num_kv, group * p.num_queries, head_dim)
+        k = ops.gather(key_cache, p.context_slots, 0).transpose(1, 0, 2)
+        v = ops.gather(value_cache, p.context_slots, 0).transpose(1, 0, 2)
+        out = softmax_attention(qp, k, v, p.mask, scale)
+        outputs.append(out.reshape(num_heads, p.num_queries, head_dim).transpose(1, 0, 2)
+                       .reshape(p.num_queries, num_heads * head_dim))
+    merged = outputs[0] if len(outputs) == 1 else ops.concat(outputs, 0)
+    return ops.gather(merged, meta.restore_order, 0)
+
+
+def _gather_batched(cache: Tensor, slots: Tensor, batch: int, max_len: int) -> Tensor:
+    num_kv, head_dim = cache.shape[1], cache.shape[2]
+    gathered = ops.gather(cache, slots, 0).reshape(batch, max_len, num_kv, head_dim)
+    return gathered.transpose(0, 2, 1, 3).reshape(batch * num_kv, max_len, head_dim)
+
+
+def _context_slots(block_table: list[int], context_len: int, block_size: int) -> np.ndarray:
+    index = np.arange(context_len)
+    return (np.asarray(block_table, np.int64)[index // block_size] * block_size + index % block_size).astype(np.int32)
+
+
+def _int_tensor(array) -> Tensor:
+    return Tensor.from_numpy(np.ascontiguousarray(np.asarray(array), np.int32))

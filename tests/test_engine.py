@@ -1,0 +1,123 @@
+"""The engine against the goldens: batching, shuffling, late arrivals, preemption, chunking, prefix caching."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import TINY, case_image, margin_limit
+from engine import LLM, SamplingParams
+from engine.llm_engine import LLMEngine
+
+
+def _prompt(case: dict) -> dict:
+    prompt = {"prompt": case["query"], "history": case["history"], "template": case["template"]}
+    if case["image"]:
+        prompt["image"] = str(case_image(case))
+    return prompt
+
+
+def _greedy(case: dict) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=len(case["greedy_tokens"]), ignore_eos=True)
+
+
+def _assert_golden(case: dict, token_ids: list[int]) -> None:
+    limit = margin_limit(case["greedy_top2_margin"])
+    assert token_ids[:limit] == case["greedy_tokens"][:limit], case["name"]
+
+
+def _assert_no_leak(llm_or_engine) -> None:
+    stats = llm_or_engine.stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
+
+
+@pytest.fixture(scope="module")
+def llm():
+    engine = LLM("demo", seed=0)
+    yield engine
+    _assert_no_leak(engine)
+
+
+def test_all_cases_together_in_shuffled_orders(llm, golden_cases):
+    for seed in (0, 1, 2):
+        cases = golden_cases[:]
+        random.Random(seed).shuffle(cases)
+        outs = llm.generate([_prompt(c) for c in cases], [_greedy(c) for c in cases], use_tqdm=False)
+        for case, out in zip(cases, outs):
+            assert out.error is None
+            assert out.finished and out.outputs[0].finish_reason == "length"
+            assert out.prompt_token_ids == case["input_ids"]
+            _assert_golden(case, out.outputs[0].token_ids)
+        _assert_no_leak(llm)
+
+
+def test_requests_added_while_others_decode(golden_cases):
+    engine = LLMEngine("demo")
+    finished = {}
+    pending = list(golden_cases)
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % 3 == 0:  # a new request every third step, joining running decodes
+            case = pending.pop(0)
+            engine.add_request(case["name"], _prompt(case), _greedy(case))
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        step += 1
+    assert set(finished) == {c["name"] for c in golden_cases}
+    for case in golden_cases:
+        _assert_golden(case, finished[case["name"]].outputs[0].token_ids)
+    _assert_no_leak(engine)
+
+
+def test_tiny_pool_small_blocks_and_chunks_still_exact(golden_cases, goldens):
+    tokens_per_image = goldens["vision_tokens_per_image"]
+    chunk = 8
+    assert chunk < tokens_per_image
+    llm = LLM("demo", block_size=4, num_kv_blocks=48, max_num_batched_tokens=chunk, max_num_seqs=8)
+    outs = llm.generate([_prompt(c) for c in golden_cases], [_greedy(c) for c in golden_cases], use_tqdm=False)
+    for case, out in zip(golden_cases, outs):
+        assert out.error is None, out.error
+        _assert_golden(case, out.outputs[0].token_ids)
+    stats = llm.stats()
+    assert stats["num_preemptions"] > 0, stats
+    assert stats["num_prefill_chunks"] > 0, stats
+    _assert_no_leak(llm)
+
+
+def test_prefix_cache_hits_same_image_and_prompt(llm):
+    prompt = {"prompt": "Describe the image.", "image": str(TINY / "demo_1.png")}
+    params = SamplingParams(temperature=0, max_tokens=12)
+    first = llm.generate(prompt, params, use_tqdm=False)[0]
+    hits_before = llm.stats()["prefix_cache_hit_tokens"]
+    second = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert llm.stats()["prefix_cache_hit_tokens"] > hits_before
+    assert second.num_cached_tokens > 0
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    _assert_no_leak(llm)
+
+
+def test_same_placeholders_different_image_do_not_hit(llm, goldens):
+    params = SamplingParams(temperature=0, max_tokens=24)
+    by_image = {ex["image"]: ex for ex in goldens["demo"]["examples"] if ex["prompt"] == "Describe the image."}
+    first = llm.generate({"prompt": "Describe the image.", "image": str(TINY / "demo_2.png")}, params,
+                         use_tqdm=False)[0]
+    hits_before = llm.stats()["prefix_cache_hit_tokens"]
+    other = llm.generate({"prompt": "Describe the image.", "image": str(TINY / "demo_3.png")}, params,
+                         use_tqdm=False)[0]
+    assert other.prompt_token_ids == first.prompt_token_ids  # identical ids, different pictures
+    assert other.num_cached_tokens == 0
+    assert llm.stats()["prefix_cache_hit_tokens"] == hits_before
+    assert first.outputs[0].token_ids == by_image["demo_2.png"]["token_ids"]
+    assert other.outputs[0].token_ids == by_image["demo_3.png"]["token_ids"]
+
+
+def test_demo_examples_through_engine(llm, goldens):
+    examples = goldens["demo"]["examples"]
+    prompts = [{"prompt": ex["prompt"], "template": ex["template"],
+                **({"image": str(TINY / ex["image"])} if ex["image"] else {})} for ex in examples]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    for ex, out in zip(examples, outs):
+        assert out.outputs[0].token_ids == ex["token_ids"], ex
+        assert out.outputs[0].text == ex["text"]
+        assert out.outputs[0].finish_reason == ex["finish_reason"]
