@@ -1,0 +1,131 @@
+"""Per-request sampling parameters, with vLLM's names and semantics."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+# Temperatures below this are treated as greedy: dividing logits by ~0 only overflows.
+GREEDY_TEMPERATURE_EPS = 1e-5
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the generated tokens of one request.
+
+    temperature 0 means greedy (argmax). top_k 0 or -1 means no top-k. max_tokens None means "up to the model's
+    context length". stop is normalised to a list of strings and stop_token_ids to a list of ints.
+    logprobs=k asks for the sampled token's logprob plus the k most likely tokens (see engine.sampler).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        self._check_floats()
+        self._check_ints()
+        self._check_bools()
+        self.stop = _normalise_stop(self.stop)
+        self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    def _check_floats(self) -> None:
+        self.temperature = _real("temperature", self.temperature)
+        self.top_p = _real("top_p", self.top_p)
+        self.min_p = _real("min_p", self.min_p)
+        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty)
+        self.presence_penalty = _real("presence_penalty", self.presence_penalty)
+        self.frequency_penalty = _real("frequency_penalty", self.frequency_penalty)
+        _require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _require(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        _require(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(-2 <= value <= 2, f"{name} must be in [-2, 2], got {value}")
+
+    def _check_ints(self) -> None:
+        self.top_k = _int("top_k", self.top_k)
+        self.min_tokens = _int("min_tokens", self.min_tokens)
+        self.n = _int("n", self.n)
+        _require(self.top_k >= -1, f"top_k must be -1, 0 (off) or a positive int, got {self.top_k}")
+        _require(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
+        _require(self.n == 1, f"n must be 1 (only one completion per request is supported), got {self.n}")
+        if self.max_tokens is not None:
+            self.max_tokens = _int("max_tokens", self.max_tokens)
+            _require(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+            _require(self.min_tokens <= self.max_tokens,
+                     f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if self.seed is not None:
+            self.seed = _int("seed", self.seed)
+        if self.logprobs is not None:
+            self.logprobs = _int("logprobs", self.logprobs)
+            _require(0 <= self.logprobs <= MAX_LOGPROBS,
+                     f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    def _check_bools(self) -> None:
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _real(name: str, value: object) -> float:
+    # bool is an int subclass: temperature=True is almost certainly a mistake.
+    _require(isinstance(value, Real) and not isinstance(value, bool),
+             f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    _require(math.isfinite(value), f"{name} must be finite, got {value}")
+    return value
+
+
+def _int(name: str, value: object) -> int:
+    _require(isinstance(value, Integral) and not isinstance(value, bool),
+             f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _normalise_stop(stop: object) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    _require(isinstance(stop, (list, tuple)), f"stop must be a str or a list of str, got {type(stop).__name__}")
+    for s in stop:
+        _require(isinstance(s, str) and s != "", f"stop strings must be non-empty str, got {s!r}")
+    return list(stop)
+
+
+def _normalise_stop_token_ids(ids: object) -> list[int]:
+    if ids is None:
+        return []
+    _require(isinstance(ids, (list, tuple)), f"stop_token_ids must be a list of int, got {type(ids).__name__}")
+    out = []
+    for i in ids:
+        _require(isinstance(i, Integral) and not isinstance(i, bool) and i >= 0,
+                 f"stop_token_ids must be ints >= 0, got {i!r}")
+        out.append(int(i))
+    return out
