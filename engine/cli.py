@@ -1,27 +1,70 @@
-"""The `cogvlm2` command line: generate, convert, make-random (and more sub-commands as the engine grows)."""
+"""The `cogvlm2` command line.
+
+    cogvlm2 generate --model DIR_OR_PRESET --prompt TEXT [--image PATH] [--json] ...   (runs on the engine)
+    cogvlm2 generate --prompts-file FILE.jsonl                                           (many requests together)
+    cogvlm2 --config YAML --run_mode predict --predict_data IMAGE TEXT --modal_type image text --load_checkpoint CKPT
+    cogvlm2 convert ... / cogvlm2 make-random ...
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Any
 
-from cogvlm2.errors import CogVLM2Error
+from cogvlm2.errors import CogVLM2Error, InputError
+
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+                 "ignore_eos", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                 "logprobs")
 
 
-def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="generate a reply to one prompt (optionally with an image)")
+def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder, .ckpt file or preset (default: demo)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json (default: the model's, "
                                                      "else Llama-3's from llama-models)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--engine-seed", type=int, default=0, help="seed of requests that set none")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(tokenizer=args.tokenizer, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                enable_prefix_caching=not args.no_prefix_caching,
+                enable_chunked_prefill=not args.no_chunked_prefill, seed=args.engine_seed)
+
+
+def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate replies (one prompt, or many from a JSONL file)")
+    add_engine_args(p)
+    p.add_argument("--prompt", default=None)
     p.add_argument("--image", default=None, help="image file")
     p.add_argument("--history", default=None, help='JSON list of [question, answer] pairs')
     p.add_argument("--template", default=None, choices=["chat", "vqa", "base"])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object per request")
+    p.add_argument("--prompts-file", default=None, help="JSONL: one request per line, keys prompt, image, "
+                                                        "history, template and sampling fields")
+    p.add_argument("--simple", action="store_true", help="use the simple one-request path (the oracle)")
+    # MindFormers' run_mindformer.py flags.
+    p.add_argument("--config", default=None, help="MindFormers-style yaml (model sizes)")
+    p.add_argument("--run_mode", default="predict", choices=["predict"])
+    p.add_argument("--predict_data", nargs="+", default=None, help="IMAGE TEXT, in --modal_type order")
+    p.add_argument("--modal_type", nargs="+", default=None, help="e.g. image text")
+    p.add_argument("--load_checkpoint", default=None, help="MindFormers .ckpt (or an HF folder)")
     p.set_defaults(func=_run_generate)
 
 
@@ -31,16 +74,102 @@ def _parse_history(raw: str | None) -> list | None:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
-        raise CogVLM2Error(f"--history is not valid JSON: {e}") from e
+        raise InputError(f"--history is not valid JSON: {e}") from e
+
+
+def _apply_mindformers_flags(args: argparse.Namespace) -> None:
+    if args.load_checkpoint:
+        args.model = args.load_checkpoint
+    if args.predict_data is None:
+        return
+    modal = args.modal_type or (["image", "text"] if len(args.predict_data) == 2 else ["text"])
+    if len(modal) != len(args.predict_data):
+        raise InputError(f"--predict_data has {len(args.predict_data)} items but --modal_type names {len(modal)}")
+    for kind, value in zip(modal, args.predict_data):
+        if kind == "image":
+            args.image = value
+        elif kind == "text":
+            args.prompt = value
+        else:
+            raise InputError(f"--modal_type '{kind}' is not supported (image, text)")
+
+
+def _requests_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.prompts_file:
+        return _read_prompts_file(args.prompts_file, args)
+    if args.prompt is None:
+        raise InputError("give --prompt TEXT, --predict_data, or --prompts-file FILE")
+    request = {"prompt": args.prompt, "image": args.image, "history": _parse_history(args.history),
+               "template": args.template}
+    return [{**request, **_default_sampling(args)}]
+
+
+def _default_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed, "ignore_eos": args.ignore_eos}
+
+
+def _read_prompts_file(path: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    requests = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as e:
+        raise InputError(f"--prompts-file cannot be read: {e}") from e
+    for number, line in enumerate(lines, 1):
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} line {number}: not valid JSON ({e})") from e
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, dict):
+            raise InputError(f"{path} line {number}: expected a JSON object or string")
+        requests.append({**_default_sampling(args), **item})
+    return requests
+
+
+def _split_request(request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    prompt = {k: v for k, v in request.items() if k not in SAMPLING_KEYS and v is not None}
+    sampling = {k: v for k, v in request.items() if k in SAMPLING_KEYS and v is not None}
+    return prompt, sampling
+
+
+def _result_json(out) -> dict[str, Any]:
+    completion = out.outputs[0]
+    result = {"prompt_token_ids": out.prompt_token_ids, "token_ids": completion.token_ids,
+              "text": completion.text, "finish_reason": completion.finish_reason}
+    if out.error:
+        result["error"] = out.error
+    return result
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    _apply_mindformers_flags(args)
+    requests = _requests_from_args(args)
+    if args.simple:
+        return _run_simple(args, requests)
+    from engine.llm import LLM
+    llm = LLM(args.model, config_yaml=args.config, **engine_kwargs(args))
+    prompts, params = zip(*(_split_request(r) for r in requests))
+    outputs = llm.generate(list(prompts), list(params), use_tqdm=len(requests) > 1 and sys.stderr.isatty())
+    as_json = args.json or args.prompts_file is not None
+    for out in outputs:
+        print(json.dumps(_result_json(out)) if as_json else (out.outputs[0].text if not out.error
+                                                             else f"error: {out.error}"))
+    return 0 if all(out.error is None for out in outputs) else 1
+
+
+def _run_simple(args: argparse.Namespace, requests: list[dict[str, Any]]) -> int:
     from cogvlm2.generate import SimplePipeline
-    pipeline = SimplePipeline(args.model, tokenizer=args.tokenizer)
-    out = pipeline.generate(args.prompt, image=args.image, history=_parse_history(args.history),
-                            template=args.template, max_tokens=args.max_tokens, temperature=args.temperature,
-                            seed=args.seed, ignore_eos=args.ignore_eos)
-    print(json.dumps(out.to_dict()) if args.json else out.text)
+    pipeline = SimplePipeline(args.model, tokenizer=args.tokenizer, config_yaml=args.config)
+    for request in requests:
+        prompt, sampling = _split_request(request)
+        out = pipeline.generate(prompt["prompt"], image=prompt.get("image"), history=prompt.get("history"),
+                                template=prompt.get("template"), max_tokens=sampling.get("max_tokens", 64),
+                                temperature=sampling.get("temperature", 0.0), seed=sampling.get("seed"),
+                                ignore_eos=sampling.get("ignore_eos", False))
+        print(json.dumps(out.to_dict()) if args.json or args.prompts_file else out.text)
     return 0
 
 
@@ -55,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
+        argv = ["generate"] + argv  # MindFormers style: `cogvlm2 --config ... --run_mode predict ...`
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -30,6 +30,7 @@ DEFAULT_KV_CACHE_GB = 1.0
 class EngineArgs:
     model: str | None = None
     tokenizer: str | None = None
+    config_yaml: str | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_gb: float | None = None
@@ -67,7 +68,7 @@ class RequestState:
 class LLMEngine:
     def __init__(self, model: str | None = None, **kwargs: Any):
         self.args = EngineArgs(model=model, **kwargs)
-        source = resolve_model(self.args.model)
+        source = resolve_model(self.args.model, self.args.config_yaml)
         self.config = source.config
         self.tokenizer = (Llama3Tokenizer.from_file(self.args.tokenizer) if self.args.tokenizer
                           else Llama3Tokenizer.for_model_dir(source.model_dir))

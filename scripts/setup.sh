@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the package (MindSpore 2.10 CPU, numpy<2, ...) in editable mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test,serve]"
