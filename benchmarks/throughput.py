@@ -1,0 +1,163 @@
+"""Offline throughput: the engine (continuous batching) against the same requests run one at a time.
+
+    python benchmarks/throughput.py --model bench --num-prompts 64 --image-ratio 0.5 [--json OUT]
+
+The workload is seeded: text prompts of --min/--max-prompt-words random words, outputs of --min/--max-output-tokens
+(ignore_eos, so lengths are exact), a fraction --image-ratio of the requests with a synthetic picture.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.outputs import RequestOutput  # noqa: E402
+
+WORDS = ("shape circle square triangle colour red green blue yellow purple white black grey background image "
+         "describe picture how many there is are what which where left right top bottom small large the a of "
+         "and in on with").split()
+
+
+@dataclass
+class Workload:
+    prompts: list[dict]
+    params: list[SamplingParams]
+
+
+def synthetic_image(rng: np.random.Generator, size: int = 224) -> np.ndarray:
+    img = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 4))):
+        x, y = (int(v) for v in rng.integers(0, size * 3 // 4, 2))
+        r = int(rng.integers(size // 10, size // 4))
+        draw.ellipse([x, y, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return np.asarray(img)
+
+
+def make_workload(num_prompts: int, image_ratio: float, min_words: int, max_words: int, min_out: int,
+                  max_out: int, seed: int) -> Workload:
+    rng = np.random.default_rng(seed)
+    prompts, params = [], []
+    for i in range(num_prompts):
+        text = " ".join(rng.choice(WORDS, int(rng.integers(min_words, max_words + 1))))
+        prompt = {"prompt": text}
+        if i < round(num_prompts * image_ratio):
+            prompt["image"] = synthetic_image(rng)
+        prompts.append(prompt)
+        params.append(SamplingParams(temperature=0, ignore_eos=True,
+                                     max_tokens=int(rng.integers(min_out, max_out + 1))))
+    order = rng.permutation(num_prompts)  # images spread through the queue
+    return Workload([prompts[i] for i in order], [params[i] for i in order])
+
+
+@dataclass
+class RunStats:
+    name: str
+    seconds: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+    ttft_ms: dict
+    tpot_ms: dict
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0}
+    arr = np.asarray(values) * 1000
+    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
+            "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
+
+
+def summarise(name: str, outputs: list[RequestOutput], seconds: float) -> RunStats:
+    failed = [o for o in outputs if o.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, first: {failed[0].error}")
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outputs]
+    tpot = [(o.metrics.finished_time - o.metrics.first_token_time) / (len(o.outputs[0].token_ids) - 1)
+            for o in outputs if len(o.outputs[0].token_ids) > 1]
+    return RunStats(name, seconds, len(outputs) / seconds, out_tokens / seconds,
+                    (out_tokens + prompt_tokens) / seconds, _percentiles(ttft), _percentiles(tpot))
+
+
+def run_engine(llm: LLM, workload: Workload) -> RunStats:
+    start = time.perf_counter()
+    outputs = llm.generate(workload.prompts, workload.params, use_tqdm=True)
+    return summarise("engine (continuous batching)", outputs, time.perf_counter() - start)
+
+
+def run_one_at_a_time(llm: LLM, workload: Workload) -> RunStats:
+    """Each request alone; arrival is when the whole run started, as if all were queued at once."""
+    from tqdm import tqdm
+    start = time.perf_counter()
+    outputs = []
+    t0 = time.monotonic()
+    for prompt, params in tqdm(list(zip(workload.prompts, workload.params)), desc="one at a time", unit="req"):
+        out = llm.generate(prompt, params, use_tqdm=False)[0]
+        out.metrics.arrival_time = t0
+        outputs.append(out)
+    return summarise("one at a time", outputs, time.perf_counter() - start)
+
+
+def print_table(results: list[RunStats]) -> None:
+    print(f"{'run':32} {'req/s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'TTFT p50/p90/p99 ms':>24} "
+          f"{'TPOT p50/p90/p99 ms':>22}")
+    for r in results:
+        ttft = "/".join(f"{r.ttft_ms[k]:.0f}" for k in ("p50", "p90", "p99"))
+        tpot = "/".join(f"{r.tpot_ms[k]:.1f}" for k in ("p50", "p90", "p99"))
+        print(f"{r.name:32} {r.requests_per_s:8.2f} {r.output_tokens_per_s:10.1f} {r.total_tokens_per_s:10.1f} "
+              f"{ttft:>24} {tpot:>22}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bench")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--image-ratio", type=float, default=0.5)
+    p.add_argument("--min-prompt-words", type=int, default=20)
+    p.add_argument("--max-prompt-words", type=int, default=80)
+    p.add_argument("--min-output-tokens", type=int, default=16)
+    p.add_argument("--max-output-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--skip-one-at-a-time", action="store_true")
+    p.add_argument("--json", nargs="?", const="-", default=None, help="write results as JSON (to a file or -)")
+    args = p.parse_args(argv)
+
+    workload = make_workload(args.num_prompts, args.image_ratio, args.min_prompt_words, args.max_prompt_words,
+                             args.min_output_tokens, args.max_output_tokens, args.seed)
+    t0 = time.perf_counter()
+    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_prefix_caching=False)
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s ({args.model})", file=sys.stderr)
+    results = [run_engine(llm, workload)]
+    if not args.skip_one_at_a_time:
+        results.append(run_one_at_a_time(llm, workload))
+    print_table(results)
+    if len(results) == 2:
+        print(f"engine / one-at-a-time output tokens/s: "
+              f"{results[0].output_tokens_per_s / results[1].output_tokens_per_s:.2f}x")
+    if args.json:
+        payload = json.dumps({"model": args.model, "num_prompts": args.num_prompts, "image_ratio": args.image_ratio,
+                              "results": [asdict(r) for r in results]}, indent=2)
+        if args.json == "-":
+            print(payload)
+        else:
+            Path(args.json).write_text(payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
