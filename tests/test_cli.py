@@ -105,3 +105,24 @@ def test_console_script_main_job():
                             timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "a black circle and a purple triangle"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_converted_ckpt_gives_identical_greedy_tokens(tmp_path, capsys, golden_cases, dtype):
+    """cogvlm2 convert (MindFormers' flags) -> .ckpt -> MindFormers-style predict flags: the golden tokens."""
+    from cogvlm2.model_source import DEMO_MODEL_DIR
+    ckpt = tmp_path / f"cogvlm2_{dtype}.ckpt"
+    code, _, err = _run(capsys, ["convert", "--modal", "image", "--model", "cogvlm2", "--input_path",
+                                 str(DEMO_MODEL_DIR), "--output_path", str(ckpt), "--dtype", dtype])
+    assert code == 0, err
+    case = next(c for c in golden_cases if c["image"] and not c["history"] and c["template"] == "chat")
+    n = len(case["greedy_tokens"])
+    code, lines, err = _run(capsys, [
+        "--config", str(REPO / "configs/cogvlm2/tiny.yaml"), "--run_mode", "predict",
+        "--predict_data", str(case_image(case)), case["query"], "--modal_type", "image", "text",
+        "--load_checkpoint", str(ckpt), "--max-tokens", str(n), "--ignore-eos", "--json"])
+    assert code == 0, err
+    result = json.loads(lines[0])
+    assert result["prompt_token_ids"] == case["input_ids"]
+    limit = margin_limit(case["greedy_top2_margin"])
+    assert result["token_ids"][:limit] == case["greedy_tokens"][:limit]
