@@ -1,7 +1,7 @@
 """CogVLM2 for causal LM: vision encoder + language model with the visual expert, over a flat batch of tokens."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -16,7 +16,8 @@ from cogvlm2.vision import VisionEncoder
 
 class RoutedAttention(Attention, Protocol):
     def prepare(self, order: np.ndarray) -> None:
-        """Called once per forward with the routed order (batch positions, language tokens first)."""
+        """Called with the routed order (batch positions, language tokens first) before the layers run; may be
+        called earlier by the caller (host-side preparation), in which case a repeat call is a no-op."""
 
 
 @dataclass
@@ -32,10 +33,17 @@ class TokenBatch:
     logits_positions: np.ndarray
     image_features: Tensor | None = None
     image_positions: np.ndarray | None = None
+    _routing: tuple[np.ndarray, int] | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+    @property
+    def routing(self) -> tuple[np.ndarray, int]:
+        if self._routing is None:
+            self._routing = routing_order(self.vision_expert)
+        return self._routing
 
 
 def routing_order(vision_expert: np.ndarray) -> tuple[np.ndarray, int]:
@@ -74,7 +82,7 @@ class CogVLM2Model:
 
     def hidden_states(self, batch: TokenBatch, attention: RoutedAttention) -> tuple[Tensor, np.ndarray]:
         """Final-normed hidden states in routed order, and the routed order itself."""
-        order, num_language = routing_order(batch.vision_expert)
+        order, num_language = batch.routing
         attention.prepare(order)
         embeds = ops.gather(self.embed(batch), Tensor.from_numpy(order.astype(np.int32)), 0)
         return self.language.forward(embeds, batch.position_ids[order], num_language, attention), order

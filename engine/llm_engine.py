@@ -20,6 +20,7 @@ from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.sampler import Sampler, SamplingState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.timing import PhaseTimer
 from engine.sequence import Sequence
 
 PROMPT_KEYS = {"prompt", "image", "history", "template"}
@@ -84,7 +85,8 @@ class LLMEngine:
             max_num_seqs=self.args.max_num_seqs, max_num_batched_tokens=self.args.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_chunked_prefill=self.args.enable_chunked_prefill),
             self.block_manager)
-        self.runner = ModelRunner(self.model, self.args.block_size, num_blocks)
+        self.timer = PhaseTimer()
+        self.runner = ModelRunner(self.model, self.args.block_size, num_blocks, self.timer)
         self.sampler = Sampler(self.config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
@@ -173,7 +175,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduler step. Returns the outputs of every request that progressed or finished."""
         outputs, self._pending_outputs = self._pending_outputs, []
-        scheduled = self.scheduler.schedule()
+        with self.timer.phase("schedule"):
+            scheduled = self.scheduler.schedule()
         self._collect_rejected()
         outputs.extend(self._pending_outputs)
         self._pending_outputs = []
@@ -184,7 +187,8 @@ class LLMEngine:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = now
         logits = self.runner.execute(scheduled)
-        self.scheduler.update_after_step(scheduled)
+        with self.timer.phase("postprocess"):
+            self.scheduler.update_after_step(scheduled)
         return outputs + self._apply_samples(scheduled, logits)
 
     def _apply_samples(self, scheduled: SchedulerOutput, logits: np.ndarray) -> list[RequestOutput]:
@@ -192,7 +196,12 @@ class LLMEngine:
         if not sampled_chunks:
             return []
         states = [self.requests[c.seq.request_id] for c in sampled_chunks]
-        result = self.sampler(logits, [s.sampling for s in states])
+        with self.timer.phase("sample"):
+            result = self.sampler(logits, [s.sampling for s in states])
+        with self.timer.phase("postprocess"):
+            return self._finish_samples(states, result)
+
+    def _finish_samples(self, states: list[RequestState], result) -> list[RequestOutput]:
         now = time.monotonic()
         outputs = []
         for i, state in enumerate(states):

@@ -10,6 +10,7 @@ from mindspore import Parameter, Tensor, ops
 from cogvlm2.model import CogVLM2Model, TokenBatch
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
+from engine.timing import PhaseTimer
 from kernels import reference
 
 
@@ -54,6 +55,8 @@ class PagedAttention:
         self.meta: reference.PagedAttentionMetadata | None = None
 
     def prepare(self, order: np.ndarray) -> None:
+        if self.meta is not None:
+            return
         spec = self.cache.spec
         self.meta = reference.build_paged_metadata(
             self.token_seq_index[order], self.token_position[order], self.block_tables, self.context_lens,
@@ -87,8 +90,9 @@ class EncoderCache:
 
 
 class ModelRunner:
-    def __init__(self, model: CogVLM2Model, block_size: int, num_blocks: int):
+    def __init__(self, model: CogVLM2Model, block_size: int, num_blocks: int, timer: PhaseTimer | None = None):
         self.model = model
+        self.timer = timer or PhaseTimer()
         self.block_size = block_size
         self.kv_cache = PagedKVCache(kv_cache_spec(model, block_size, num_blocks))
         self.encoder_cache = EncoderCache()
@@ -97,12 +101,16 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput) -> np.ndarray:
         """Runs every scheduled chunk; returns logits [num chunks that need a sample, vocab] in chunk order."""
         chunks = output.chunks
-        self._encode_missing_images(chunks)
-        batch, attention = self._build_batch(chunks)
-        if len(batch.logits_positions) == 0:  # only partial prefill chunks: fill the cache, sample nothing
-            self.model.hidden_states(batch, attention)
-            return np.zeros((0, self.model.config.vocab_size), np.float32)
-        return self.model.forward(batch, attention).asnumpy()
+        with self.timer.phase("vision"):
+            self._encode_missing_images(chunks)
+        with self.timer.phase("prepare_inputs"):
+            batch, attention = self._build_batch(chunks)
+            attention.prepare(batch.routing[0])
+        with self.timer.phase("decoder"):
+            if len(batch.logits_positions) == 0:  # only partial prefill chunks: fill the cache, sample nothing
+                self.model.hidden_states(batch, attention)
+                return np.zeros((0, self.model.config.vocab_size), np.float32)
+            return self.model.forward(batch, attention).asnumpy()
 
     def _encode_missing_images(self, chunks: list[ScheduledChunk]) -> None:
         pending: dict[str, np.ndarray] = {}
