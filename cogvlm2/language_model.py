@@ -13,8 +13,9 @@ from typing import Protocol
 import numpy as np
 from mindspore import Tensor, ops
 
+from cogvlm2 import graphs
 from cogvlm2.config import CogVLM2Config
-from cogvlm2.layers import linear, rms_norm, to_tensor
+from cogvlm2.layers import apply_rope, expert_linear, linear, rms_norm, to_tensor  # noqa: F401
 from cogvlm2.rope import default_inv_freq, rope_table
 
 
@@ -41,24 +42,6 @@ class DecoderLayerWeights:
     vision_down: Tensor
 
 
-def expert_linear(x: Tensor, num_language: int, language_w: Tensor, vision_w: Tensor,
-                  vision_b: Tensor | None = None) -> Tensor:
-    """x in routed order: rows [:num_language] through the language weights, the rest through the vision ones."""
-    n = x.shape[0]
-    if num_language == n:
-        return linear(x, language_w)
-    if num_language == 0:
-        return linear(x, vision_w, vision_b)
-    return ops.concat((linear(x[:num_language], language_w), linear(x[num_language:], vision_w, vision_b)), 0)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """NeoX rotate-half; x [N, heads, d], cos/sin [N, d]."""
-    half = x.shape[-1] // 2
-    rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 class LanguageModel:
     def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None):
         self.config = config
@@ -70,6 +53,7 @@ class LanguageModel:
             inv_freq = default_inv_freq(config.head_dim, config.rope_theta)
         cos, sin = rope_table(inv_freq, config.max_position_embeddings)
         self.cos_table, self.sin_table = to_tensor(cos), to_tensor(sin)
+        self.graph_buckets: list[int] = []  # token-count buckets of the compiled language-only path; [] = off
 
     @staticmethod
     def _layer(t: dict[str, np.ndarray], p: str) -> DecoderLayerWeights:
@@ -94,9 +78,44 @@ class LanguageModel:
     def forward(self, hidden: Tensor, position_ids: np.ndarray, num_language: int, attention: Attention) -> Tensor:
         """hidden [N, hidden] and position_ids [N], both in routed order. Returns the final-normed hidden states."""
         cos, sin = self.rope(position_ids)
-        for i, layer in enumerate(self.layers):
-            hidden = self._decoder_layer(i, layer, hidden, cos, sin, num_language, attention)
+        n = hidden.shape[0]
+        bucket = graphs.bucket_for(n, self.graph_buckets) if num_language == n else None
+        if bucket is not None:
+            hidden = self._compiled_layers(hidden, cos, sin, bucket, attention)
+        else:
+            for i, layer in enumerate(self.layers):
+                hidden = self._decoder_layer(i, layer, hidden, cos, sin, num_language, attention)
         return rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
+
+    def enable_graphs(self, max_tokens: int, progress: bool = True) -> None:
+        """Compile the language-only layer segments for every token bucket up to max_tokens (start-up warm-up)."""
+        from tqdm import tqdm
+        buckets = graphs.token_buckets(max_tokens)
+        c, w = self.config, self.layers[0]
+        for size in tqdm(buckets, desc="Compiling decoder graphs", unit="bucket", disable=not progress):
+            x = graphs.zeros(size, c.hidden_size)
+            cos = graphs.zeros(size, c.head_dim)
+            graphs.pre_attention_graph(x, w.input_norm, w.language_qkv, cos, cos, c.rms_norm_eps,
+                                       c.num_attention_heads, c.num_kv_heads, c.head_dim)
+            attn = graphs.zeros(size, c.num_attention_heads * c.head_dim)
+            graphs.post_attention_graph(x, attn, w.language_dense, w.post_norm, w.language_gate, w.language_up,
+                                        w.language_down, c.rms_norm_eps)
+        self.graph_buckets = buckets
+
+    def _compiled_layers(self, hidden: Tensor, cos: Tensor, sin: Tensor, bucket: int,
+                         attention: Attention) -> Tensor:
+        c = self.config
+        n = hidden.shape[0]
+        x, cos, sin = graphs.pad_rows(hidden, bucket), graphs.pad_rows(cos, bucket), graphs.pad_rows(sin, bucket)
+        for i, w in enumerate(self.layers):
+            q, k, v = graphs.pre_attention_graph(x, w.input_norm, w.language_qkv, cos, sin, c.rms_norm_eps,
+                                                 c.num_attention_heads, c.num_kv_heads, c.head_dim)
+            if bucket != n:
+                q, k, v = q[:n], k[:n], v[:n]
+            attn = graphs.pad_rows(attention(i, q, k, v), bucket)
+            x = graphs.post_attention_graph(x, attn, w.language_dense, w.post_norm, w.language_gate, w.language_up,
+                                            w.language_down, c.rms_norm_eps)
+        return x[:n] if bucket != n else x
 
     def logits(self, hidden: Tensor) -> Tensor:
         return linear(hidden, self.lm_head)

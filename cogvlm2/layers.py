@@ -37,3 +37,21 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scal
     if mask is not None:
         scores = scores + mask
     return ops.BatchMatMul()(ops.softmax(scores, axis=-1), v)
+
+
+def expert_linear(x: Tensor, num_language: int, language_w: Tensor, vision_w: Tensor,
+                  vision_b: Tensor | None = None) -> Tensor:
+    """x in routed order: rows [:num_language] through the language weights, the rest through the vision ones."""
+    n = x.shape[0]
+    if num_language == n:
+        return linear(x, language_w)
+    if num_language == 0:
+        return linear(x, vision_w, vision_b)
+    return ops.concat((linear(x[:num_language], language_w), linear(x[num_language:], vision_w, vision_b)), 0)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """NeoX rotate-half; x [N, heads, d], cos/sin [N, d]."""
+    half = x.shape[-1] // 2
+    rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

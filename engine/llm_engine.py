@@ -42,6 +42,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     seed: int = 0
     max_image_pixels: int = 40_000_000
+    enforce_eager: bool = False  # True: no compiled decoder graphs (PyNative only)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -85,6 +86,8 @@ class LLMEngine:
             max_num_seqs=self.args.max_num_seqs, max_num_batched_tokens=self.args.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_chunked_prefill=self.args.enable_chunked_prefill),
             self.block_manager)
+        if not self.args.enforce_eager:
+            self.model.language.enable_graphs(self.args.max_num_batched_tokens)
         self.timer = PhaseTimer()
         self.runner = ModelRunner(self.model, self.args.block_size, num_blocks, self.timer)
         self.sampler = Sampler(self.config.eos_token_ids)

@@ -121,3 +121,18 @@ def test_demo_examples_through_engine(llm, goldens):
         assert out.outputs[0].token_ids == ex["token_ids"], ex
         assert out.outputs[0].text == ex["text"]
         assert out.outputs[0].finish_reason == ex["finish_reason"]
+
+
+def test_eager_path_gives_the_same_goldens(golden_cases):
+    """enforce_eager=True (no compiled decoder graphs) must agree with the goldens too."""
+    llm = LLM("demo", enforce_eager=True)
+    assert llm.engine.model.language.graph_buckets == []
+    outs = llm.generate([_prompt(c) for c in golden_cases], [_greedy(c) for c in golden_cases], use_tqdm=False)
+    for case, out in zip(golden_cases, outs):
+        _assert_golden(case, out.outputs[0].token_ids)
+    _assert_no_leak(llm)
+
+
+def test_compiled_buckets_cover_the_token_budget():
+    llm = LLM("demo", max_num_batched_tokens=100)
+    assert llm.engine.model.language.graph_buckets == [1, 2, 4, 8, 16, 32, 64, 128]
