@@ -136,3 +136,14 @@ def test_eager_path_gives_the_same_goldens(golden_cases):
 def test_compiled_buckets_cover_the_token_budget():
     llm = LLM("demo", max_num_batched_tokens=100)
     assert llm.engine.model.language.graph_buckets == [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+def test_vision_encoder_runs_once_per_image():
+    llm = LLM("demo", enable_prefix_caching=False)
+    image = str(TINY / "demo_4.png")
+    prompts = [{"prompt": q, "image": image} for q in ("How many shapes are there?", "Describe the image.",
+                                                       "What colour is the background?")]
+    prompts.append({"prompt": "Describe the image.", "image": str(TINY / "demo_5.png")})
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert all(o.error is None for o in outs)
+    assert llm.stats()["num_images_encoded"] == 2
