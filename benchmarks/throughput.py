@@ -2,8 +2,9 @@
 
     python benchmarks/throughput.py --model bench --num-prompts 64 --image-ratio 0.5 [--json OUT]
 
-The workload is seeded: text prompts of --min/--max-prompt-words random words, outputs of --min/--max-output-tokens
-(ignore_eos, so lengths are exact), a fraction --image-ratio of the requests with a synthetic picture.
+The default workload is fixed and seeded: 64 requests, half with a synthetic picture, 20-80 prompt words,
+16-128 output tokens (ignore_eos, so lengths are exact). Baselines in the same run: the same requests one at a
+time, and static batches of 8 that wait for their longest member (as MindFormers serves).
 """
 from __future__ import annotations
 
@@ -97,17 +98,41 @@ def run_engine(llm: LLM, workload: Workload) -> RunStats:
     return summarise("engine (continuous batching)", outputs, time.perf_counter() - start)
 
 
-def run_one_at_a_time(llm: LLM, workload: Workload) -> RunStats:
-    """Each request alone; arrival is when the whole run started, as if all were queued at once."""
+def run_one_at_a_time(llm: LLM, workload: Workload, limit: int | None = None) -> RunStats:
+    """Each request alone (the first `limit` of them); arrival is the run's start, as if all were queued at once."""
+    from tqdm import tqdm
+    pairs = list(zip(workload.prompts, workload.params))[:limit]
+    start = time.perf_counter()
+    outputs = []
+    t0 = time.monotonic()
+    for prompt, params in tqdm(pairs, desc="one at a time", unit="req"):
+        out = llm.generate(prompt, params, use_tqdm=False)[0]
+        out.metrics.arrival_time = t0
+        outputs.append(out)
+    name = "one at a time" + (f" (first {len(pairs)})" if limit and limit < len(workload.prompts) else "")
+    return summarise(name, outputs, time.perf_counter() - start)
+
+
+def run_static_batches(llm: LLM, workload: Workload, batch_size: int) -> RunStats:
+    """MindFormers-style static batching: fixed groups that start together and all run until the group's longest
+    member is done (nobody joins or leaves early). Only each request's own max_tokens count as useful output."""
     from tqdm import tqdm
     start = time.perf_counter()
     outputs = []
     t0 = time.monotonic()
-    for prompt, params in tqdm(list(zip(workload.prompts, workload.params)), desc="one at a time", unit="req"):
-        out = llm.generate(prompt, params, use_tqdm=False)[0]
-        out.metrics.arrival_time = t0
-        outputs.append(out)
-    return summarise("one at a time", outputs, time.perf_counter() - start)
+    groups = range(0, len(workload.prompts), batch_size)
+    for g in tqdm(groups, desc=f"static batches of {batch_size}", unit="batch"):
+        prompts, params = workload.prompts[g:g + batch_size], workload.params[g:g + batch_size]
+        longest = max(p.max_tokens for p in params)
+        padded = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=longest) for _ in params]
+        group_outputs = llm.generate(prompts, padded, use_tqdm=False)
+        finished = time.monotonic()
+        for out, own in zip(group_outputs, params):
+            out.outputs[0].token_ids = out.outputs[0].token_ids[:own.max_tokens]
+            out.metrics.arrival_time = t0
+            out.metrics.finished_time = finished  # results come back when the whole batch is done
+            outputs.append(out)
+    return summarise(f"static batches of {batch_size}", outputs, time.perf_counter() - start)
 
 
 def print_table(results: list[RunStats]) -> None:
@@ -123,7 +148,7 @@ def print_table(results: list[RunStats]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bench")
-    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--image-ratio", type=float, default=0.5)
     p.add_argument("--min-prompt-words", type=int, default=20)
     p.add_argument("--max-prompt-words", type=int, default=80)
@@ -133,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--skip-one-at-a-time", action="store_true")
+    p.add_argument("--one-at-a-time-limit", type=int, default=None,
+                   help="run only the first N requests one at a time (its tokens/s still compares fairly)")
+    p.add_argument("--static-batch", type=int, default=8, help="size of the static-batching baseline (0: skip)")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write results as JSON (to a file or -)")
     args = p.parse_args(argv)
 
@@ -143,12 +171,14 @@ def main(argv: list[str] | None = None) -> int:
               enable_prefix_caching=False)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s ({args.model})", file=sys.stderr)
     results = [run_engine(llm, workload)]
+    if args.static_batch:
+        results.append(run_static_batches(llm, workload, args.static_batch))
     if not args.skip_one_at_a_time:
-        results.append(run_one_at_a_time(llm, workload))
+        results.append(run_one_at_a_time(llm, workload, args.one_at_a_time_limit))
     print_table(results)
-    if len(results) == 2:
-        print(f"engine / one-at-a-time output tokens/s: "
-              f"{results[0].output_tokens_per_s / results[1].output_tokens_per_s:.2f}x")
+    for baseline in results[1:]:
+        print(f"engine / {baseline.name}: output tokens/s "
+              f"{results[0].output_tokens_per_s / baseline.output_tokens_per_s:.2f}x")
     if args.json:
         payload = json.dumps({"model": args.model, "num_prompts": args.num_prompts, "image_ratio": args.image_ratio,
                               "results": [asdict(r) for r in results]}, indent=2)

@@ -1,0 +1,228 @@
+"""Roofline report: the engine's steps against this machine's measured limits, all in one run.
+
+    python benchmarks/roofline.py --model bench [--json OUT]
+
+1. Peak fp32 GEMM rate at the model's shapes (best of the available GEMMs: the engine's, MindSpore's, NumPy's
+   OpenBLAS) and memory bandwidth (large array copy).
+2. Steady-state decode steps at 1, 8, 32 and 64 running sequences (context ~256) and a 2048-token prefill.
+   For each: the bound max(FLOPs / peak, bytes / bandwidth), the measured step time, the fraction of the bound
+   achieved, and a breakdown: host (scheduler + input preparation + postprocessing), decoder graph, sampling, other.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cogvlm2.config import CogVLM2Config  # noqa: E402
+from engine import SamplingParams  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+
+HOST_PHASES = ("schedule", "prepare_inputs", "postprocess")
+
+
+@dataclass
+class MachineLimits:
+    peak_gflops: float
+    peak_source: str
+    bandwidth_gbs: float
+    gemm_table: list[dict]
+
+
+@dataclass
+class StepReport:
+    name: str
+    tokens: int
+    context: int
+    gflop: float
+    gbytes: float
+    bound_ms: float
+    measured_ms: float
+    fraction_of_bound: float
+    gemm_gflops_achieved: float
+    breakdown_ms: dict
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_shapes(c: CogVLM2Config, tokens: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of the decoder's language-expert GEMMs and the lm_head."""
+    return [(tokens, c.hidden_size, c.qkv_size), (tokens, c.hidden_size, c.hidden_size),
+            (tokens, c.hidden_size, c.intermediate_size), (tokens, c.intermediate_size, c.hidden_size),
+            (tokens, c.hidden_size, c.vocab_size)]
+
+
+def measure_gemm(c: CogVLM2Config, repeats: int = 3) -> tuple[float, str, list[dict]]:
+    import mindspore
+    from mindspore import Tensor, ops
+    from cogvlm2.runtime import configure_mindspore
+    configure_mindspore()
+    matmul_nt = ops.MatMul(transpose_b=True)
+    rng = np.random.default_rng(0)
+    table, best, best_source = [], 0.0, ""
+    for m, k, n in gemm_shapes(c, 32) + gemm_shapes(c, 2048)[:4]:
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        ta, tw = Tensor(a), Tensor(w)
+        candidates = {"numpy-openblas": lambda: a @ w.T,
+                      "mindspore-matmul": lambda: matmul_nt(ta, tw).asnumpy()}
+        try:
+            from kernels.registry import get_kernels
+            kernels = get_kernels("cpu")
+            candidates["engine-kernel"] = lambda: kernels.expert_linear(ta, m, tw, tw, None).asnumpy()
+        except Exception:  # kernels not built here: the other GEMMs still give the machine's peak
+            pass
+        row = {"m": m, "k": k, "n": n}
+        for name, fn in candidates.items():
+            gflops = 2 * m * k * n / _best_time(fn, repeats) / 1e9
+            row[name] = round(gflops, 1)
+            if gflops > best:
+                best, best_source = gflops, f"{name} at {m}x{k}x{n}"
+        table.append(row)
+    del mindspore
+    return best, best_source, table
+
+
+def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    src = np.ones(megabytes * 2 ** 20 // 4, np.float32)
+    dst = np.empty_like(src)
+    seconds = _best_time(lambda: np.copyto(dst, src), repeats)
+    return 2 * src.nbytes / seconds / 1e9  # read + write
+
+
+def decode_cost(c: CogVLM2Config, batch: int, context: int) -> tuple[float, float, float]:
+    """(GFLOP, GB moved, GEMM GFLOP) of one decode step of `batch` sequences at `context` tokens."""
+    d, f, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    layer_params = d * c.qkv_size + d * d + 3 * d * f
+    gemm_flop = 2 * batch * (layers * layer_params + d * c.vocab_size)
+    attn_flop = 4 * batch * context * c.num_attention_heads * c.head_dim * layers
+    weight_bytes = 4 * (layers * layer_params + d * c.vocab_size)
+    kv_bytes = 4 * 2 * batch * context * c.num_kv_heads * c.head_dim * layers
+    return (gemm_flop + attn_flop) / 1e9, (weight_bytes + kv_bytes) / 1e9, gemm_flop / 1e9
+
+
+def prefill_cost(c: CogVLM2Config, tokens: int) -> tuple[float, float, float]:
+    d, f, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    layer_params = d * c.qkv_size + d * d + 3 * d * f
+    gemm_flop = 2 * tokens * layers * layer_params + 2 * d * c.vocab_size  # lm_head for the last token only
+    attn_flop = 2 * tokens * tokens * c.num_attention_heads * c.head_dim * layers  # causal: half of 4 * T^2
+    weight_bytes = 4 * (layers * layer_params + d * c.vocab_size)
+    kv_bytes = 4 * 2 * tokens * c.num_kv_heads * c.head_dim * layers
+    return (gemm_flop + attn_flop) / 1e9, (weight_bytes + kv_bytes) / 1e9, gemm_flop / 1e9
+
+
+def _breakdown(engine: LLMEngine, total: float, steps: int) -> dict:
+    phases = engine.timer.snapshot()
+    host = sum(phases.get(p, 0.0) for p in HOST_PHASES)
+    decoder = phases.get("decoder", 0.0) + phases.get("vision", 0.0)
+    sample = phases.get("sample", 0.0)
+    other = max(total - host - decoder - sample, 0.0)
+    to_ms = lambda s: round(s / steps * 1000, 2)  # noqa: E731
+    return {"host": to_ms(host), "decoder": to_ms(decoder), "sampling": to_ms(sample), "other": to_ms(other),
+            "host_fraction": round(host / total, 4) if total else 0.0}
+
+
+def _prompt_of(engine: LLMEngine, num_tokens: int, salt: int) -> str:
+    """A text prompt of about num_tokens tokens (re-tokenising decoded ids shifts the count a little), distinct
+    per salt so that no two prompts share a prefix."""
+    ids = [1000 + (salt * 7919 + i * 31) % 60000 for i in range(num_tokens - 1)]
+    return engine.tokenizer.decode(ids)
+
+
+def run_decode(engine: LLMEngine, batch: int, context: int, steps: int, limits: MachineLimits) -> StepReport:
+    warmup = 4 + -(-batch * context // engine.args.max_num_batched_tokens)  # prefill everyone, then decode
+    for i in range(batch):
+        engine.add_request(f"d{batch}-{i}", {"prompt": _prompt_of(engine, context, batch * 1000 + i),
+                                             "template": "base"},
+                           SamplingParams(temperature=0, max_tokens=warmup + steps + 4, ignore_eos=True))
+    for _ in range(warmup):
+        engine.step()
+    assert engine.scheduler.num_running == batch and engine.scheduler.num_waiting == 0
+    engine.timer.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    total = time.perf_counter() - start
+    while engine.has_unfinished_requests():
+        engine.step()
+    gflop, gbytes, gemm_gflop = decode_cost(engine.config, batch, context)
+    return _report(f"decode x{batch}", batch, context, gflop, gbytes, gemm_gflop, total / steps,
+                   _breakdown(engine, total, steps), limits)
+
+
+def run_prefill(engine: LLMEngine, tokens: int, limits: MachineLimits) -> StepReport:
+    engine.add_request("prefill", {"prompt": _prompt_of(engine, tokens, 99), "template": "base"},
+                       SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    engine.timer.reset()
+    start = time.perf_counter()
+    engine.step()
+    total = time.perf_counter() - start
+    while engine.has_unfinished_requests():
+        engine.step()
+    gflop, gbytes, gemm_gflop = prefill_cost(engine.config, tokens)
+    return _report(f"prefill {tokens}", tokens, tokens, gflop, gbytes, gemm_gflop, total,
+                   _breakdown(engine, total, 1), limits)
+
+
+def _report(name, tokens, context, gflop, gbytes, gemm_gflop, seconds, breakdown, limits) -> StepReport:
+    bound = max(gflop / limits.peak_gflops, gbytes / limits.bandwidth_gbs)
+    return StepReport(name, tokens, context, round(gflop, 3), round(gbytes, 3), round(bound * 1000, 2),
+                      round(seconds * 1000, 2), round(bound / seconds, 3), round(gemm_gflop / seconds, 1),
+                      breakdown)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bench")
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    start = time.perf_counter()
+    engine = LLMEngine(args.model, max_num_seqs=64, max_num_batched_tokens=args.prefill_tokens,
+                       max_model_len=max(args.prefill_tokens, args.context + args.steps + 16) + 16,
+                       enable_prefix_caching=False)
+    cold_start = time.perf_counter() - start
+    print(f"cold start (load + graph warm-up): {cold_start:.1f} s", flush=True)
+    peak, source, table = measure_gemm(engine.config)
+    limits = MachineLimits(round(peak, 1), source, round(measure_bandwidth(), 1), table)
+    print(f"peak fp32 GEMM: {limits.peak_gflops} GFLOP/s ({source}); memory bandwidth: {limits.bandwidth_gbs} GB/s")
+    for row in table:
+        print("  gemm", row)
+    reports = [run_decode(engine, int(b), args.context, args.steps, limits) for b in args.batches.split(",")]
+    reports.append(run_prefill(engine, args.prefill_tokens, limits))
+    print(f"\n{'step':14} {'GFLOP':>8} {'GB':>7} {'bound ms':>9} {'step ms':>9} {'of bound':>9} {'GEMM GF/s':>10} "
+          f"{'of peak':>8}  breakdown ms (host / decoder / sampling / other)")
+    for r in reports:
+        b = r.breakdown_ms
+        print(f"{r.name:14} {r.gflop:8.2f} {r.gbytes:7.3f} {r.bound_ms:9.1f} {r.measured_ms:9.1f} "
+              f"{r.fraction_of_bound:9.1%} {r.gemm_gflops_achieved:10.1f} "
+              f"{r.gemm_gflops_achieved / limits.peak_gflops:8.1%}  "
+              f"{b['host']} / {b['decoder']} / {b['sampling']} / {b['other']}  (host {b['host_fraction']:.1%})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "cold_start_s": round(cold_start, 2),
+                                               "limits": asdict(limits),
+                                               "steps": [asdict(r) for r in reports]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
