@@ -32,6 +32,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--engine-seed", type=int, default=0, help="seed of requests that set none")
+    p.add_argument("--enforce-eager", action="store_true", help="no compiled decoder graphs (faster start-up)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -39,7 +40,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 enable_prefix_caching=not args.no_prefix_caching,
-                enable_chunked_prefill=not args.no_chunked_prefill, seed=args.engine_seed)
+                enable_chunked_prefill=not args.no_chunked_prefill, seed=args.engine_seed,
+                enforce_eager=args.enforce_eager)
 
 
 def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -173,10 +175,32 @@ def _run_simple(args: argparse.Namespace, requests: list[dict[str, Any]]) -> int
     return 0
 
 
+def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (see engine/server.py)")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on all but /health")
+    p.add_argument("--allowed-local-media-path", default=None, help="folder that file:// image URLs may read")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    p.add_argument("--max-body-bytes", type=int, default=32 * 2 ** 20)
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds; longer requests are aborted")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--disable-access-log", action="store_true")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from engine.server import run_server  # lazy: only `serve` pays for FastAPI and uvicorn
+    return run_server(args, engine_kwargs(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogvlm2", description="CogVLM2 inference engine on MindSpore")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate_parser(subparsers)
+    _add_serve_parser(subparsers)
     from cogvlm2.convert import add_convert_parser, add_make_random_parser
     add_convert_parser(subparsers)
     add_make_random_parser(subparsers)
