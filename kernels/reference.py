@@ -124,3 +124,34 @@ def _context_slots(block_table: list[int], context_len: int, block_size: int) ->
 
 def _int_tensor(array) -> Tensor:
     return Tensor.from_numpy(np.ascontiguousarray(np.asarray(array), np.int32))
+
+
+@dataclass
+class PagedBatch:
+    """A synthetic flat batch over a paged cache (tests and benchmarks): every array in forward order."""
+    slot_mapping: np.ndarray     # [N] int32
+    seq_index: np.ndarray        # [N] int32
+    token_position: np.ndarray   # [N] int32
+    block_tables: list[list[int]]
+    context_lens: np.ndarray     # [B] int32
+    block_size: int
+    num_slots: int
+
+
+def make_paged_batch(context_lens: list[int], new_tokens: list[int], block_size: int, rng: np.random.Generator,
+                     shuffle: bool = False, spare_blocks: int = 2) -> PagedBatch:
+    """Sequence b holds context_lens[b] tokens of which the last new_tokens[b] are this step's (1 = a decode, more
+    = a prefill chunk, which starts mid-block when its start is not a multiple of block_size). Blocks are scattered
+    at random over the cache; shuffle puts the tokens in a random order (as routed order does)."""
+    blocks = [-(-n // block_size) for n in context_lens]
+    total = sum(blocks) + spare_blocks
+    scattered = rng.permutation(total)
+    starts = np.cumsum([0] + blocks)
+    tables = [[int(b) for b in scattered[starts[s]:starts[s + 1]]] for s in range(len(blocks))]
+    seq = np.concatenate([np.full(new, s) for s, new in enumerate(new_tokens)]).astype(np.int32)
+    pos = np.concatenate([np.arange(n - new, n) for n, new in zip(context_lens, new_tokens)]).astype(np.int32)
+    slots = np.array([tables[s][p // block_size] * block_size + p % block_size for s, p in zip(seq, pos)], np.int32)
+    if shuffle:
+        order = rng.permutation(len(seq))
+        seq, pos, slots = seq[order], pos[order], slots[order]
+    return PagedBatch(slots, seq, pos, tables, np.asarray(context_lens, np.int32), block_size, total * block_size)

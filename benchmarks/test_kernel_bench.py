@@ -1,0 +1,89 @@
+"""pytest-benchmark versions of benchmarks/kernels.py: each CPU kernel and its reference at the bench preset's
+decode and prefill shapes (launches are blocking, so each timed call includes the op's whole run).
+
+    .venv/bin/pytest benchmarks/test_kernel_bench.py --benchmark-group-by=param:case
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This folder's kernels.py would shadow the `kernels` package when pytest puts the folder first on sys.path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+if "kernels" in sys.modules and not hasattr(sys.modules["kernels"], "__path__"):
+    del sys.modules["kernels"]
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from cogvlm2.runtime import configure_mindspore  # noqa: E402
+
+configure_mindspore()
+
+from mindspore import Parameter, Tensor  # noqa: E402
+
+from kernels.reference import make_paged_batch  # noqa: E402
+from kernels.registry import get_kernels, pad_block_tables  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, HIDDEN, QKV = 16, 4, 64, 1024, (16 + 2 * 4) * 64
+BACKENDS = ["cpu", "reference"]
+CASES = {"decode": ([512] * 32, [1] * 32), "prefill": ([320], [256])}
+
+
+def _normal(rng, *shape):
+    return Tensor(rng.standard_normal(shape).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    try:
+        return {"cpu": get_kernels("cpu"), "reference": get_kernels("reference")}
+    except Exception as error:  # noqa: BLE001
+        pytest.skip(f"CPU kernel library unavailable: {error}")
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    rng = np.random.default_rng(0)
+    lens, new = CASES[request.param]
+    batch = make_paged_batch(lens, new, 16, rng, shuffle=True)
+    n = len(batch.seq_index)
+    i32 = lambda a: Tensor.from_numpy(np.ascontiguousarray(a, np.int32))  # noqa: E731
+    return {
+        "name": request.param, "n": n,
+        "q": _normal(rng, n, HEADS, HEAD_DIM), "k": _normal(rng, n, KV_HEADS, HEAD_DIM),
+        "v": _normal(rng, n, KV_HEADS, HEAD_DIM),
+        "caches": [Parameter(_normal(rng, batch.num_slots, KV_HEADS, HEAD_DIM), name=f"bench_cache{i}",
+                             requires_grad=False) for i in range(2)],
+        "meta": (i32(batch.slot_mapping), i32(batch.seq_index), i32(batch.token_position),
+                 i32(pad_block_tables(batch.block_tables)), i32(batch.context_lens), 16),
+        "positions": i32(batch.token_position),
+        "cos": _normal(rng, 4096, HEAD_DIM), "sin": _normal(rng, 4096, HEAD_DIM),
+        "x": _normal(rng, n, HIDDEN), "wl": _normal(rng, QKV, HIDDEN), "wv": _normal(rng, QKV, HIDDEN),
+        "bv": _normal(rng, QKV),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope(benchmark, kernels, case, backend):
+    k = kernels[backend]
+    benchmark(lambda: k.rope(case["q"], case["k"], case["positions"], case["cos"], case["sin"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_kv(benchmark, kernels, case, backend):
+    k = kernels[backend]
+    cache = case["caches"][0]
+    benchmark(lambda: k.write_kv(cache, case["meta"][0], case["k"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_attention(benchmark, kernels, case, backend):
+    k = kernels[backend]
+    benchmark(lambda: k.paged_attention(case["q"], case["k"], case["v"], *case["caches"], *case["meta"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_linear(benchmark, kernels, case, backend):
+    k = kernels[backend]
+    benchmark(lambda: k.expert_linear(case["x"], case["n"] // 2, case["wl"], case["wv"], case["bv"]))

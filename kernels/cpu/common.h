@@ -1,0 +1,71 @@
+// Shared helpers of the CPU kernels: the MindSpore AOT calling convention, shape checks, a small parallel-for.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+// MindSpore's AOT custom-op entry point: inputs then outputs in `params`, their ranks, shapes and dtype names.
+#define COGVLM2_AOT(name) \
+  extern "C" int name(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, \
+                      void* stream, void* extra)
+
+namespace cogvlm2 {
+
+enum Status : int { kOk = 0, kBadArity = 1, kBadDtype = 2, kBadShape = 3, kBadIndex = 4, kNoBlas = 5 };
+
+struct Args {
+  int nparam;
+  void** params;
+  int* ndims;
+  int64_t** shapes;
+  const char** dtypes;
+
+  template <typename T>
+  T* data(int i) const { return static_cast<T*>(params[i]); }
+  int rank(int i) const { return ndims[i]; }
+  int64_t dim(int i, int d) const { return shapes[i][d]; }
+  int64_t numel(int i) const {
+    int64_t n = 1;
+    for (int d = 0; d < ndims[i]; ++d) n *= shapes[i][d];
+    return n;
+  }
+  bool is(int i, const char* dtype) const { return std::strcmp(dtypes[i], dtype) == 0; }
+  bool is_f32(int i) const { return is(i, "float32") || is(i, "float"); }
+  bool is_i32(int i) const { return is(i, "int32") || is(i, "int"); }
+};
+
+// Runs body(item) for item in [0, count) on `threads` threads (the caller is one of them). Items are handed out
+// through an atomic counter, so callers list expensive items first. Threads are spawned per call: a persistent
+// spinning pool would compete with MindSpore's own op threads on a 2-core machine.
+template <typename Body>
+void parallel_for(int64_t count, int threads, Body body) {
+  const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, count)));
+  if (workers == 1) {
+    for (int64_t i = 0; i < count; ++i) body(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto run = [&]() {
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) body(i);
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(workers - 1);
+  for (int w = 1; w < workers; ++w) pool.emplace_back(run);
+  run();
+  for (auto& t : pool) t.join();
+}
+
+// Splits [0, count) into `threads` contiguous ranges: body(begin, end).
+template <typename Body>
+void parallel_ranges(int64_t count, int threads, Body body) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, count));
+  parallel_for(parts, static_cast<int>(parts), [&](int64_t p) {
+    body(count * p / parts, count * (p + 1) / parts);
+  });
+}
+
+}  // namespace cogvlm2

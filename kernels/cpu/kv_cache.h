@@ -1,0 +1,11 @@
+#pragma once
+
+#include "common.h"
+
+namespace cogvlm2 {
+
+// cache rows [slots, row] <- values rows [n, row] at slot_mapping; kBadIndex (nothing written) on a bad slot.
+int write_rows(float* cache, int64_t slots, int64_t row, const float* values, const int32_t* slot_mapping,
+               int64_t n);
+
+}  // namespace cogvlm2

@@ -1,0 +1,261 @@
+// Paged attention over a flat varlen batch, fused with the KV-cache write.
+//
+// Tokens may come in any order (the model passes them in expert-routed order): each carries its sequence index and
+// its position in that sequence, and attends causally to positions [0, position] of its sequence, read through the
+// sequence's block table straight from the cache (no gathered K/V). Queries of one sequence are grouped into tiles
+// of consecutive positions so that each K/V row fetched serves tile x (heads per KV head) query rows; the softmax is
+// computed online over key tiles.
+
+#include <cmath>
+#include <limits>
+
+#include "kv_cache.h"
+#include "rope.h"
+#include "attention_math.h"
+
+namespace cogvlm2 {
+namespace {
+
+struct Shapes {
+  int64_t n, heads, kv, d, slots, seqs, max_blocks;
+};
+
+struct Config {
+  int64_t block_size, threads, query_tile, key_tile, parallel_min_work;
+};
+
+struct Tile {
+  int64_t seq, begin, end;  // range in `order`
+  int64_t keys;             // keys the tile reads: max position + 1
+};
+
+// Tokens sorted by (sequence, position), cut into tiles of at most query_tile tokens of one sequence.
+std::vector<Tile> make_tiles(const int32_t* seq_index, const int32_t* position, const Shapes& s,
+                             int64_t query_tile, std::vector<int64_t>& order) {
+  order.resize(s.n);
+  for (int64_t i = 0; i < s.n; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return seq_index[a] != seq_index[b] ? seq_index[a] < seq_index[b] : position[a] < position[b];
+  });
+  std::vector<Tile> tiles;
+  for (int64_t i = 0; i < s.n;) {
+    const int64_t seq = seq_index[order[i]];
+    int64_t j = i;
+    while (j < s.n && j - i < query_tile && seq_index[order[j]] == seq) ++j;
+    tiles.push_back({seq, i, j, static_cast<int64_t>(position[order[j - 1]]) + 1});
+    i = j;
+  }
+  return tiles;
+}
+
+struct Scratch {
+  std::vector<float> q, qt, out, scores, row_max, row_sum, correction;
+  std::vector<const float*> key_rows, value_rows;
+};
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Online-softmax state of one KV head's query rows within a tile: lane = token * group + h.
+struct Lanes {
+  int64_t count, stride;  // used lanes, allocated lanes (a multiple of 16)
+  float* max;
+  float* sum;
+  float* out;  // [stride][d]
+};
+
+// One KV head over one key tile: scores [key][stride] from the transposed queries (each key scores 16 lanes per
+// FMA, no horizontal sums; measured faster than one dot product per (lane, key) even for a single decode row),
+// then the online-softmax update across lanes and P @ V. Keys past a lane's position get probability 0; the
+// first key tile shows every lane key 0, so the running max is finite from then on.
+void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const float* qt, const int64_t* visible,
+                  const float* const* key_rows, const float* const* value_rows, int64_t width, float* scores,
+                  float* correction) {
+  const int64_t stride = lanes.stride;
+  score_rows(qt, key_rows, width, d, stride, scores);
+  for (int64_t lane = 0; lane < lanes.count; ++lane)
+    for (int64_t j = std::max<int64_t>(visible[lane / group], 0); j < width; ++j) scores[j * stride + lane] = kNegInf;
+  column_max(scores, width, stride, correction);  // the tile's max per lane, for now
+  for (int64_t lane = 0; lane < stride; ++lane) {
+    const float new_max = std::max(lanes.max[lane], correction[lane]);
+    correction[lane] = std::exp(lanes.max[lane] - new_max);
+    lanes.max[lane] = new_max;
+  }
+  exp_shifted_rows(scores, lanes.max, width, stride);
+  int64_t seen = 0;
+  for (int64_t lane = 0; lane < lanes.count; ++lane) {
+    const int64_t lane_seen = std::max<int64_t>(visible[lane / group], 0);
+    for (int64_t j = lane_seen; j < width; ++j) scores[j * stride + lane] = 0.f;
+    seen = std::max(seen, lane_seen);
+  }
+  for (int64_t lane = 0; lane < stride; ++lane) lanes.sum[lane] *= correction[lane];
+  column_sum_into(scores, seen, stride, lanes.sum);
+  accumulate_pv(lanes.out, d, correction, scores, stride, value_rows, seen, lanes.count);
+}
+
+// One query tile (consecutive positions of one sequence), all heads. Per key tile and KV head, the K/V rows are
+// fetched once for all the tile's query rows of that head's group.
+void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float* q, const float* keys,
+                 const float* values, const int32_t* block_table, const int64_t* order, const int32_t* position,
+                 float* out, Scratch& w) {
+  const int64_t group = s.heads / s.kv, d = s.d, tokens = tile.end - tile.begin, count = tokens * group;
+  const int64_t stride = (count + 15) / 16 * 16, kt = c.key_tile, row_stride = s.kv * d;
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  // Per KV head g: lanes [g * stride, g * stride + count), lane = token * group + h, query head g * group + h.
+  w.q.assign(s.kv * stride * d, 0.f);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t head = 0; head < s.heads; ++head) {
+      const float* src = q + (order[tile.begin + t] * s.heads + head) * d;
+      float* dst = w.q.data() + ((head / group) * stride + t * group + head % group) * d;
+      for (int64_t i = 0; i < d; ++i) dst[i] = src[i] * scale;
+    }
+  w.qt.resize(s.kv * d * stride);
+  for (int64_t g = 0; g < s.kv; ++g)
+    for (int64_t lane = 0; lane < stride; ++lane)
+      for (int64_t i = 0; i < d; ++i) w.qt[(g * d + i) * stride + lane] = w.q[(g * stride + lane) * d + i];
+  w.out.assign(s.kv * stride * d, 0.f);
+  w.row_max.assign(s.kv * stride, kNegInf);
+  w.row_sum.assign(s.kv * stride, 0.f);
+  w.scores.resize(kt * stride);
+  w.correction.resize(stride);
+  w.key_rows.resize(kt);
+  w.value_rows.resize(kt);
+  std::vector<int64_t> visible(tokens);
+  for (int64_t k0 = 0; k0 < tile.keys; k0 += kt) {
+    const int64_t width = std::min(kt, tile.keys - k0);
+    for (int64_t t = 0; t < tokens; ++t)
+      visible[t] = std::min<int64_t>(width, position[order[tile.begin + t]] + 1 - k0);
+    for (int64_t g = 0; g < s.kv; ++g) {
+      for (int64_t j = 0; j < width; ++j) {
+        const int64_t key = k0 + j;
+        const int64_t slot = static_cast<int64_t>(block_table[key / c.block_size]) * c.block_size + key % c.block_size;
+        w.key_rows[j] = keys + slot * row_stride + g * d;
+        w.value_rows[j] = values + slot * row_stride + g * d;
+      }
+      const Lanes lanes{count, stride, w.row_max.data() + g * stride, w.row_sum.data() + g * stride,
+                        w.out.data() + g * stride * d};
+      update_lanes(lanes, group, d, w.qt.data() + g * d * stride, visible.data(), w.key_rows.data(),
+                   w.value_rows.data(), width, w.scores.data(), w.correction.data());
+    }
+  }
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t head = 0; head < s.heads; ++head) {
+      const int64_t lane = (head / group) * stride + t * group + head % group;
+      const float inv = 1.f / w.row_sum[lane];
+      float* dst = out + (order[tile.begin + t] * s.heads + head) * d;
+      for (int64_t i = 0; i < d; ++i) dst[i] = w.out[lane * d + i] * inv;
+    }
+}
+
+int validate(const Shapes& s, const Config& c, const int32_t* seq_index, const int32_t* position,
+             const int32_t* block_tables, const int32_t* context_lens) {
+  if (c.block_size <= 0 || c.query_tile <= 0 || c.key_tile <= 0 || s.kv <= 0 || s.heads % s.kv != 0 ||
+      s.heads / s.kv > 128)  // a tile's rows of one KV head must fit the 8-register score kernel
+    return kBadShape;
+  for (int64_t i = 0; i < s.n; ++i) {
+    const int64_t seq = seq_index[i], pos = position[i];
+    if (seq < 0 || seq >= s.seqs || pos < 0 || pos >= context_lens[seq]) return kBadIndex;
+    if (pos / c.block_size >= s.max_blocks) return kBadIndex;
+  }
+  for (int64_t b = 0; b < s.seqs; ++b) {
+    const int64_t used = (static_cast<int64_t>(context_lens[b]) + c.block_size - 1) / c.block_size;
+    if (used > s.max_blocks) return kBadIndex;
+    for (int64_t i = 0; i < used; ++i) {
+      const int64_t block = block_tables[b * s.max_blocks + i];
+      if (block < 0 || (block + 1) * c.block_size > s.slots) return kBadIndex;
+    }
+  }
+  return kOk;
+}
+
+// Rotary of q and k_new by position id, when asked: into copies (q and k_new are left as they are).
+struct Rotated {
+  std::vector<float> q, k;
+};
+
+int rotate_inputs(const Shapes& s, const float* q, const float* k, const int32_t* positions, const float* cos,
+                  const float* sin, int64_t table_rows, Rotated& r) {
+  for (int64_t i = 0; i < s.n; ++i)
+    if (positions[i] < 0 || positions[i] >= table_rows) return kBadIndex;
+  r.q.resize(s.n * s.heads * s.d);
+  r.k.resize(s.n * s.kv * s.d);
+  for (int64_t i = 0; i < s.n; ++i) {
+    const float* c = cos + static_cast<int64_t>(positions[i]) * s.d;
+    const float* sn = sin + static_cast<int64_t>(positions[i]) * s.d;
+    rotate_rows(q + i * s.heads * s.d, r.q.data() + i * s.heads * s.d, s.heads, s.d, c, sn);
+    rotate_rows(k + i * s.kv * s.d, r.k.data() + i * s.kv * s.d, s.kv, s.d, c, sn);
+  }
+  return kOk;
+}
+
+}  // namespace
+}  // namespace cogvlm2
+
+// inputs: q [N,H,d], k_new [N,KV,d], v_new [N,KV,d], key_cache [S,KV,d], value_cache [S,KV,d] (f32),
+//         slot_mapping [N], seq_index [N], token_position [N], block_tables [B,M], context_lens [B] (i32),
+//         rope_positions [N] (i32), cos [P,d], sin [P,d] (f32; any [1] tensors when rotary is off),
+//         config [block_size, threads, query_tile, key_tile, parallel_min_work, apply_rope] (i32)
+// output: [N, H*d] f32. k_new (rotated when apply_rope) and v_new are written into the caches first (in place);
+// q is rotated on the fly.
+COGVLM2_AOT(PagedAttention) {
+  using namespace cogvlm2;
+  Args a{nparam, params, ndims, shapes, dtypes};
+  if (nparam != 15) return kBadArity;
+  for (int i : {0, 1, 2, 3, 4, 11, 12, 14})
+    if (!a.is_f32(i)) return kBadDtype;
+  for (int i : {5, 6, 7, 8, 9, 10, 13})
+    if (!a.is_i32(i)) return kBadDtype;
+  if (a.rank(0) != 3 || a.rank(1) != 3 || a.rank(2) != 3 || a.rank(3) != 3 || a.rank(4) != 3 || a.rank(8) != 2 ||
+      a.numel(13) < 6)
+    return kBadShape;
+  const Shapes s{a.dim(0, 0), a.dim(0, 1), a.dim(1, 1), a.dim(0, 2), a.dim(3, 0), a.dim(8, 0), a.dim(8, 1)};
+  const int32_t* cfg = a.data<int32_t>(13);
+  const Config c{cfg[0], std::max(1, cfg[1]), cfg[2], cfg[3], cfg[4]};
+  const bool apply_rope = cfg[5] != 0;
+  const int64_t row = s.kv * s.d;
+  if (a.numel(1) != s.n * row || a.numel(2) != s.n * row || a.dim(3, 1) != s.kv || a.dim(3, 2) != s.d ||
+      a.numel(4) != s.slots * row || a.numel(5) != s.n || a.numel(6) != s.n || a.numel(7) != s.n ||
+      a.numel(9) != s.seqs || a.numel(14) != s.n * s.heads * s.d)
+    return kBadShape;
+  if (apply_rope && (a.numel(10) != s.n || a.rank(11) != 2 || a.dim(11, 1) != s.d || a.rank(12) != 2 ||
+                     a.dim(12, 0) != a.dim(11, 0) || a.dim(12, 1) != s.d || s.d % 2 != 0))
+    return kBadShape;
+  const int32_t* seq_index = a.data<int32_t>(6);
+  const int32_t* position = a.data<int32_t>(7);
+  const int32_t* block_tables = a.data<int32_t>(8);
+  const int32_t* context_lens = a.data<int32_t>(9);
+  if (int status = validate(s, c, seq_index, position, block_tables, context_lens)) return status;
+  const float* q = a.data<float>(0);
+  const float* k_new = a.data<float>(1);
+  Rotated rotated;
+  if (apply_rope) {
+    if (int status = rotate_inputs(s, q, k_new, a.data<int32_t>(10), a.data<float>(11), a.data<float>(12),
+                                   a.dim(11, 0), rotated))
+      return status;
+    q = rotated.q.data();
+    k_new = rotated.k.data();
+  }
+  float* key_cache = a.data<float>(3);
+  float* value_cache = a.data<float>(4);
+  const int32_t* slot_mapping = a.data<int32_t>(5);
+  if (int status = write_rows(key_cache, s.slots, row, k_new, slot_mapping, s.n)) return status;
+  if (int status = write_rows(value_cache, s.slots, row, a.data<float>(2), slot_mapping, s.n)) return status;
+
+  std::vector<int64_t> order;
+  // At most 128 query rows per KV head in a tile: the transposed scores keep them in 8 vector registers.
+  const int64_t query_tile = std::max<int64_t>(1, std::min<int64_t>(c.query_tile, 128 / (s.heads / s.kv)));
+  std::vector<Tile> tiles = make_tiles(seq_index, position, s, query_tile, order);
+  // Largest items first: the atomic hand-out then balances the threads.
+  std::sort(tiles.begin(), tiles.end(),
+            [](const Tile& x, const Tile& y) { return x.keys * (x.end - x.begin) > y.keys * (y.end - y.begin); });
+  int64_t work = 0;
+  for (const Tile& t : tiles) work += t.keys * (t.end - t.begin) * s.heads * s.d;
+  const int threads = work >= c.parallel_min_work ? static_cast<int>(c.threads) : 1;
+  float* out = a.data<float>(14);
+  parallel_for(static_cast<int64_t>(tiles.size()), threads, [&](int64_t item) {
+    thread_local Scratch scratch;
+    const Tile& tile = tiles[item];
+    attend_tile(tile, s, c, q, key_cache, value_cache, block_tables + tile.seq * s.max_blocks, order.data(),
+                position, out, scratch);
+  });
+  return kOk;
+}

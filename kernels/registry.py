@@ -1,0 +1,319 @@
+"""One registry for the engine's hot ops: `get_kernels(backend)` returns a KernelSet with the same four functions on
+every backend, so the model never branches on where a kernel comes from.
+
+    rope(q, k, positions, cos_table, sin_table) -> (q, k)
+    write_kv(cache, slot_mapping, values)
+    paged_attention(q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index, token_position,
+                    block_tables, context_lens, block_size, rope=None) -> [N, H * d]
+        (writes the cache, then attends; rope=(positions, cos_table, sin_table) also rotates q and k_new first)
+    expert_linear(x, num_language, wl, wv, bv) -> y
+
+Backends: "cpu" (the AOT kernels of kernels/cpu), "reference" (the MindSpore composites of kernels/reference.py),
+"auto" (cpu if its library loads, else reference with a warning). COGVLM2_KERNELS=cpu|reference forces one.
+Tuned parameters (threads, tiles) come from configs/kernels/<sku>.yaml, else the defaults below.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from mindspore import Tensor
+from mindspore import dtype as mstype
+
+from kernels import reference
+
+BACKENDS = ("auto", "cpu", "reference")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "kernels"
+DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" parameters, larger ones "prefill"
+
+# expert_linear's "gemm": 0 our GEMM (kernels/cpu/gemm.cc), 1 OpenBLAS's SGEMM (numpy's), 2 oneDNN's (MindSpore's
+# libdnnl), 3 MindSpore's MatMul (the composite): whichever `cogvlm2 tune` measured fastest on this SKU. A library
+# that is missing falls back to our GEMM.
+GEMM_OWN, GEMM_OPENBLAS, GEMM_ONEDNN, GEMM_MINDSPORE = 0, 1, 2, 3
+
+DEFAULT_PARAMS: dict[str, dict[str, dict[str, int]]] = {
+    "rope": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
+    "paged_attention": {
+        "decode": {"threads": 2, "query_tile": 1, "key_tile": 64, "parallel_min_work": 1 << 20},
+        "prefill": {"threads": 2, "query_tile": 8, "key_tile": 64, "parallel_min_work": 1 << 20},
+    },
+    "expert_linear": {"decode": {"threads": 2, "gemm": GEMM_ONEDNN, "k_block": 0, "n_block": 0},
+                      "prefill": {"threads": 2, "gemm": GEMM_ONEDNN, "k_block": 0, "n_block": 0}},
+}
+
+
+def shape_class(num_tokens: int) -> str:
+    return "decode" if num_tokens <= DECODE_MAX_TOKENS else "prefill"
+
+
+@dataclass
+class KernelParams:
+    """Per op and shape class ("decode"/"prefill"), the kernel's tuning parameters."""
+    sku: str
+    source: str  # the yaml file they came from, or "defaults"
+    ops: dict[str, dict[str, dict[str, int]]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_PARAMS))
+
+    def get(self, op: str, cls: str) -> dict[str, int]:
+        return self.ops[op][cls]
+
+
+def detect_sku() -> str:
+    """kernels.sku.detect_sku when that module exists, else the same naming from /proc/cpuinfo."""
+    try:
+        from kernels.sku import detect_sku as detect  # noqa: PLC0415  (another module, possibly absent)
+        return detect()
+    except ImportError:
+        return fallback_sku()
+
+
+def fallback_sku() -> str:
+    """cpu-<vendor>-<model>-<isa>, e.g. cpu-amd-epyc-avx512."""
+    info = _cpuinfo()
+    vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(info.get("vendor_id", ""), "unknown")
+    model = _slug(info.get("model name", "unknown"))
+    if model.startswith(vendor + "-"):
+        model = model[len(vendor) + 1:]
+    flags = set(info.get("flags", "").split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+    return f"cpu-{vendor}-{model}-{isa}"
+
+
+def _cpuinfo() -> dict[str, str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\(r\)|\(tm\)|processor|\d+-core|cpu @.*", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
+
+
+def config_path(sku: str) -> Path:
+    """Where `cogvlm2 tune` writes the table of `sku`: configs/kernels/<sku>.yaml."""
+    try:
+        from kernels.sku import tuned_table_path  # noqa: PLC0415
+        return tuned_table_path(sku)
+    except ImportError:
+        return CONFIG_DIR / f"{sku}.yaml"
+
+
+def table_path(sku: str) -> Path:
+    """The table the engine loads for `sku`: kernels.sku's lookup (the exact SKU, its family, default.yaml) when
+    that module exists, else configs/kernels/<sku>.yaml."""
+    try:
+        from kernels.sku import kernel_table_path  # noqa: PLC0415
+        return kernel_table_path(sku)
+    except ImportError:
+        return config_path(sku)
+
+
+def load_params(sku: str | None = None, path: str | Path | None = None) -> KernelParams:
+    """The table at `path`, else COGVLM2_KERNEL_CONFIG, else this SKU's table, else defaults. Entries missing from
+    a table keep their defaults."""
+    sku = sku or detect_sku()
+    path = Path(path or os.environ.get("COGVLM2_KERNEL_CONFIG") or table_path(sku))
+    params = KernelParams(sku, "defaults")
+    if not path.is_file():
+        return params
+    table = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for op, classes in (table.get("ops") or {}).items():
+        for cls, values in (classes or {}).items():
+            params.ops.setdefault(op, {}).setdefault(cls, {}).update({k: int(v) for k, v in values.items()})
+    params.source = str(path)
+    return params
+
+
+def _np(x: Any) -> np.ndarray:
+    return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def _i32(x: Any) -> Tensor:
+    if isinstance(x, Tensor):
+        return x if x.dtype == mstype.int32 else x.astype(mstype.int32)
+    return Tensor.from_numpy(np.ascontiguousarray(np.asarray(x), np.int32))
+
+
+def pad_block_tables(block_tables: list[list[int]]) -> np.ndarray:
+    """Per-sequence block lists -> [B, max_blocks] int32 (padded with 0; padding is never read)."""
+    width = max((len(t) for t in block_tables), default=0) or 1
+    table = np.zeros((len(block_tables), width), np.int32)
+    for b, blocks in enumerate(block_tables):
+        table[b, :len(blocks)] = blocks
+    return table
+
+
+class KernelSet:
+    backend: str
+    params: KernelParams
+
+    def rope(self, q: Tensor, k: Tensor, positions, cos_table: Tensor, sin_table: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def write_kv(self, cache: Tensor, slot_mapping, values: Tensor) -> Tensor | None:
+        raise NotImplementedError
+
+    def paged_attention(self, q: Tensor, k_new: Tensor, v_new: Tensor, key_cache: Tensor, value_cache: Tensor,
+                        slot_mapping, seq_index, token_position, block_tables, context_lens, block_size: int,
+                        rope: tuple | None = None) -> Tensor:
+        """Writes k_new/v_new at slot_mapping, then attends. rope=(positions, cos_table, sin_table) rotates q and
+        k_new first (by position id, which differs from token_position after an image): the fused form."""
+        raise NotImplementedError
+
+    def expert_linear(self, x: Tensor, num_language: int, wl: Tensor, wv: Tensor, bv: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+
+class ReferenceKernels(KernelSet):
+    """The composites. rope returns new tensors (the inputs are left as they were)."""
+    backend = "reference"
+
+    def __init__(self, params: KernelParams):
+        self.params = params
+        self._meta_key: tuple | None = None
+        self._meta: reference.PagedAttentionMetadata | None = None
+
+    def rope(self, q, k, positions, cos_table, sin_table):
+        idx = _i32(positions)
+        cos, sin = cos_table[idx], sin_table[idx]
+        return reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin)
+
+    def write_kv(self, cache, slot_mapping, values):
+        reference.write_kv_cache(cache, _i32(slot_mapping), values)
+        return None
+
+    def paged_attention(self, q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index, token_position,
+                        block_tables, context_lens, block_size, rope=None):
+        if rope is not None:
+            q, k_new = self.rope(q, k_new, *rope)
+        meta = self._metadata(slot_mapping, seq_index, token_position, block_tables, context_lens, block_size,
+                              q.shape[1], key_cache.shape[1])
+        reference.write_kv_cache(key_cache, meta.slot_mapping, k_new)
+        reference.write_kv_cache(value_cache, meta.slot_mapping, v_new)
+        return reference.paged_attention(q, key_cache, value_cache, meta)
+
+    def expert_linear(self, x, num_language, wl, wv, bv):
+        return reference.expert_linear(x, num_language, wl, wv, bv)
+
+    def _metadata(self, slot_mapping, seq_index, token_position, block_tables, context_lens, block_size,
+                  num_heads, num_kv_heads) -> reference.PagedAttentionMetadata:
+        """Built once per step: every layer of a forward passes the same arrays (compared by content)."""
+        arrays = [_np(a).astype(np.int64) for a in (slot_mapping, seq_index, token_position, context_lens)]
+        tables = [list(t) for t in block_tables] if isinstance(block_tables, list) else _np(block_tables)
+        key = tuple(a.tobytes() for a in arrays) + (np.asarray(pad_block_tables(tables)).tobytes(), block_size,
+                                                    num_heads, num_kv_heads)
+        if key != self._meta_key:
+            slots, seqs, positions, lens = arrays
+            self._meta = reference.build_paged_metadata(seqs, positions, [list(t) for t in tables],
+                                                        [int(n) for n in lens], slots, block_size, num_heads,
+                                                        num_kv_heads)
+            self._meta_key = key
+        return self._meta
+
+
+class CpuKernels(KernelSet):
+    """The AOT kernels. rope rotates q and k in place when they are contiguous (else contiguous copies of them)
+    and returns the rotated tensors: use what it returns."""
+    backend = "cpu"
+
+    def __init__(self, params: KernelParams):
+        from kernels.ops import CpuOps  # noqa: PLC0415  (loading the library may fail: see get_kernels)
+        self.params = params
+        self.ops = CpuOps()
+        self._configs = self._precomputed_configs()
+        self._dummy_float = Tensor(np.zeros(1, np.float32))
+        self._dummy_index = Tensor(np.zeros(1, np.int32))
+
+    def _config(self, op: str, num_tokens: int, *values: int) -> Tensor:
+        """The int32 config tensor of a call. Made ahead for every key but expert_linear's (whose num_language
+        varies), so that a call only looks it up; a miss builds it from Python ints, which also works in jit."""
+        key = (op, shape_class(num_tokens)) + values
+        config = self._configs.get(key)
+        return config if config is not None else Tensor(self._config_row(*key), mstype.int32)
+
+    def _config_row(self, op: str, cls: str, *values: int) -> list[int]:
+        p = self.params.get(op, cls)
+        if op == "rope":
+            return [p["threads"]]
+        if op == "paged_attention":
+            block_size, apply_rope = values
+            return [block_size, p["threads"], p["query_tile"], p["key_tile"], p["parallel_min_work"], apply_rope]
+        num_language, has_bias = values
+        return [num_language, has_bias, p["threads"], self._gemm_kind(p["gemm"]), p["k_block"], p["n_block"]]
+
+    def _gemm_kind(self, gemm: int) -> int:
+        if (gemm == GEMM_OPENBLAS and self.ops.has_openblas) or (gemm == GEMM_ONEDNN and self.ops.has_onednn):
+            return gemm
+        return GEMM_OWN
+
+    def _precomputed_configs(self) -> dict[tuple, Tensor]:
+        keys = [("rope", cls) for cls in ("decode", "prefill")]
+        keys += [("paged_attention", cls, 1 << b, r) for cls in ("decode", "prefill") for b in range(9) for r in (0, 1)]
+        return {key: Tensor(self._config_row(*key), mstype.int32) for key in keys}
+
+    def rope(self, q, k, positions, cos_table, sin_table):
+        return self.ops.rope(q, k, _i32(positions), cos_table, sin_table, self._config("rope", q.shape[0]))
+
+    def write_kv(self, cache, slot_mapping, values):
+        return self.ops.write_kv(cache, _i32(slot_mapping), values)
+
+    def paged_attention(self, q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index, token_position,
+                        block_tables, context_lens, block_size, rope=None):
+        if isinstance(block_tables, list):
+            block_tables = pad_block_tables(block_tables)
+        config = self._config("paged_attention", q.shape[0], int(block_size), int(rope is not None))
+        positions, cos, sin = (_i32(rope[0]), rope[1], rope[2]) if rope is not None else \
+            (self._dummy_index, self._dummy_float, self._dummy_float)
+        return self.ops.paged_attention(q, k_new, v_new, key_cache, value_cache, _i32(slot_mapping),
+                                        _i32(seq_index), _i32(token_position), _i32(block_tables),
+                                        _i32(context_lens), positions, cos, sin, config)
+
+    def expert_linear(self, x, num_language, wl, wv, bv):
+        if self.params.get("expert_linear", shape_class(x.shape[0]))["gemm"] == GEMM_MINDSPORE:
+            return reference.expert_linear(x, num_language, wl, wv, bv)
+        config = self._config("expert_linear", x.shape[0], int(num_language), int(bv is not None))
+        return self.ops.expert_linear(x, wl, wv, self._dummy_float if bv is None else bv, config)
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    forced = os.environ.get("COGVLM2_KERNELS", "").strip().lower()
+    backend = forced or backend
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}: expected one of {BACKENDS}")
+    return backend
+
+
+@lru_cache(maxsize=None)
+def _kernels(backend: str, config: str | None) -> KernelSet:
+    params = load_params(path=config)
+    if backend == "reference":
+        return ReferenceKernels(params)
+    if backend == "cpu":
+        return CpuKernels(params)
+    try:
+        return CpuKernels(params)
+    except Exception as error:  # noqa: BLE001  (any load failure means: fall back)
+        warnings.warn(f"cogvlm2 kernels: the CPU kernel library is unavailable ({error}); "
+                      "using the reference composites", RuntimeWarning, stacklevel=3)
+        return ReferenceKernels(params)
+
+
+def get_kernels(backend: str = "auto", config: str | None = None) -> KernelSet:
+    """The KernelSet of `backend` (COGVLM2_KERNELS overrides it), with parameters from `config` or this SKU's table.
+    One instance per (backend, config)."""
+    return _kernels(resolve_backend(backend), config)

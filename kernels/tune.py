@@ -1,0 +1,207 @@
+"""`cogvlm2 tune`: sweeps each CPU kernel's parameters (threads, tiles, GEMM choice) over the decode and prefill
+shape classes on this device and writes configs/kernels/<sku>.yaml, the table the registry loads.
+
+A candidate's score over a class is the mean over the class's shapes of time / best time of that shape, so that
+every shape counts equally whatever its size. Times are minima over repeated runs (the machine is shared).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import itertools
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+OPS = ("rope", "paged_attention", "expert_linear")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A layer's attention geometry and a batch: `lens` context lengths, `new` this step's tokens per sequence."""
+    name: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    mlp: int
+    lens: tuple[int, ...]
+    new: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.new)
+
+
+# Representative batches per class: the bench preset's layer and the 19B layer (small token counts).
+SHAPES: dict[str, list[Shape]] = {
+    "decode": [Shape("bench 32 decodes x 512", 16, 4, 64, 1024, 2816, (512,) * 32, (1,) * 32),
+               Shape("bench 8 decodes x 128", 16, 4, 64, 1024, 2816, (128,) * 8, (1,) * 8),
+               Shape("19b 8 decodes x 512", 32, 8, 128, 4096, 14336, (512,) * 8, (1,) * 8)],
+    "prefill": [Shape("bench chunk 256 + 8 decodes", 16, 4, 64, 1024, 2816, (256,) + (300,) * 8,
+                      (256,) + (1,) * 8),
+                Shape("bench chunk 128 from 64", 16, 4, 64, 1024, 2816, (192,), (128,)),
+                Shape("19b chunk 128", 32, 8, 128, 4096, 14336, (128,), (128,))],
+}
+
+CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
+    "rope": {cls: [{"threads": t} for t in (1, 2)] for cls in SHAPES},
+    "paged_attention": {
+        "decode": [{"threads": t, "query_tile": 1, "key_tile": k, "parallel_min_work": w}
+                   for t, k, w in itertools.product((1, 2), (32, 64, 128), (1 << 16, 1 << 20))],
+        "prefill": [{"threads": t, "query_tile": q, "key_tile": k, "parallel_min_work": 1 << 20}
+                    for t, q, k in itertools.product((1, 2), (4, 8, 16, 32), (32, 64, 128))],
+    },
+    "expert_linear": {cls: [{"threads": t, "gemm": 0, "k_block": k, "n_block": n}
+                            for t, (k, n) in itertools.product((1, 2), ((0, 0), (1024, 32), (512, 64), (256, 128)))]
+                      + [{"threads": t, "gemm": g, "k_block": 0, "n_block": 0} for g in (1, 2) for t in (1, 2)]
+                      + [{"threads": 2, "gemm": 3, "k_block": 0, "n_block": 0}]
+                      for cls in SHAPES},
+}
+
+
+def run_once(fn: Callable[[], object]) -> float:
+    """ms of one call; launches are blocking (configure_mindspore), so the op is done when the call returns."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+class Workload:
+    """Inputs of `op` for one shape, built once; `call(kernels)` runs the op (expert_linear: two projections)."""
+
+    def __init__(self, op: str, shape: Shape, rng: np.random.Generator):
+        from mindspore import Parameter, Tensor
+
+        from kernels.reference import make_paged_batch
+        from kernels.registry import pad_block_tables
+
+        normal = lambda *s: Tensor(rng.standard_normal(s).astype(np.float32))  # noqa: E731
+        i32 = lambda a: Tensor.from_numpy(np.ascontiguousarray(a, np.int32))  # noqa: E731
+        self.op, n, s = op, shape.tokens, shape
+        if op == "expert_linear":  # the QKV projection (with the vision bias) and the MLP's down projection
+            qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
+            self.calls = [(normal(n, s.hidden), n // 2, normal(qkv, s.hidden), normal(qkv, s.hidden), normal(qkv)),
+                          (normal(n, s.mlp), n // 2, normal(s.hidden, s.mlp), normal(s.hidden, s.mlp), None)]
+            return
+        batch = make_paged_batch(list(s.lens), list(s.new), 16, rng, shuffle=True)
+        q, k, v = normal(n, s.heads, s.head_dim), normal(n, s.kv_heads, s.head_dim), normal(n, s.kv_heads, s.head_dim)
+        positions = i32(batch.token_position)
+        cos, sin = normal(8192, s.head_dim), normal(8192, s.head_dim)
+        if op == "rope":
+            self.calls = [(q, k, positions, cos, sin)]
+            return
+        caches = [Parameter(normal(batch.num_slots, s.kv_heads, s.head_dim), name=f"tune_cache{i}",
+                            requires_grad=False) for i in range(2)]
+        self.calls = [(q, k, v, *caches, i32(batch.slot_mapping), i32(batch.seq_index), positions,
+                       i32(pad_block_tables(batch.block_tables)), i32(batch.context_lens), 16)]
+
+    def call(self, kernels):
+        return [getattr(kernels, self.op)(*args) for args in self.calls][-1]
+
+
+def _params_with(sku: str, op: str, candidate: dict[str, int]):
+    """Default parameters with `candidate` for op in both classes (a shape near the boundary must use it too)."""
+    from kernels.registry import KernelParams
+    params = KernelParams(sku, "tune")
+    params.ops[op] = {cls: dict(candidate) for cls in SHAPES}
+    return params
+
+
+def tune(ops: list[str], repeat: int, log: Callable[[str], None] = print) -> tuple[dict, dict]:
+    """Returns (best parameters per op and class, measurements for the record)."""
+    from cogvlm2.runtime import configure_mindspore
+    configure_mindspore()
+    from kernels.registry import DEFAULT_PARAMS, CpuKernels, detect_sku
+
+    sku = detect_sku()
+    rng = np.random.default_rng(0)
+    chosen: dict[str, dict[str, dict[str, int]]] = copy.deepcopy(DEFAULT_PARAMS)
+    record: dict[str, dict] = {}
+    for cls, shapes in SHAPES.items():
+        for op in ops:
+            workloads = [Workload(op, shape, rng) for shape in shapes]
+            candidates = CANDIDATES[op][cls]
+            kernel_sets = [CpuKernels(_params_with(sku, op, candidate)) for candidate in candidates]
+            # Round-robin over candidates, minimum per (candidate, shape): a burst of load from other processes
+            # then hits every candidate alike instead of one of them.
+            times = np.full((len(candidates), len(shapes)), np.inf)
+            for _ in range(repeat + 1):  # the first round warms up
+                for c, kernels in enumerate(kernel_sets):
+                    for i, workload in enumerate(workloads):
+                        times[c, i] = min(times[c, i], run_once(lambda: workload.call(kernels)))
+            score = (times / times.min(axis=0)).mean(axis=1)
+            best = int(score.argmin())
+            default = CANDIDATES[op][cls].index(DEFAULT_PARAMS[op][cls]) \
+                if DEFAULT_PARAMS[op][cls] in CANDIDATES[op][cls] else None
+            chosen[op][cls] = dict(CANDIDATES[op][cls][best])
+            record.setdefault(op, {})[cls] = {
+                "best_ms": {s.name: round(float(times[best, i]), 4) for i, s in enumerate(shapes)},
+                "default_ms": None if default is None else
+                {s.name: round(float(times[default, i]), 4) for i, s in enumerate(shapes)},
+                "candidates": len(CANDIDATES[op][cls]),
+            }
+            log(f"{op:16} {cls:8} best {chosen[op][cls]}  ms {record[op][cls]['best_ms']}")
+    return chosen, record
+
+
+def write_table(path: Path, sku: str, chosen: dict, record: dict, ops: list[str]) -> None:
+    import yaml
+
+    from kernels.registry import load_params
+    existing = load_params(sku=sku, path=path) if path.is_file() else None
+    table_ops = copy.deepcopy(existing.ops) if existing else {}
+    for op in ops:
+        table_ops[op] = chosen[op]
+    header = (f"# Tuned kernel parameters for {sku}, written by `cogvlm2 tune` on "
+              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.\n"
+              "# ops: what the registry loads. measurements: min times (ms) of the chosen and the default\n"
+              "# parameters over the representative shapes of each class (a shared machine: treat as indicative).\n")
+    body = yaml.safe_dump({"version": 1, "sku": sku, "ops": table_ops, "measurements": record}, sort_keys=False,
+                          width=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + body, encoding="utf-8")
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from kernels.registry import config_path, detect_sku
+    ops = args.ops.split(",") if args.ops else list(OPS)
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise SystemExit(f"unknown ops {sorted(unknown)}: choose from {OPS}")
+    sku = detect_sku()
+    out = Path(args.out) if args.out else config_path(sku)
+    print(f"tuning {', '.join(ops)} on {sku} -> {out}")
+    chosen, record = tune(ops, args.repeat)
+    write_table(out, sku, chosen, record, ops)
+    print(f"wrote {out}")
+    return 0
+
+
+def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("tune", help="tune the CPU kernels on this device; writes configs/kernels/<sku>.yaml")
+    p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)} (default: all)")
+    p.add_argument("--out", default=None, help="output yaml (default: configs/kernels/<sku>.yaml)")
+    p.add_argument("--repeat", type=int, default=7, help="runs per measurement (the minimum is kept)")
+    p.set_defaults(func=run_tune)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kernels.tune [--ops ...] [--out FILE]`, the same as `cogvlm2 tune`."""
+    parser = argparse.ArgumentParser(prog="python -m kernels.tune")
+    add_tune_parser(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return args_func(parser.parse_args(["tune", *argv]))
+
+
+def args_func(args: argparse.Namespace) -> int:
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

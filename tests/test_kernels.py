@@ -1,0 +1,416 @@
+"""Parity of the CPU kernels with the reference composites, in-place semantics, use inside jit, and the registry."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cogvlm2.runtime import configure_mindspore
+
+configure_mindspore()
+
+import mindspore as ms  # noqa: E402
+from mindspore import Parameter, Tensor, ops  # noqa: E402
+
+from cogvlm2.rope import BF16, default_inv_freq, rope_table  # noqa: E402
+from kernels import registry  # noqa: E402
+from kernels.reference import make_paged_batch  # noqa: E402
+from kernels.registry import CpuKernels, ReferenceKernels, get_kernels, load_params, pad_block_tables  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RTOL = 1e-5
+
+try:
+    CPU = get_kernels("cpu")
+except Exception as error:  # noqa: BLE001
+    CPU = None
+    CPU_ERROR = str(error)
+needs_cpu = pytest.mark.skipif(CPU is None, reason="CPU kernel library not built")
+REF = get_kernels("reference")
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float = RTOL) -> None:
+    scale = max(float(np.abs(expected).max()), 1e-30)
+    err = float(np.abs(actual - expected).max()) / scale
+    assert err <= rtol, f"relative error {err:.3g} > {rtol}"
+
+
+def normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------- paged attention (with the cache write)
+
+def run_paged(kernels, q, k, v, key0, value0, batch, as_tensors: bool = False):
+    key_cache = Parameter(Tensor(key0.copy()), name="key_cache", requires_grad=False)
+    value_cache = Parameter(Tensor(value0.copy()), name="value_cache", requires_grad=False)
+    tables = pad_block_tables(batch.block_tables) if as_tensors else batch.block_tables
+    out = kernels.paged_attention(Tensor(q), Tensor(k), Tensor(v), key_cache, value_cache, batch.slot_mapping,
+                                  batch.seq_index, batch.token_position, tables, batch.context_lens,
+                                  batch.block_size)
+    return out.asnumpy(), key_cache.asnumpy(), value_cache.asnumpy()
+
+
+def check_paged(heads_per_kv: int, kv_heads: int, head_dim: int, block_size: int, context_lens: list[int],
+                new_tokens: list[int], shuffle: bool, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    batch = make_paged_batch(context_lens, new_tokens, block_size, rng, shuffle=shuffle)
+    n, heads = len(batch.seq_index), heads_per_kv * kv_heads
+    q, k, v = normal(rng, n, heads, head_dim), normal(rng, n, kv_heads, head_dim), normal(rng, n, kv_heads, head_dim)
+    key0 = normal(rng, batch.num_slots, kv_heads, head_dim)
+    value0 = normal(rng, batch.num_slots, kv_heads, head_dim)
+    out, keys, values = run_paged(CPU, q, k, v, key0, value0, batch, as_tensors=True)
+    ref_out, ref_keys, ref_values = run_paged(REF, q, k, v, key0, value0, batch)
+    assert out.shape == (n, heads * head_dim)
+    np.testing.assert_array_equal(keys, ref_keys)
+    np.testing.assert_array_equal(values, ref_values)
+    assert_close(out, ref_out)
+
+
+@needs_cpu
+@pytest.mark.parametrize("head_dim", [64, 112, 128])
+@pytest.mark.parametrize("heads_per_kv", [1, 3, 4])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_paged_attention_mixed_batch(head_dim, heads_per_kv, block_size):
+    # two decodes, a first chunk, and a chunk starting mid-block (position 7 with block 4/16)
+    check_paged(heads_per_kv, 2, head_dim, block_size, [9, 30, 12, 26], [1, 1, 12, 19], shuffle=True,
+                seed=head_dim + heads_per_kv + block_size)
+
+
+@needs_cpu
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("context_lens,new_tokens", [
+    ([5, 17, 33], [1, 1, 1]),            # decodes only (no prefill part)
+    ([40], [40]),                        # one whole prompt (no decode part)
+    ([23, 50], [23, 11]),                # prefills only, the second from mid-block
+    ([1], [1]),                          # one token
+    ([37], [1]),                         # a single decode
+], ids=["decodes", "prompt", "chunks", "one-token", "one-decode"])
+def test_paged_attention_batch_shapes(context_lens, new_tokens, shuffle):
+    check_paged(4, 2, 64, 4, context_lens, new_tokens, shuffle)
+
+
+@needs_cpu
+def test_paged_attention_long_context():
+    check_paged(4, 2, 128, 16, [2048, 700], [1, 45], shuffle=True)
+
+
+@needs_cpu
+@pytest.mark.parametrize("query_tile,key_tile", [(1, 16), (3, 40), (16, 128), (64, 32)])
+def test_paged_attention_tiles(query_tile, key_tile):
+    params = load_params(path="/nonexistent")
+    for cls in ("decode", "prefill"):
+        params.ops["paged_attention"][cls].update(query_tile=query_tile, key_tile=key_tile, threads=2,
+                                                  parallel_min_work=0)
+    global CPU
+    saved, CPU = CPU, CpuKernels(params)
+    try:
+        check_paged(3, 2, 64, 4, [70, 9, 100], [70, 1, 37], shuffle=True)
+    finally:
+        CPU = saved
+
+
+@needs_cpu
+@pytest.mark.parametrize("table", ["fp32", "bf16"])
+def test_paged_attention_with_fused_rope(table):
+    """rope=(positions, cos, sin): q and k rotated inside the kernel, the cache holds the rotated K."""
+    rng = np.random.default_rng(11)
+    kv, heads, d = 2, 8, 128
+    batch = make_paged_batch([30, 12, 7], [30, 5, 1], 4, rng, shuffle=True)
+    n = len(batch.seq_index)
+    inv_freq = default_inv_freq(d, 500000.0)
+    cos, sin = rope_table(inv_freq.astype(BF16) if table == "bf16" else inv_freq, 4096)
+    positions = rng.integers(0, 4096, n).astype(np.int32)  # position ids differ from token positions
+    q, k, v = normal(rng, n, heads, d), normal(rng, n, kv, d), normal(rng, n, kv, d)
+    key0, value0 = normal(rng, batch.num_slots, kv, d), normal(rng, batch.num_slots, kv, d)
+    results = []
+    for kernels in (CPU, REF):
+        caches = [Parameter(Tensor(c.copy()), name=f"c{i}", requires_grad=False) for i, c in enumerate((key0, value0))]
+        q_in, k_in = Tensor(q.copy()), Tensor(k.copy())
+        out = kernels.paged_attention(q_in, k_in, Tensor(v), *caches, batch.slot_mapping, batch.seq_index,
+                                      batch.token_position, pad_block_tables(batch.block_tables),
+                                      batch.context_lens, batch.block_size,
+                                      rope=(Tensor(positions), Tensor(cos), Tensor(sin)))
+        results.append((out.asnumpy(), caches[0].asnumpy(), caches[1].asnumpy()))
+        np.testing.assert_array_equal(q_in.asnumpy(), q)  # inputs untouched
+    (out, keys, values), (ref_out, ref_keys, ref_values) = results
+    np.testing.assert_array_equal(keys, ref_keys)  # the same rounding as the rope composite
+    np.testing.assert_array_equal(values, ref_values)
+    assert_close(out, ref_out)
+
+
+@needs_cpu
+def test_paged_attention_rejects_bad_metadata():
+    rng = np.random.default_rng(0)
+    batch = make_paged_batch([8], [8], 4, rng)
+    batch.token_position[0] = 8  # beyond the context
+    with pytest.raises(RuntimeError):
+        run_paged(CPU, normal(rng, 8, 2, 8), normal(rng, 8, 1, 8), normal(rng, 8, 1, 8),
+                  normal(rng, batch.num_slots, 1, 8), normal(rng, batch.num_slots, 1, 8), batch, as_tensors=True)
+
+
+# ---------------------------------------------------------------- KV-cache write
+
+@needs_cpu
+def test_write_kv_in_place():
+    rng = np.random.default_rng(1)
+    cache0, values = normal(rng, 64, 2, 16), normal(rng, 10, 2, 16)
+    slots = rng.permutation(64)[:10].astype(np.int32)
+    results = []
+    for kernels in (CPU, REF):
+        cache = Parameter(Tensor(cache0.copy()), name="cache", requires_grad=False)
+        kernels.write_kv(cache, Tensor(slots), Tensor(values))
+        results.append(cache.asnumpy())
+    expected = cache0.copy()
+    expected[slots] = values
+    np.testing.assert_array_equal(results[0], expected)
+    np.testing.assert_array_equal(results[1], expected)
+
+
+# ---------------------------------------------------------------- rotary
+
+def rope_inputs(rng, n: int, heads: int, kv: int, head_dim: int, table_len: int):
+    return normal(rng, n, heads, head_dim), normal(rng, n, kv, head_dim), rng.integers(0, table_len, n)
+
+
+@needs_cpu
+@pytest.mark.parametrize("head_dim", [64, 112, 128])
+@pytest.mark.parametrize("table", ["fp32", "bf16"])
+def test_rope_matches_reference(head_dim, table):
+    rng = np.random.default_rng(head_dim)
+    inv_freq = default_inv_freq(head_dim, 500000.0)
+    cos, sin = rope_table(inv_freq.astype(BF16) if table == "bf16" else inv_freq, 4096)
+    q, k, positions = rope_inputs(rng, 300, 8, 2, head_dim, 4096)
+    ref_q, ref_k = REF.rope(Tensor(q), Tensor(k), positions, Tensor(cos), Tensor(sin))
+    qt, kt = Tensor(q.copy()), Tensor(k.copy())
+    out_q, out_k = CPU.rope(qt, kt, positions, Tensor(cos), Tensor(sin))
+    # same products and sum as the composite, no FMA contraction: bit-identical
+    np.testing.assert_array_equal(out_q.asnumpy(), ref_q.asnumpy())
+    np.testing.assert_array_equal(out_k.asnumpy(), ref_k.asnumpy())
+    np.testing.assert_array_equal(qt.asnumpy(), ref_q.asnumpy())  # in place
+    np.testing.assert_array_equal(kt.asnumpy(), ref_k.asnumpy())
+
+
+@needs_cpu
+def test_rope_of_strided_views():
+    """q and k sliced out of the fused QKV output are strided views in PyNative: the result must still be right."""
+    rng = np.random.default_rng(4)
+    n, heads, kv, d = 6, 4, 2, 16
+    qkv = Tensor(normal(rng, n, (heads + 2 * kv) * d))
+    cos, sin = rope_table(default_inv_freq(d, 10000.0), 32)
+    positions = rng.integers(0, 32, n)
+    q, k = qkv[:, :heads * d].reshape(n, heads, d), qkv[:, heads * d:(heads + kv) * d].reshape(n, kv, d)
+    ref_q, ref_k = REF.rope(q, k, positions, Tensor(cos), Tensor(sin))
+    out_q, out_k = CPU.rope(q, k, positions, Tensor(cos), Tensor(sin))
+    np.testing.assert_array_equal(out_q.asnumpy(), ref_q.asnumpy())
+    np.testing.assert_array_equal(out_k.asnumpy(), ref_k.asnumpy())
+
+
+@needs_cpu
+def test_rope_bf16_fixture_table():
+    """The table rebuilt by cogvlm2.rope from a bf16 inv_freq is the published one; the kernel reads it as is."""
+    fixture = np.load(FIXTURES / "rope_bf16.npz")
+    inv_freq = default_inv_freq(128, 500000.0).astype(BF16)
+    cos, sin = rope_table(inv_freq, 8192)
+    rng = np.random.default_rng(3)
+    q, k, positions = rope_inputs(rng, 64, 4, 1, 128, 8192)
+    out_q, _ = CPU.rope(Tensor(q.copy()), Tensor(k.copy()), positions, Tensor(cos), Tensor(sin))
+    expected = q * cos[positions][:, None] + np.concatenate([-q[..., 64:], q[..., :64]], -1) * sin[positions][:, None]
+    assert_close(out_q.asnumpy(), expected, 1e-6)
+    assert set(fixture.files)  # the fixture exists and loads
+
+
+# ---------------------------------------------------------------- expert-routed projection
+
+def expert_params(gemm: int, k_block: int, n_block: int, threads: int = 2):
+    params = load_params(path="/nonexistent")
+    for cls in ("decode", "prefill"):
+        params.ops["expert_linear"][cls].update(gemm=gemm, k_block=k_block, n_block=n_block, threads=threads)
+    return params
+
+
+GEMMS = [(0, 4096, 0), (0, 40, 8), (0, 512, 64), (1, 0, 0), (2, 0, 0), (3, 0, 0)]
+
+
+@needs_cpu
+@pytest.mark.parametrize("gemm", GEMMS,
+                         ids=["own", "own-blocked-small", "own-blocked", "openblas", "onednn", "mindspore"])
+@pytest.mark.parametrize("n,num_language", [(1, 1), (1, 0), (7, 3), (70, 0), (70, 70), (70, 33), (400, 150)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_expert_linear(gemm, n, num_language, bias):
+    if (gemm[0] == 1 and not CPU.ops.has_openblas) or (gemm[0] == 2 and not CPU.ops.has_onednn):
+        pytest.skip("GEMM library not found")
+    kernels = CpuKernels(expert_params(*gemm))
+    rng = np.random.default_rng(n + num_language)
+    x, wl, wv, bv = normal(rng, n, 77), normal(rng, 45, 77), normal(rng, 45, 77), normal(rng, 45)
+    args = (Tensor(x), num_language, Tensor(wl), Tensor(wv), Tensor(bv) if bias else None)
+    expected = REF.expert_linear(*args).asnumpy()
+    np.testing.assert_allclose(expected[:num_language], x[:num_language] @ wl.T, rtol=1e-4, atol=1e-4)
+    assert_close(kernels.expert_linear(*args).asnumpy(), expected)
+
+
+# ---------------------------------------------------------------- inside jit
+
+@needs_cpu
+def test_kernels_inside_jit():
+    rng = np.random.default_rng(5)
+    batch = make_paged_batch([20, 9], [6, 1], 4, rng, shuffle=True)
+    n, heads, kv, d = len(batch.seq_index), 4, 2, 16
+    q, k, v = normal(rng, n, heads, d), normal(rng, n, kv, d), normal(rng, n, kv, d)
+    key0, value0 = normal(rng, batch.num_slots, kv, d), normal(rng, batch.num_slots, kv, d)
+    cos, sin = rope_table(default_inv_freq(d, 10000.0), 64)
+    x, wl, wv, bv = normal(rng, n, 24), normal(rng, 12, 24), normal(rng, 12, 24), normal(rng, 12)
+    i32 = lambda a: Tensor(np.asarray(a, np.int32))  # noqa: E731
+    meta = (i32(batch.slot_mapping), i32(batch.seq_index), i32(batch.token_position),
+            i32(pad_block_tables(batch.block_tables)), i32(batch.context_lens))
+    positions = i32(batch.token_position)
+
+    cos_t, sin_t, wl_t, wv_t, bv_t = Tensor(cos), Tensor(sin), Tensor(wl), Tensor(wv), Tensor(bv)
+
+    def step(kernels, q, k, q_copy, k_copy, v, key_cache, value_cache, x):
+        # rope works in place: the fused call gets its own copies of q and k
+        q, k = kernels.rope(q, k, positions, cos_t, sin_t)
+        out = kernels.paged_attention(q, k, v, key_cache, value_cache, *meta, batch.block_size)
+        fused = kernels.paged_attention(q_copy, k_copy, v, key_cache, value_cache, *meta, batch.block_size,
+                                        rope=(positions, cos_t, sin_t))
+        return out, fused, kernels.expert_linear(x, 3, wl_t, wv_t, bv_t)
+
+    @ms.jit
+    def jitted_step(*args):
+        return step(CPU, *args)
+
+    results = []
+    for kernels in (CPU, REF):
+        caches = [Parameter(Tensor(c.copy()), name=f"c{i}", requires_grad=False) for i, c in enumerate((key0, value0))]
+        args = (Tensor(q.copy()), Tensor(k.copy()), Tensor(q.copy()), Tensor(k.copy()), Tensor(v), *caches,
+                Tensor(x))
+        out, fused, y = jitted_step(*args) if kernels is CPU else step(REF, *args)
+        results.append((out.asnumpy(), y.asnumpy(), caches[0].asnumpy(), caches[1].asnumpy(), fused.asnumpy()))
+    (out, y, keys, values, fused), (ref_out, ref_y, ref_keys, ref_values, _) = results
+    assert_close(out, ref_out)
+    assert_close(fused, ref_out)
+    assert_close(y, ref_y)
+    np.testing.assert_array_equal(keys, ref_keys)
+    np.testing.assert_array_equal(values, ref_values)
+
+
+@needs_cpu
+def test_write_kv_inside_jit_needs_its_token():
+    cache = Parameter(Tensor(np.zeros((8, 1, 4), np.float32)), name="jit_cache", requires_grad=False)
+    values = Tensor(np.ones((2, 1, 4), np.float32))
+    slots = Tensor(np.array([1, 6], np.int32))
+
+    @ms.jit
+    def write(cache, slots, values, x):
+        done = CPU.write_kv(cache, slots, values)
+        return ops.depend(x + 1, done)
+
+    write(cache, slots, values, Tensor(np.zeros(1, np.float32)))
+    assert cache.asnumpy()[[1, 6]].sum() == 8 and cache.asnumpy().sum() == 8
+
+
+# ---------------------------------------------------------------- registry
+
+def test_registry_backends(monkeypatch):
+    monkeypatch.delenv("COGVLM2_KERNELS", raising=False)
+    assert isinstance(get_kernels("reference"), ReferenceKernels)
+    if CPU is not None:
+        assert get_kernels("auto").backend == "cpu"
+    monkeypatch.setenv("COGVLM2_KERNELS", "reference")
+    assert get_kernels("auto").backend == "reference"
+    assert get_kernels("cpu").backend == "reference"  # the variable wins
+    monkeypatch.setenv("COGVLM2_KERNELS", "gpu")
+    with pytest.raises(ValueError):
+        get_kernels()
+
+
+def test_registry_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.delenv("COGVLM2_KERNELS", raising=False)
+
+    def missing():
+        raise registry_ops.KernelLibraryError("no kernel library (test)")
+
+    import kernels.ops as registry_ops
+    monkeypatch.setattr(registry_ops, "_library", None)
+    monkeypatch.setattr(registry_ops, "find_library", missing)
+    registry._kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no kernel library"):
+            kernels = get_kernels("auto")
+        assert kernels.backend == "reference"
+        with pytest.raises(registry_ops.KernelLibraryError):
+            get_kernels("cpu")
+    finally:
+        registry._kernels.cache_clear()
+
+
+def test_params_from_yaml(tmp_path):
+    table = tmp_path / "sku.yaml"
+    table.write_text("sku: test\nops:\n  paged_attention:\n    decode: {key_tile: 32}\n", encoding="utf-8")
+    params = load_params(sku="test", path=table)
+    assert params.get("paged_attention", "decode")["key_tile"] == 32
+    assert params.get("paged_attention", "decode")["threads"] == registry.DEFAULT_PARAMS["paged_attention"][
+        "decode"]["threads"]
+    assert params.source == str(table)
+    assert load_params(sku="no-such-sku").source == "defaults"
+
+
+def test_this_machine_has_a_table():
+    sku = registry.detect_sku()
+    assert sku.startswith("cpu-") or sku.startswith("ascend")
+    params = load_params()
+    assert params.sku == sku
+    if not registry.table_path(sku).is_file():
+        pytest.skip(f"no tuned table for {sku} (run `cogvlm2 tune`)")
+    assert params.source == str(registry.table_path(sku))
+
+
+def test_fallback_sku_format():
+    parts = registry.fallback_sku().split("-")
+    assert parts[0] == "cpu" and len(parts) >= 4 and parts[-1] in ("avx512", "avx2", "sse")
+
+
+def test_reference_metadata_cache_follows_content():
+    """The reference backend reuses its metadata across the layers of a step; a new step's batch must not."""
+    rng = np.random.default_rng(9)
+    shared = ReferenceKernels(load_params(path="/nonexistent"))
+    for context in ([10, 3], [12, 3]):
+        batch = make_paged_batch(context, [1, 3], 4, rng)
+        q, k, v = normal(rng, 4, 2, 8), normal(rng, 4, 1, 8), normal(rng, 4, 1, 8)
+        cache = normal(rng, batch.num_slots, 1, 8)
+        out, _, _ = run_paged(shared, q, k, v, cache, cache, batch)
+        fresh, _, _ = run_paged(ReferenceKernels(load_params(path="/nonexistent")), q, k, v, cache, cache, batch)
+        np.testing.assert_array_equal(out, fresh)
+
+
+def test_pad_block_tables():
+    np.testing.assert_array_equal(pad_block_tables([[1, 2], [3], []]), [[1, 2], [3, 0], [0, 0]])
+
+
+# ---------------------------------------------------------------- tuning
+
+@needs_cpu
+def test_tune_writes_a_table(tmp_path, monkeypatch):
+    import argparse
+
+    from kernels import tune
+    small = tune.Shape("tiny", 4, 2, 16, 32, 48, (20, 9), (20, 1))
+    monkeypatch.setattr(tune, "SHAPES", {"decode": [small], "prefill": [small]})
+    monkeypatch.setattr(tune, "CANDIDATES", {
+        "rope": {c: [{"threads": 1}, {"threads": 2}] for c in ("decode", "prefill")},
+        "paged_attention": {c: [dict(registry.DEFAULT_PARAMS["paged_attention"][c]),
+                                {"threads": 1, "query_tile": 2, "key_tile": 16, "parallel_min_work": 0}]
+                            for c in ("decode", "prefill")},
+        "expert_linear": {c: [{"threads": 1, "gemm": g, "k_block": 0, "n_block": 0} for g in range(4)]
+                          for c in ("decode", "prefill")},
+    })
+    parser = argparse.ArgumentParser()
+    tune.add_tune_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "table.yaml"
+    args = parser.parse_args(["tune", "--out", str(out), "--repeat", "1"])
+    assert args.func(args) == 0
+    params = load_params(path=out)
+    assert set(params.ops) == set(tune.OPS)
+    assert params.get("expert_linear", "decode")["gemm"] in range(4)
+    assert "measurements" in out.read_text(encoding="utf-8")
