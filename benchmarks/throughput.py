@@ -92,10 +92,10 @@ def summarise(name: str, outputs: list[RequestOutput], seconds: float) -> RunSta
                     (out_tokens + prompt_tokens) / seconds, _percentiles(ttft), _percentiles(tpot))
 
 
-def run_engine(llm: LLM, workload: Workload) -> RunStats:
+def run_engine(llm: LLM, workload: Workload, name: str = "engine (continuous batching)") -> RunStats:
     start = time.perf_counter()
     outputs = llm.generate(workload.prompts, workload.params, use_tqdm=True)
-    return summarise("engine (continuous batching)", outputs, time.perf_counter() - start)
+    return summarise(name, outputs, time.perf_counter() - start)
 
 
 def run_one_at_a_time(llm: LLM, workload: Workload, limit: int | None = None) -> RunStats:
@@ -161,15 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one-at-a-time-limit", type=int, default=None,
                    help="run only the first N requests one at a time (its tokens/s still compares fairly)")
     p.add_argument("--static-batch", type=int, default=8, help="size of the static-batching baseline (0: skip)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference", "compare"],
+                   help="compare: the engine with the CPU kernels and with the reference composites, same run")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write results as JSON (to a file or -)")
     args = p.parse_args(argv)
 
     workload = make_workload(args.num_prompts, args.image_ratio, args.min_prompt_words, args.max_prompt_words,
                              args.min_output_tokens, args.max_output_tokens, args.seed)
-    t0 = time.perf_counter()
-    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False)
-    print(f"engine ready in {time.perf_counter() - t0:.1f} s ({args.model})", file=sys.stderr)
+    if args.kernels == "compare":
+        results = [run_engine(make_llm(args, backend), workload, f"engine, kernels={backend}")
+                   for backend in ("cpu", "reference")]
+        print_table(results)
+        print(f"kernels on / off: output tokens/s "
+              f"{results[0].output_tokens_per_s / results[1].output_tokens_per_s:.2f}x")
+        _write_json(args, results)
+        return 0
+    llm = make_llm(args, args.kernels)
     results = [run_engine(llm, workload)]
     if args.static_batch:
         results.append(run_static_batches(llm, workload, args.static_batch))
@@ -179,14 +186,28 @@ def main(argv: list[str] | None = None) -> int:
     for baseline in results[1:]:
         print(f"engine / {baseline.name}: output tokens/s "
               f"{results[0].output_tokens_per_s / baseline.output_tokens_per_s:.2f}x")
-    if args.json:
-        payload = json.dumps({"model": args.model, "num_prompts": args.num_prompts, "image_ratio": args.image_ratio,
-                              "results": [asdict(r) for r in results]}, indent=2)
-        if args.json == "-":
-            print(payload)
-        else:
-            Path(args.json).write_text(payload)
+    _write_json(args, results)
     return 0
+
+
+def make_llm(args: argparse.Namespace, kernels: str) -> LLM:
+    start = time.perf_counter()
+    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_prefix_caching=False, kernels=kernels)
+    print(f"engine ready in {time.perf_counter() - start:.1f} s ({args.model}, kernels={llm.engine.model.kernels.backend})",
+          file=sys.stderr)
+    return llm
+
+
+def _write_json(args: argparse.Namespace, results: list[RunStats]) -> None:
+    if not args.json:
+        return
+    payload = json.dumps({"model": args.model, "num_prompts": args.num_prompts, "image_ratio": args.image_ratio,
+                          "results": [asdict(r) for r in results]}, indent=2)
+    if args.json == "-":
+        print(payload)
+    else:
+        Path(args.json).write_text(payload)
 
 
 if __name__ == "__main__":

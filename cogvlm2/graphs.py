@@ -2,35 +2,42 @@
 
 Decode steps and text prefills (every token on the language expert) run each layer's two dense segments as graphs
 compiled once per token-count bucket; the weights are graph inputs, so one compiled graph serves every layer.
-Attention runs between the two segments, outside the graph, over the real (unpadded) tokens.
+Attention runs between the two segments, outside the graph, over the real (unpadded) tokens. The GEMMs go
+through the engine's kernel set (a custom GEMM op works inside jit); RoPE is in the first graph unless the
+attention kernel fuses it.
 """
 from __future__ import annotations
 
 import numpy as np
 from mindspore import Tensor, jit, ops
 
-from cogvlm2.layers import apply_rope, linear, rms_norm
+from cogvlm2.layers import apply_rope, rms_norm
 
 
-def _pre_attention(x: Tensor, norm_w: Tensor, qkv_w: Tensor, cos: Tensor, sin: Tensor, eps: float, heads: int,
-                   kv_heads: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    n = x.shape[0]
-    qkv = linear(rms_norm(x, norm_w, eps), qkv_w)
-    q = apply_rope(qkv[:, :heads * head_dim].reshape(n, heads, head_dim), cos, sin)
-    k = apply_rope(qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(n, kv_heads, head_dim), cos, sin)
-    v = qkv[:, (heads + kv_heads) * head_dim:].reshape(n, kv_heads, head_dim)
-    return q, k, v
+class LayerGraphs:
+    def __init__(self, kernels, rope_in_graph: bool):
+        gemm = lambda x, w: kernels.expert_linear(x, x.shape[0], w, w, None)  # noqa: E731  (language rows only)
 
+        def pre_attention(x: Tensor, norm_w: Tensor, qkv_w: Tensor, cos: Tensor, sin: Tensor, eps: float,
+                          heads: int, kv_heads: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+            n = x.shape[0]
+            qkv = gemm(rms_norm(x, norm_w, eps), qkv_w)
+            q = qkv[:, :heads * head_dim].reshape(n, heads, head_dim)
+            k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(n, kv_heads, head_dim)
+            v = qkv[:, (heads + kv_heads) * head_dim:].reshape(n, kv_heads, head_dim)
+            if rope_in_graph:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            return q, k, v
 
-def _post_attention(x: Tensor, attn: Tensor, dense_w: Tensor, norm_w: Tensor, gate_w: Tensor, up_w: Tensor,
-                    down_w: Tensor, eps: float) -> Tensor:
-    x = x + linear(attn, dense_w)
-    h = rms_norm(x, norm_w, eps)
-    return x + linear(ops.silu(linear(h, gate_w)) * linear(h, up_w), down_w)
+        def post_attention(x: Tensor, attn: Tensor, dense_w: Tensor, norm_w: Tensor, gate_w: Tensor, up_w: Tensor,
+                           down_w: Tensor, eps: float) -> Tensor:
+            x = x + gemm(attn, dense_w)
+            h = rms_norm(x, norm_w, eps)
+            return x + gemm(ops.silu(gemm(h, gate_w)) * gemm(h, up_w), down_w)
 
-
-pre_attention_graph = jit(_pre_attention)
-post_attention_graph = jit(_post_attention)
+        self.rope_in_graph = rope_in_graph
+        self.pre_attention = jit(pre_attention)
+        self.post_attention = jit(post_attention)
 
 
 def token_buckets(max_tokens: int) -> list[int]:

@@ -20,7 +20,10 @@ from cogvlm2.rope import default_inv_freq, rope_table
 
 
 class Attention(Protocol):
-    """Writes this step's K/V into the cache and attends. q [N, H, d], k and v [N, KV, d] -> [N, H * d]."""
+    """Writes this step's K/V into the cache and attends. q [N, H, d], k and v [N, KV, d] -> [N, H * d].
+
+    An attention whose `fuses_rope` is True rotates q and k itself: the model then hands it
+    `rope = (position ids, cos table, sin table)` before the layers and passes q and k unrotated."""
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
 
@@ -43,8 +46,11 @@ class DecoderLayerWeights:
 
 
 class LanguageModel:
-    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None):
+    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None,
+                 kernels=None):
+        from kernels.registry import get_kernels
         self.config = config
+        self.kernels = kernels if kernels is not None else get_kernels("reference")
         self.embed_table = to_tensor(tensors["model.embed_tokens.weight"])
         self.final_norm = to_tensor(tensors["model.norm.weight"])
         self.lm_head = to_tensor(tensors["lm_head.weight"])
@@ -54,6 +60,10 @@ class LanguageModel:
         cos, sin = rope_table(inv_freq, config.max_position_embeddings)
         self.cos_table, self.sin_table = to_tensor(cos), to_tensor(sin)
         self.graph_buckets: list[int] = []  # token-count buckets of the compiled language-only path; [] = off
+        self.graphs: graphs.LayerGraphs | None = None
+        self._rope_placeholders: dict[int, Tensor] = {}
+        # heads held by this process (fewer under tensor parallelism, see cogvlm2/parallel.py)
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_kv_heads
 
     @staticmethod
     def _layer(t: dict[str, np.ndarray], p: str) -> DecoderLayerWeights:
@@ -77,9 +87,15 @@ class LanguageModel:
 
     def forward(self, hidden: Tensor, position_ids: np.ndarray, num_language: int, attention: Attention) -> Tensor:
         """hidden [N, hidden] and position_ids [N], both in routed order. Returns the final-normed hidden states."""
-        cos, sin = self.rope(position_ids)
+        if getattr(attention, "fuses_rope", False):
+            attention.rope = (Tensor.from_numpy(position_ids.astype(np.int32)), self.cos_table, self.sin_table)
+            cos = sin = None
+        else:
+            cos, sin = self.rope(position_ids)
         n = hidden.shape[0]
         bucket = graphs.bucket_for(n, self.graph_buckets) if num_language == n else None
+        if bucket is not None and self.graphs.rope_in_graph != (cos is not None):
+            bucket = None  # compiled for the other kind of attention: run eagerly
         if bucket is not None:
             hidden = self._compiled_layers(hidden, cos, sin, bucket, attention)
         else:
@@ -87,51 +103,69 @@ class LanguageModel:
                 hidden = self._decoder_layer(i, layer, hidden, cos, sin, num_language, attention)
         return rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
 
-    def enable_graphs(self, max_tokens: int, progress: bool = True) -> None:
-        """Compile the language-only layer segments for every token bucket up to max_tokens (start-up warm-up)."""
+    def enable_graphs(self, max_tokens: int, rope_in_graph: bool = True, progress: bool = True) -> None:
+        """Compile the language-only layer segments for every token bucket up to max_tokens (start-up warm-up).
+        rope_in_graph=False when the engine's attention fuses RoPE."""
         from tqdm import tqdm
         buckets = graphs.token_buckets(max_tokens)
+        self.graphs = graphs.LayerGraphs(self.kernels, rope_in_graph)
         c, w = self.config, self.layers[0]
         for size in tqdm(buckets, desc="Compiling decoder graphs", unit="bucket", disable=not progress):
             x = graphs.zeros(size, c.hidden_size)
             cos = graphs.zeros(size, c.head_dim)
-            graphs.pre_attention_graph(x, w.input_norm, w.language_qkv, cos, cos, c.rms_norm_eps,
-                                       c.num_attention_heads, c.num_kv_heads, c.head_dim)
-            attn = graphs.zeros(size, c.num_attention_heads * c.head_dim)
-            graphs.post_attention_graph(x, attn, w.language_dense, w.post_norm, w.language_gate, w.language_up,
-                                        w.language_down, c.rms_norm_eps)
+            self.graphs.pre_attention(x, w.input_norm, w.language_qkv, cos, cos, c.rms_norm_eps, self.num_heads,
+                                      self.num_kv_heads, c.head_dim)
+            attn = graphs.zeros(size, self.num_heads * c.head_dim)
+            self.graphs.post_attention(x, attn, w.language_dense, w.post_norm, w.language_gate, w.language_up,
+                                       w.language_down, c.rms_norm_eps)
         self.graph_buckets = buckets
 
-    def _compiled_layers(self, hidden: Tensor, cos: Tensor, sin: Tensor, bucket: int,
+    def _compiled_layers(self, hidden: Tensor, cos: Tensor | None, sin: Tensor | None, bucket: int,
                          attention: Attention) -> Tensor:
-        c = self.config
+        c, g = self.config, self.graphs
         n = hidden.shape[0]
-        x, cos, sin = graphs.pad_rows(hidden, bucket), graphs.pad_rows(cos, bucket), graphs.pad_rows(sin, bucket)
+        x = graphs.pad_rows(hidden, bucket)
+        if cos is None:  # RoPE happens in the attention kernel: the graph ignores these inputs
+            cos = sin = self._unused_rope_input(bucket)
+        else:
+            cos, sin = graphs.pad_rows(cos, bucket), graphs.pad_rows(sin, bucket)
         for i, w in enumerate(self.layers):
-            q, k, v = graphs.pre_attention_graph(x, w.input_norm, w.language_qkv, cos, sin, c.rms_norm_eps,
-                                                 c.num_attention_heads, c.num_kv_heads, c.head_dim)
+            q, k, v = g.pre_attention(x, w.input_norm, w.language_qkv, cos, sin, c.rms_norm_eps, self.num_heads,
+                                      self.num_kv_heads, c.head_dim)
             if bucket != n:
                 q, k, v = q[:n], k[:n], v[:n]
             attn = graphs.pad_rows(attention(i, q, k, v), bucket)
-            x = graphs.post_attention_graph(x, attn, w.language_dense, w.post_norm, w.language_gate, w.language_up,
-                                            w.language_down, c.rms_norm_eps)
+            x = g.post_attention(x, attn, w.language_dense, w.post_norm, w.language_gate, w.language_up,
+                                 w.language_down, c.rms_norm_eps)
         return x[:n] if bucket != n else x
+
+    def _unused_rope_input(self, bucket: int) -> Tensor:
+        if bucket not in self._rope_placeholders:
+            self._rope_placeholders[bucket] = graphs.zeros(bucket, self.config.head_dim)
+        return self._rope_placeholders[bucket]
 
     def logits(self, hidden: Tensor) -> Tensor:
         return linear(hidden, self.lm_head)
 
+    def reduce(self, x: Tensor) -> Tensor:
+        """Sums the partial outputs of row-parallel projections across tensor-parallel ranks (none here)."""
+        return x
+
     def _decoder_layer(self, index: int, w: DecoderLayerWeights, x: Tensor, cos: Tensor, sin: Tensor,
                        num_language: int, attention: Attention) -> Tensor:
         c = self.config
-        n, heads, kv, hd = x.shape[0], c.num_attention_heads, c.num_kv_heads, c.head_dim
+        n, heads, kv, hd = x.shape[0], self.num_heads, self.num_kv_heads, c.head_dim
         h = rms_norm(x, w.input_norm, c.rms_norm_eps)
-        qkv = expert_linear(h, num_language, w.language_qkv, w.vision_qkv, w.vision_qkv_bias)
-        q = apply_rope(qkv[:, :heads * hd].reshape(n, heads, hd), cos, sin)
-        k = apply_rope(qkv[:, heads * hd:(heads + kv) * hd].reshape(n, kv, hd), cos, sin)
+        project = self.kernels.expert_linear
+        qkv = project(h, num_language, w.language_qkv, w.vision_qkv, w.vision_qkv_bias)
+        q = qkv[:, :heads * hd].reshape(n, heads, hd)
+        k = qkv[:, heads * hd:(heads + kv) * hd].reshape(n, kv, hd)
         v = qkv[:, (heads + kv) * hd:].reshape(n, kv, hd)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = attention(index, q, k, v)
-        x = x + expert_linear(attn, num_language, w.language_dense, w.vision_dense)
+        x = x + self.reduce(project(attn, num_language, w.language_dense, w.vision_dense, None))
         h = rms_norm(x, w.post_norm, c.rms_norm_eps)
-        gate = expert_linear(h, num_language, w.language_gate, w.vision_gate)
-        up = expert_linear(h, num_language, w.language_up, w.vision_up)
-        return x + expert_linear(ops.silu(gate) * up, num_language, w.language_down, w.vision_down)
+        gate = project(h, num_language, w.language_gate, w.vision_gate, None)
+        up = project(h, num_language, w.language_up, w.vision_up, None)
+        return x + self.reduce(project(ops.silu(gate) * up, num_language, w.language_down, w.vision_down, None))

@@ -53,17 +53,23 @@ def routing_order(vision_expert: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 class CogVLM2Model:
-    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None = None):
+    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None = None,
+                 kernels=None):
+        """`kernels`: a kernels.registry.KernelSet for the decoder's hot ops (default: the reference composites)."""
         configure_mindspore()
         self.config = config
         self.vision = VisionEncoder(config, tensors)
-        self.language = LanguageModel(config, tensors, inv_freq)
+        self.language = LanguageModel(config, tensors, inv_freq, kernels)
+
+    @property
+    def kernels(self):
+        return self.language.kernels
 
     @classmethod
-    def from_source(cls, source: ModelSource) -> "CogVLM2Model":
+    def from_source(cls, source: ModelSource, kernels=None) -> "CogVLM2Model":
         from cogvlm2.weights import load_weights
         weights = load_weights(source)
-        return cls(source.config, weights.tensors, weights.inv_freq)
+        return cls(source.config, weights.tensors, weights.inv_freq, kernels)
 
     @classmethod
     def from_pretrained(cls, spec: str | None = None) -> "CogVLM2Model":

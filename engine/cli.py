@@ -33,6 +33,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--engine-seed", type=int, default=0, help="seed of requests that set none")
     p.add_argument("--enforce-eager", action="store_true", help="no compiled decoder graphs (faster start-up)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference"],
+                   help="hot-op implementations: CPU kernels (auto falls back to the references if not built)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard the model over N devices, one msrun worker each (docs/tensor_parallel.md)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,7 +45,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 enable_prefix_caching=not args.no_prefix_caching,
                 enable_chunked_prefill=not args.no_chunked_prefill, seed=args.engine_seed,
-                enforce_eager=args.enforce_eager)
+                enforce_eager=args.enforce_eager, kernels=args.kernels, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -151,10 +155,18 @@ def _run_generate(args: argparse.Namespace) -> int:
     requests = _requests_from_args(args)
     if args.simple:
         return _run_simple(args, requests)
+    from engine.distributed import WorkerFailure
     from engine.llm import LLM
-    llm = LLM(args.model, config_yaml=args.config, **engine_kwargs(args))
     prompts, params = zip(*(_split_request(r) for r in requests))
-    outputs = llm.generate(list(prompts), list(params), use_tqdm=len(requests) > 1 and sys.stderr.isatty())
+    try:
+        llm = LLM(args.model, config_yaml=args.config, **engine_kwargs(args))
+        try:
+            outputs = llm.generate(list(prompts), list(params), use_tqdm=len(requests) > 1 and sys.stderr.isatty())
+        finally:
+            llm.shutdown()
+    except WorkerFailure as e:  # a tensor-parallel worker failed, died or hung
+        print(f"error: WorkerFailure: {e}", file=sys.stderr)
+        return 1
     as_json = args.json or args.prompts_file is not None
     for out in outputs:
         print(json.dumps(_result_json(out)) if as_json else (out.outputs[0].text if not out.error
@@ -204,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     from cogvlm2.convert import add_convert_parser, add_make_random_parser
     add_convert_parser(subparsers)
     add_make_random_parser(subparsers)
+    from kernels.tune import add_tune_parser
+    add_tune_parser(subparsers)
     return parser
 
 

@@ -18,13 +18,24 @@ class LLM:
                  kv_cache_memory_gb: float | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
-                 **kwargs: Any):
+                 tensor_parallel_size: int = 1, **kwargs: Any):
         self.engine = LLMEngine(model, block_size=block_size, num_kv_blocks=num_kv_blocks,
                                 kv_cache_memory_gb=kv_cache_memory_gb, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                                 enable_prefix_caching=enable_prefix_caching,
-                                enable_chunked_prefill=enable_chunked_prefill, seed=seed, **kwargs)
+                                enable_chunked_prefill=enable_chunked_prefill, seed=seed,
+                                tensor_parallel_size=tensor_parallel_size, **kwargs)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers, if any (also done at exit). Idempotent."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
 
     @property
     def tokenizer(self):

@@ -10,17 +10,20 @@ import numpy as np
 
 from cogvlm2.errors import CogVLM2Error
 from cogvlm2.model import CogVLM2Model
-from cogvlm2.model_source import resolve_model
+from cogvlm2.model_source import ModelSource, resolve_model
+from cogvlm2.parallel import check_tensor_parallel, kv_heads_per_rank
 from cogvlm2.processor import CogVLM2Processor, ProcessedPrompt
 from cogvlm2.tokenizer import Llama3Tokenizer
 from engine.block_manager import BlockManager
 from engine.detokenizer import IncrementalDetokenizer
-from engine.model_runner import ModelRunner, kv_cache_spec
+from engine.distributed import TensorParallelExecutor, WorkerFailure
+from engine.model_runner import KVCacheSpec, ModelRunner
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.sampler import Sampler, SamplingState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.timing import PhaseTimer
+from kernels.registry import get_kernels
 from engine.sequence import Sequence
 
 PROMPT_KEYS = {"prompt", "image", "history", "template"}
@@ -43,9 +46,11 @@ class EngineArgs:
     seed: int = 0
     max_image_pixels: int = 40_000_000
     enforce_eager: bool = False  # True: no compiled decoder graphs (PyNative only)
+    kernels: str = "auto"  # "auto" (CPU kernels, else the references with a warning), "cpu" or "reference"
+    tensor_parallel_size: int = 1  # > 1: the model runs sharded on that many msrun workers (engine/distributed.py)
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -75,7 +80,10 @@ class LLMEngine:
         self.tokenizer = (Llama3Tokenizer.from_file(self.args.tokenizer) if self.args.tokenizer
                           else Llama3Tokenizer.for_model_dir(source.model_dir))
         self.processor = CogVLM2Processor(self.config, self.tokenizer, max_image_pixels=self.args.max_image_pixels)
-        self.model = CogVLM2Model.from_source(source)
+        check_tensor_parallel(self.config, self.args.tensor_parallel_size)
+        # under tensor parallelism the model lives in the workers only
+        self.model = (CogVLM2Model.from_source(source, get_kernels(self.args.kernels))
+                      if self.args.tensor_parallel_size == 1 else None)
         self.max_model_len = self.args.max_model_len or self.config.max_position_embeddings
         if self.max_model_len > self.config.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
@@ -86,19 +94,31 @@ class LLMEngine:
             max_num_seqs=self.args.max_num_seqs, max_num_batched_tokens=self.args.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_chunked_prefill=self.args.enable_chunked_prefill),
             self.block_manager)
-        if not self.args.enforce_eager:
-            self.model.language.enable_graphs(self.args.max_num_batched_tokens)
         self.timer = PhaseTimer()
-        self.runner = ModelRunner(self.model, self.args.block_size, num_blocks, self.timer)
+        self.runner = self._start_runner(source, num_blocks)
         self.sampler = Sampler(self.config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
         self._request_counter = itertools.count()
 
+    def _start_runner(self, source: ModelSource, num_blocks: int) -> ModelRunner | TensorParallelExecutor:
+        if self.args.tensor_parallel_size > 1:  # workers run eager (cogvlm2/parallel.py)
+            return TensorParallelExecutor(source, self.args.tensor_parallel_size, self.args.block_size, num_blocks,
+                                          self.timer, kernels=self.args.kernels)
+        if not self.args.enforce_eager:  # RoPE is fused into the paged-attention kernel, not in the graphs
+            self.model.language.enable_graphs(self.args.max_num_batched_tokens, rope_in_graph=False)
+        return ModelRunner(self.model, self.args.block_size, num_blocks, self.timer)
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers, if any. Idempotent."""
+        self.runner.shutdown()
+
     def _num_kv_blocks(self) -> int:
         if self.args.num_kv_blocks is not None:
             return self.args.num_kv_blocks
-        spec = kv_cache_spec(self.model, self.args.block_size, 1)
+        c = self.config  # the budget is per device: each tensor-parallel rank caches only its KV heads
+        spec = KVCacheSpec(c.num_hidden_layers, kv_heads_per_rank(c, self.args.tensor_parallel_size), c.head_dim,
+                           self.args.block_size, 1)
         budget_gb = self.args.kv_cache_memory_gb or DEFAULT_KV_CACHE_GB
         by_budget = int(budget_gb * 2 ** 30) // spec.bytes_per_block
         # Never more than every running sequence at full length needs.
@@ -189,10 +209,25 @@ class LLMEngine:
         for chunk in scheduled.chunks:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = now
-        logits = self.runner.execute(scheduled)
+        try:
+            logits = self.runner.execute(scheduled)
+        except WorkerFailure as e:
+            self._pending_outputs = outputs + self._fail_all_requests(str(e))
+            raise
         with self.timer.phase("postprocess"):
             self.scheduler.update_after_step(scheduled)
         return outputs + self._apply_samples(scheduled, logits)
+
+    def _fail_all_requests(self, message: str) -> list[RequestOutput]:
+        """The model is gone (a tensor-parallel worker failed): every unfinished request ends with an error."""
+        outputs = []
+        for state in self.requests.values():
+            self.scheduler.finish(state.seq, "error")
+            state.seq.error = message
+            state.detokenizer.flush()
+            outputs.append(self._output(state))
+        self.requests.clear()
+        return outputs
 
     def _apply_samples(self, scheduled: SchedulerOutput, logits: np.ndarray) -> list[RequestOutput]:
         sampled_chunks = [c for c in scheduled.chunks if c.needs_sample]

@@ -11,7 +11,7 @@ from cogvlm2.model import CogVLM2Model, TokenBatch
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 from engine.timing import PhaseTimer
-from kernels import reference
+from kernels.registry import KernelSet, pad_block_tables
 
 
 @dataclass
@@ -29,7 +29,7 @@ class KVCacheSpec:
 
 def kv_cache_spec(model: CogVLM2Model, block_size: int, num_blocks: int) -> KVCacheSpec:
     c = model.config
-    return KVCacheSpec(c.num_hidden_layers, c.num_kv_heads, c.head_dim, block_size, num_blocks)
+    return KVCacheSpec(c.num_hidden_layers, model.language.num_kv_heads, c.head_dim, block_size, num_blocks)
 
 
 class PagedKVCache:
@@ -45,28 +45,33 @@ class PagedKVCache:
 
 
 class PagedAttention:
-    """The model's attention over the paged cache for one forward (built per step)."""
+    """The model's attention over the paged cache for one forward (built per step): the kernel set's fused
+    RoPE + cache write + paged attention, fed per-token metadata so that any token order works."""
+    fuses_rope = True
 
-    def __init__(self, cache: PagedKVCache, num_heads: int, token_seq_index: np.ndarray, token_position: np.ndarray,
-                 slot_mapping: np.ndarray, block_tables: list[list[int]], context_lens: list[int]):
-        self.cache, self.num_heads = cache, num_heads
+    def __init__(self, cache: PagedKVCache, kernels: KernelSet, token_seq_index: np.ndarray,
+                 token_position: np.ndarray, slot_mapping: np.ndarray, block_tables: list[list[int]],
+                 context_lens: list[int]):
+        self.cache, self.kernels = cache, kernels
         self.token_seq_index, self.token_position, self.slot_mapping = token_seq_index, token_position, slot_mapping
         self.block_tables, self.context_lens = block_tables, context_lens
-        self.meta: reference.PagedAttentionMetadata | None = None
+        self.inputs: tuple[Tensor, ...] | None = None
+        self.rope: tuple[Tensor, Tensor, Tensor] | None = None  # set by the model before the layers run
 
     def prepare(self, order: np.ndarray) -> None:
-        if self.meta is not None:
+        if self.inputs is not None:
             return
-        spec = self.cache.spec
-        self.meta = reference.build_paged_metadata(
-            self.token_seq_index[order], self.token_position[order], self.block_tables, self.context_lens,
-            self.slot_mapping[order], spec.block_size, self.num_heads, spec.num_kv_heads)
+        self.inputs = (_int32(self.slot_mapping[order]), _int32(self.token_seq_index[order]),
+                       _int32(self.token_position[order]), _int32(pad_block_tables(self.block_tables)),
+                       _int32(self.context_lens))
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        key_cache, value_cache = self.cache.keys[layer], self.cache.values[layer]
-        reference.write_kv_cache(key_cache, self.meta.slot_mapping, k)
-        reference.write_kv_cache(value_cache, self.meta.slot_mapping, v)
-        return reference.paged_attention(q, key_cache, value_cache, self.meta)
+        return self.kernels.paged_attention(q, k, v, self.cache.keys[layer], self.cache.values[layer], *self.inputs,
+                                            self.cache.spec.block_size, rope=self.rope)
+
+
+def _int32(values) -> Tensor:
+    return Tensor.from_numpy(np.ascontiguousarray(values, np.int32))
 
 
 class EncoderCache:
@@ -89,6 +94,67 @@ class EncoderCache:
             self.entries.popitem(last=False)
 
 
+@dataclass
+class ImageSlice:
+    """Feature rows [start, stop) of the image `image_hash` fill batch positions from `batch_start` on."""
+    image_hash: str
+    start: int
+    stop: int
+    batch_start: int
+
+
+@dataclass
+class StepInputs:
+    """One step's flat batch as host arrays, in batch order; image features are found by hash in the encoder
+    cache. Tensor-parallel workers receive exactly this (engine/distributed.py)."""
+    token_ids: np.ndarray
+    position_ids: np.ndarray
+    vision_expert: np.ndarray
+    logits_positions: np.ndarray
+    seq_index: np.ndarray
+    token_index: np.ndarray
+    slot_mapping: np.ndarray
+    block_tables: list[list[int]]
+    context_lens: list[int]
+    images: list[ImageSlice]
+
+
+def step_inputs(chunks: list[ScheduledChunk], block_size: int) -> StepInputs:
+    token_ids, positions, experts, seq_index, token_index, slots = [], [], [], [], [], []
+    images, logits_positions = [], []
+    offset = 0
+    for s, chunk in enumerate(chunks):
+        seq, start, end = chunk.seq, chunk.start, chunk.end
+        token_ids.append(seq.token_ids_slice(start, end))
+        positions.append(seq.position_ids_slice(start, end))
+        experts.append(seq.vision_expert_mask_slice(start, end))
+        seq_index.append(np.full(end - start, s))
+        token_index.append(np.arange(start, end))
+        slots.append(_slots(seq.block_table, start, end, block_size))
+        image = _image_slice(chunk, offset)
+        if image is not None:
+            images.append(image)
+        offset += end - start
+        if chunk.needs_sample:
+            logits_positions.append(offset - 1)
+    return StepInputs(
+        token_ids=np.concatenate(token_ids), position_ids=np.concatenate(positions),
+        vision_expert=np.concatenate(experts).astype(bool), logits_positions=np.asarray(logits_positions, np.int64),
+        seq_index=np.concatenate(seq_index), token_index=np.concatenate(token_index),
+        slot_mapping=np.concatenate(slots), block_tables=[c.seq.block_table for c in chunks],
+        context_lens=[c.end for c in chunks], images=images)
+
+
+def _image_slice(chunk: ScheduledChunk, offset: int) -> ImageSlice | None:
+    span = chunk.seq.image_token_range()
+    if span is None:
+        return None
+    lo, hi = max(span[0], chunk.start), min(span[1], chunk.end)
+    if lo >= hi:
+        return None
+    return ImageSlice(chunk.seq.image_hash, lo - span[0], hi - span[0], lo - chunk.start + offset)
+
+
 class ModelRunner:
     def __init__(self, model: CogVLM2Model, block_size: int, num_blocks: int, timer: PhaseTimer | None = None):
         self.model = model
@@ -104,13 +170,25 @@ class ModelRunner:
         with self.timer.phase("vision"):
             self._encode_missing_images(chunks)
         with self.timer.phase("prepare_inputs"):
-            batch, attention = self._build_batch(chunks)
+            batch, attention = self._build_batch(step_inputs(chunks, self.block_size))
             attention.prepare(batch.routing[0])
         with self.timer.phase("decoder"):
-            if len(batch.logits_positions) == 0:  # only partial prefill chunks: fill the cache, sample nothing
-                self.model.hidden_states(batch, attention)
-                return np.zeros((0, self.model.config.vocab_size), np.float32)
-            return self.model.forward(batch, attention).asnumpy()
+            return self._run(batch, attention)
+
+    def execute_inputs(self, inputs: StepInputs) -> np.ndarray:
+        """`execute` for prepared inputs whose images are already in the encoder cache (tensor-parallel workers)."""
+        batch, attention = self._build_batch(inputs)
+        attention.prepare(batch.routing[0])
+        return self._run(batch, attention)
+
+    def _run(self, batch: TokenBatch, attention: PagedAttention) -> np.ndarray:
+        if len(batch.logits_positions) == 0:  # only partial prefill chunks: fill the cache, sample nothing
+            self.model.hidden_states(batch, attention)
+            return np.zeros((0, self.model.config.vocab_size), np.float32)
+        return self.model.forward(batch, attention).asnumpy()
+
+    def shutdown(self) -> None:
+        """Nothing to release: the model lives in this process."""
 
     def _encode_missing_images(self, chunks: list[ScheduledChunk]) -> None:
         pending: dict[str, np.ndarray] = {}
@@ -118,6 +196,10 @@ class ModelRunner:
             seq = chunk.seq
             if seq.image_hash and _chunk_has_image_tokens(chunk) and self.encoder_cache.get(seq.image_hash) is None:
                 pending[seq.image_hash] = seq.pixel_values
+        self.encode_images(pending)
+
+    def encode_images(self, pending: dict[str, np.ndarray]) -> None:
+        """Pixel values by image hash -> vision features in the encoder cache."""
         if not pending:
             return
         features = self.model.encode_images(np.stack(list(pending.values())))
@@ -125,43 +207,18 @@ class ModelRunner:
             self.encoder_cache.put(image_hash, features[i])
         self.num_images_encoded += len(pending)
 
-    def _build_batch(self, chunks: list[ScheduledChunk]) -> tuple[TokenBatch, PagedAttention]:
-        token_ids, positions, experts, seq_index, token_index, slots = [], [], [], [], [], []
-        image_rows, image_positions, logits_positions = [], [], []
-        offset = 0
-        for s, chunk in enumerate(chunks):
-            seq, start, end = chunk.seq, chunk.start, chunk.end
-            token_ids.append(seq.token_ids_slice(start, end))
-            positions.append(seq.position_ids_slice(start, end))
-            experts.append(seq.vision_expert_mask_slice(start, end))
-            seq_index.append(np.full(end - start, s))
-            token_index.append(np.arange(start, end))
-            slots.append(_slots(seq.block_table, start, end, self.block_size))
-            self._collect_image_rows(chunk, offset, image_rows, image_positions)
-            offset += end - start
-            if chunk.needs_sample:
-                logits_positions.append(offset - 1)
+    def _build_batch(self, inputs: StepInputs) -> tuple[TokenBatch, PagedAttention]:
+        rows = [self.encoder_cache.get(image.image_hash)[image.start:image.stop] for image in inputs.images]
+        positions = [np.arange(image.batch_start, image.batch_start + image.stop - image.start)
+                     for image in inputs.images]
         batch = TokenBatch(
-            token_ids=np.concatenate(token_ids), position_ids=np.concatenate(positions),
-            vision_expert=np.concatenate(experts).astype(bool), logits_positions=np.asarray(logits_positions, np.int64),
-            image_features=ops.concat(image_rows, 0) if image_rows else None,
-            image_positions=np.concatenate(image_positions) if image_positions else None)
-        attention = PagedAttention(self.kv_cache, self.model.config.num_attention_heads, np.concatenate(seq_index),
-                                   np.concatenate(token_index), np.concatenate(slots),
-                                   [c.seq.block_table for c in chunks], [c.end for c in chunks])
+            token_ids=inputs.token_ids, position_ids=inputs.position_ids, vision_expert=inputs.vision_expert,
+            logits_positions=inputs.logits_positions,
+            image_features=ops.concat(rows, 0) if rows else None,
+            image_positions=np.concatenate(positions) if positions else None)
+        attention = PagedAttention(self.kv_cache, self.model.kernels, inputs.seq_index,
+                                   inputs.token_index, inputs.slot_mapping, inputs.block_tables, inputs.context_lens)
         return batch, attention
-
-    def _collect_image_rows(self, chunk: ScheduledChunk, offset: int, rows: list[Tensor],
-                            positions: list[np.ndarray]) -> None:
-        span = chunk.seq.image_token_range()
-        if span is None:
-            return
-        lo, hi = max(span[0], chunk.start), min(span[1], chunk.end)
-        if lo >= hi:
-            return
-        features = self.encoder_cache.get(chunk.seq.image_hash)
-        rows.append(features[lo - span[0]:hi - span[0]])
-        positions.append(np.arange(lo, hi) - chunk.start + offset)
 
 
 def _chunk_has_image_tokens(chunk: ScheduledChunk) -> bool:

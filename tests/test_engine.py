@@ -147,3 +147,15 @@ def test_vision_encoder_runs_once_per_image():
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert all(o.error is None for o in outs)
     assert llm.stats()["num_images_encoded"] == 2
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_goldens_with_each_kernel_backend(golden_cases, backend):
+    """Both kernel paths stay tested end to end: the CPU AOT kernels and the reference composites."""
+    llm = LLM("demo", kernels=backend, block_size=4, max_num_batched_tokens=16)
+    assert llm.engine.model.kernels.backend == backend
+    outs = llm.generate([_prompt(c) for c in golden_cases], [_greedy(c) for c in golden_cases], use_tqdm=False)
+    for case, out in zip(golden_cases, outs):
+        _assert_golden(case, out.outputs[0].token_ids)
+    assert llm.stats()["num_prefill_chunks"] > 0  # chunks that split image spans went through the kernels too
+    _assert_no_leak(llm)

@@ -1,0 +1,227 @@
+"""Tensor parallelism by attention heads (Megatron-style) on MindSpore's collectives.
+
+Rank r of N holds, of every decoder layer and of both experts:
+- QKV (column-parallel): its N-th of the query heads and the KV heads those read; with fewer KV heads than ranks
+  each rank holds the one KV head its query heads share (replicated across N / kv_heads ranks);
+- dense (row-parallel): the input columns of its query heads; the partial outputs are all-reduced;
+- MLP gate/up (column-parallel) and down (row-parallel): its N-th of the intermediate size; down is all-reduced;
+- embed_tokens and lm_head: its N-th of the vocabulary. Embedding rows of ids outside the slice are zeroed and the
+  result all-reduced; logits stay split by vocabulary slice and the caller concatenates them in rank order.
+The vision encoder's transformer layers are split the same way (heads; fc1/fc2), with dense and fc2 biases added
+once after the all-reduce. Norms, RoPE, the patch embedding, the 2x2 conv, the GLU adapter, boi and eoi are
+replicated. Each rank keeps only its slices while the checkpoint streams through `load_weights`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from mindspore import Tensor, ops
+
+from cogvlm2.config import CogVLM2Config
+from cogvlm2.language_model import LanguageModel
+from cogvlm2.layers import gelu_exact, layer_norm, linear, softmax_attention
+from cogvlm2.model import CogVLM2Model
+from cogvlm2.model_source import ModelSource
+from cogvlm2.runtime import configure_mindspore
+from cogvlm2.vision import VisionEncoder, VisionLayerWeights
+
+
+@dataclass(frozen=True)
+class Span:
+    """Half-open range [start, stop) of heads or rows."""
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """What rank `rank` of `size` ranks holds."""
+    size: int
+    rank: int
+    heads: Span
+    kv_heads: Span
+    intermediate: Span
+    vocab: Span
+    vision_heads: Span
+    vision_intermediate: Span
+
+
+def _even_split(total: int, size: int, rank: int) -> Span:
+    step = total // size
+    return Span(rank * step, (rank + 1) * step)
+
+
+def _kv_span(num_kv_heads: int, size: int, rank: int) -> Span:
+    if num_kv_heads >= size:
+        return _even_split(num_kv_heads, size, rank)
+    head = rank // (size // num_kv_heads)  # replicated: the KV head of this rank's query heads
+    return Span(head, head + 1)
+
+
+def check_tensor_parallel(config: CogVLM2Config, size: int) -> None:
+    """ValueError naming tensor_parallel_size and the quantity it does not divide."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive int, got {size!r}")
+    kv = config.num_kv_heads
+    checks = [
+        (config.num_attention_heads % size == 0,
+         f"the number of attention heads ({config.num_attention_heads})"),
+        (kv % size == 0 if kv >= size else size % kv == 0,
+         f"the number of KV heads ({kv}) and is not a multiple of it"),
+        (config.intermediate_size % size == 0, f"intermediate_size ({config.intermediate_size})"),
+        (config.vocab_size % size == 0, f"vocab_size ({config.vocab_size})"),
+        (config.vision.num_heads % size == 0, f"the vision encoder's number of heads ({config.vision.num_heads})"),
+        (config.vision.intermediate_size % size == 0,
+         f"the vision encoder's intermediate_size ({config.vision.intermediate_size})"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            raise ValueError(f"tensor_parallel_size={size} does not divide {what}")
+
+
+def shard_layout(config: CogVLM2Config, size: int, rank: int) -> ShardLayout:
+    check_tensor_parallel(config, size)
+    if not 0 <= rank < size:
+        raise ValueError(f"rank {rank} is outside tensor_parallel_size={size}")
+    return ShardLayout(size, rank,
+                       heads=_even_split(config.num_attention_heads, size, rank),
+                       kv_heads=_kv_span(config.num_kv_heads, size, rank),
+                       intermediate=_even_split(config.intermediate_size, size, rank),
+                       vocab=_even_split(config.vocab_size, size, rank),
+                       vision_heads=_even_split(config.vision.num_heads, size, rank),
+                       vision_intermediate=_even_split(config.vision.intermediate_size, size, rank))
+
+
+def kv_heads_per_rank(config: CogVLM2Config, size: int) -> int:
+    """KV heads in each rank's cache (all of them when size is 1)."""
+    return shard_layout(config, size, 0).kv_heads.size
+
+
+# ---- slicing checkpoint tensors ---------------------------------------------------------------------------------
+def _rows(array: np.ndarray, span: Span, unit: int) -> np.ndarray:
+    return array[span.start * unit:span.stop * unit]
+
+
+def _columns(array: np.ndarray, span: Span, unit: int) -> np.ndarray:
+    return array[:, span.start * unit:span.stop * unit]
+
+
+def _decoder_qkv(array: np.ndarray, config: CogVLM2Config, layout: ShardLayout) -> np.ndarray:
+    """Rows Q | K | V (heads*hd | kv*hd | kv*hd) -> this rank's Q | K | V, same layout."""
+    hd, q_rows = config.head_dim, config.num_attention_heads * config.head_dim
+    kv_rows = config.num_kv_heads * hd
+    q, k, v = array[:q_rows], array[q_rows:q_rows + kv_rows], array[q_rows + kv_rows:]
+    return np.concatenate([_rows(q, layout.heads, hd), _rows(k, layout.kv_heads, hd), _rows(v, layout.kv_heads, hd)])
+
+
+def _vision_qkv(array: np.ndarray, config: CogVLM2Config, layout: ShardLayout) -> np.ndarray:
+    """Rows [3, heads, hd] (Q | K | V) -> [3, this rank's heads, hd]."""
+    v = config.vision
+    per_part = array.reshape(3, v.num_heads, v.head_dim, *array.shape[1:])
+    part = per_part[:, layout.vision_heads.start:layout.vision_heads.stop]
+    return part.reshape(-1, *array.shape[1:])
+
+
+Slicer = Callable[[np.ndarray, CogVLM2Config, ShardLayout], np.ndarray]
+_DECODER = r"model\.layers\.\d+\."
+_VISION = r"model\.vision\.transformer\.layers\.\d+\."
+_SLICERS: list[tuple[re.Pattern[str], Slicer]] = [(re.compile(pattern), slicer) for pattern, slicer in [
+    (_DECODER + r"self_attn\.(language|vision)_expert_query_key_value\.(weight|bias)", _decoder_qkv),
+    (_DECODER + r"self_attn\.(language|vision)_expert_dense\.weight",
+     lambda a, c, s: _columns(a, s.heads, c.head_dim)),
+    (_DECODER + r"mlp\.(language|vision)_mlp\.(gate_proj|up_proj)\.weight", lambda a, c, s: _rows(a, s.intermediate, 1)),
+    (_DECODER + r"mlp\.(language|vision)_mlp\.down_proj\.weight", lambda a, c, s: _columns(a, s.intermediate, 1)),
+    (r"model\.embed_tokens\.weight|lm_head\.weight", lambda a, c, s: _rows(a, s.vocab, 1)),
+    (_VISION + r"attention\.query_key_value\.(weight|bias)", _vision_qkv),
+    (_VISION + r"attention\.dense\.weight", lambda a, c, s: _columns(a, s.vision_heads, c.vision.head_dim)),
+    (_VISION + r"mlp\.fc1\.(weight|bias)", lambda a, c, s: _rows(a, s.vision_intermediate, 1)),
+    (_VISION + r"mlp\.fc2\.weight", lambda a, c, s: _columns(a, s.vision_intermediate, 1)),
+]]
+
+
+def shard_tensor(name: str, array: np.ndarray, config: CogVLM2Config, layout: ShardLayout) -> np.ndarray:
+    """This rank's part of one checkpoint tensor (HF name): a contiguous copy of its slice, or the array itself
+    when the tensor is replicated."""
+    for pattern, slicer in _SLICERS:
+        if pattern.fullmatch(name):
+            return np.ascontiguousarray(slicer(array, config, layout))
+    return array
+
+
+# ---- the sharded model ------------------------------------------------------------------------------------------
+class ParallelLanguageModel(LanguageModel):
+    """The decoder over this rank's heads, intermediate slice and vocabulary slice. Eager only: the compiled
+    segments of cogvlm2/graphs.py have no all-reduce between the dense projection and the MLP."""
+
+    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None,
+                 layout: ShardLayout, kernels=None):
+        super().__init__(config, tensors, inv_freq, kernels)
+        self.layout = layout
+        self.num_heads, self.num_kv_heads = layout.heads.size, layout.kv_heads.size
+        self._all_reduce = ops.AllReduce()
+
+    def reduce(self, x: Tensor) -> Tensor:
+        return self._all_reduce(x)
+
+    def embed(self, token_ids: np.ndarray) -> Tensor:
+        local = token_ids.astype(np.int64) - self.layout.vocab.start
+        inside = (local >= 0) & (local < self.layout.vocab.size)
+        rows = ops.gather(self.embed_table, Tensor.from_numpy(np.where(inside, local, 0).astype(np.int32)), 0)
+        return self.reduce(rows * Tensor.from_numpy(inside.astype(np.float32)[:, None]))
+
+    def enable_graphs(self, max_tokens: int, rope_in_graph: bool = True, progress: bool = True) -> None:
+        raise NotImplementedError("compiled decoder graphs are not available under tensor parallelism")
+
+
+class ParallelVisionEncoder(VisionEncoder):
+    """EVA2-CLIP layers over this rank's heads and MLP slice; patch embedding, conv and adapter replicated."""
+
+    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], layout: ShardLayout):
+        super().__init__(config, tensors)
+        self.layout = layout
+        self._all_reduce = ops.AllReduce()
+
+    def _transformer_layer(self, x: Tensor, w: VisionLayerWeights) -> Tensor:
+        v = self.config.vision
+        n, heads = x.shape[0], self.layout.vision_heads.size
+        qkv = linear(x, w.qkv_w, w.qkv_b).reshape(n, 3, heads, v.head_dim).transpose(1, 2, 0, 3)
+        attn = softmax_attention(qkv[0], qkv[1], qkv[2], None, v.head_dim ** -0.5)
+        attn = self._all_reduce(linear(attn.transpose(1, 0, 2).reshape(n, heads * v.head_dim), w.dense_w))
+        x = x + layer_norm(attn + w.dense_b, w.ln_in_w, w.ln_in_b, v.layer_norm_eps)
+        mlp = self._all_reduce(linear(gelu_exact(linear(x, w.fc1_w, w.fc1_b)), w.fc2_w))
+        return x + layer_norm(mlp + w.fc2_b, w.ln_post_w, w.ln_post_b, v.layer_norm_eps)
+
+
+class ParallelCogVLM2Model(CogVLM2Model):
+    """One rank's shard. `forward` returns logits for this rank's vocabulary slice only."""
+
+    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None,
+                 layout: ShardLayout, kernels=None):
+        configure_mindspore()
+        self.config = config
+        self.layout = layout
+        self.vision = ParallelVisionEncoder(config, tensors, layout)
+        self.language = ParallelLanguageModel(config, tensors, inv_freq, layout, kernels)
+
+
+def load_shard(source: ModelSource, size: int, rank: int, progress: bool = False,
+               kernels: str = "auto") -> ParallelCogVLM2Model:
+    """Stream the checkpoint and keep only this rank's slices (peak: the shard plus one full tensor).
+    Call after mindspore.communication.init()."""
+    from cogvlm2.weights import load_weights
+    layout = shard_layout(source.config, size, rank)
+    tensors: dict[str, np.ndarray] = {}
+
+    def keep(name: str, array: np.ndarray) -> None:
+        tensors[name] = shard_tensor(name, array, source.config, layout)
+
+    weights = load_weights(source, consume=keep, progress=progress)
+    from kernels.registry import get_kernels
+    return ParallelCogVLM2Model(source.config, tensors, weights.inv_freq, layout, get_kernels(kernels))

@@ -1,0 +1,73 @@
+"""Messages between the tensor-parallel driver (engine/distributed.py) and its workers (engine/worker.py),
+pickled over the control connection. Importing this module is cheap, so a worker can connect to the driver
+before its slow imports."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from cogvlm2.model_source import ModelSource
+    from engine.model_runner import StepInputs
+
+ENV_ADDRESS = "COGVLM2_TP_ADDRESS"  # host:port of the driver's listener, in the workers' environment
+ENV_AUTHKEY = "COGVLM2_TP_AUTHKEY"  # hex key of the connection's challenge
+HEARTBEAT_SECONDS = 1.0
+
+
+@dataclass
+class Hello:        # worker -> driver, first message (before mindspore.communication.init)
+    pid: int
+
+
+@dataclass
+class Joined:       # worker -> driver, after init(): its rank
+    rank: int
+
+
+@dataclass
+class Setup:        # driver -> worker
+    source: ModelSource
+    tensor_parallel_size: int
+    block_size: int
+    num_blocks: int
+    kernels: str = "auto"  # kernels.registry backend name, resolved on each rank
+
+
+@dataclass
+class Ready:        # worker -> driver, shard loaded and KV cache allocated
+    rank: int
+    load_seconds: float
+    kv_cache_shape: tuple[int, ...]  # one layer's K (or V) cache on this rank: [slots, its KV heads, head_dim]
+
+
+@dataclass
+class Step:         # driver -> workers, identical for all ranks
+    index: int
+    inputs: StepInputs
+    new_images: dict[str, np.ndarray]
+    evicted_images: list[str]
+
+
+@dataclass
+class StepDone:     # worker -> driver
+    index: int
+    logits: np.ndarray  # [rows to sample, this rank's vocabulary slice]
+    seconds: float      # the worker's time in the step (vision + forward), for the overhead breakdown
+
+
+@dataclass
+class Heartbeat:    # worker -> driver, every HEARTBEAT_SECONDS while busy
+    pass
+
+
+@dataclass
+class Failed:       # worker -> driver, an exception in the worker
+    message: str
+
+
+@dataclass
+class Shutdown:     # driver -> worker
+    pass
