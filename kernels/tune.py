@@ -162,10 +162,19 @@ def write_table(path: Path, sku: str, chosen: dict, record: dict, ops: list[str]
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.\n"
               "# ops: what the registry loads. measurements: min times (ms) of the chosen and the default\n"
               "# parameters over the representative shapes of each class (a shared machine: treat as indicative).\n")
-    body = yaml.safe_dump({"version": 1, "sku": sku, "ops": table_ops, "measurements": record}, sort_keys=False,
-                          width=110)
+    measurements = _existing_measurements(path)  # a partial tune (--ops) keeps the other ops' records
+    measurements.update(record)
+    body = yaml.safe_dump({"version": 1, "sku": sku, "ops": table_ops, "measurements": measurements},
+                          sort_keys=False, width=110)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + body, encoding="utf-8")
+
+
+def _existing_measurements(path: Path) -> dict:
+    import yaml
+    if not path.is_file():
+        return {}
+    return dict((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("measurements") or {})
 
 
 def run_tune(args: argparse.Namespace) -> int:
