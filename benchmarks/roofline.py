@@ -137,11 +137,15 @@ def _breakdown(engine: LLMEngine, total: float, steps: int) -> dict:
             "host_fraction": round(host / total, 4) if total else 0.0}
 
 
+WORDS = ("apple", "river", "stone", "cloud", "green", "light", "north", "sound")
+
+
 def _prompt_of(engine: LLMEngine, num_tokens: int, salt: int) -> str:
-    """A text prompt of about num_tokens tokens (re-tokenising decoded ids shifts the count a little), distinct
-    per salt so that no two prompts share a prefix."""
-    ids = [1000 + (salt * 7919 + i * 31) % 60000 for i in range(num_tokens - 1)]
-    return engine.tokenizer.decode(ids)
+    """A base-template prompt of exactly num_tokens tokens (BOS + one token per word), distinct per salt."""
+    words = [WORDS[(salt + i * (salt % 7 + 1)) % len(WORDS)] for i in range(num_tokens - 1)]
+    text = words[0] + "".join(" " + w for w in words[1:])
+    assert len(engine.tokenizer.encode(text)) == num_tokens - 1, "prompt words must be single tokens"
+    return text
 
 
 def run_decode(engine: LLMEngine, batch: int, context: int, steps: int, limits: MachineLimits) -> StepReport:
@@ -158,11 +162,11 @@ def run_decode(engine: LLMEngine, batch: int, context: int, steps: int, limits: 
     for _ in range(steps):
         engine.step()
     total = time.perf_counter() - start
+    breakdown = _breakdown(engine, total, steps)
     while engine.has_unfinished_requests():
         engine.step()
     gflop, gbytes, gemm_gflop = decode_cost(engine.config, batch, context)
-    return _report(f"decode x{batch}", batch, context, gflop, gbytes, gemm_gflop, total / steps,
-                   _breakdown(engine, total, steps), limits)
+    return _report(f"decode x{batch}", batch, context, gflop, gbytes, gemm_gflop, total / steps, breakdown, limits)
 
 
 def run_prefill(engine: LLMEngine, tokens: int, limits: MachineLimits) -> StepReport:
@@ -170,13 +174,16 @@ def run_prefill(engine: LLMEngine, tokens: int, limits: MachineLimits) -> StepRe
                        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     engine.timer.reset()
     start = time.perf_counter()
-    engine.step()
+    outputs = engine.step()
     total = time.perf_counter() - start
+    breakdown = _breakdown(engine, total, 1)
+    done = [o for o in outputs if o.request_id == "prefill"]
+    if not done or done[0].error or len(done[0].outputs[0].token_ids) != 1:
+        raise RuntimeError(f"the {tokens}-token prefill did not complete in one step: {done}")
     while engine.has_unfinished_requests():
         engine.step()
     gflop, gbytes, gemm_gflop = prefill_cost(engine.config, tokens)
-    return _report(f"prefill {tokens}", tokens, tokens, gflop, gbytes, gemm_gflop, total,
-                   _breakdown(engine, total, 1), limits)
+    return _report(f"prefill {tokens}", tokens, tokens, gflop, gbytes, gemm_gflop, total, breakdown, limits)
 
 
 def _report(name, tokens, context, gflop, gbytes, gemm_gflop, seconds, breakdown, limits) -> StepReport:
