@@ -9,7 +9,6 @@ from mindspore import Parameter, Tensor, ops
 
 from cogvlm2.model import CogVLM2Model, TokenBatch
 from engine.scheduler import ScheduledChunk, SchedulerOutput
-from engine.sequence import Sequence
 from engine.timing import PhaseTimer
 from kernels.registry import KernelSet, pad_block_tables
 

@@ -40,3 +40,26 @@ def demo_pipeline():
 
 def case_image(case: dict) -> Path | None:
     return TINY / case["image"] if case["image"] else None
+
+
+def golden_prompt(case: dict) -> dict:
+    """A fixture case as an engine prompt dict."""
+    prompt = {"prompt": case["query"], "history": case["history"], "template": case["template"]}
+    if case["image"]:
+        prompt["image"] = str(case_image(case))
+    return prompt
+
+
+def greedy_params(case: dict):
+    from engine import SamplingParams
+    return SamplingParams(temperature=0, max_tokens=len(case["greedy_tokens"]), ignore_eos=True)
+
+
+def assert_golden(case: dict, token_ids: list[int]) -> None:
+    limit = margin_limit(case["greedy_top2_margin"])
+    assert token_ids[:limit] == case["greedy_tokens"][:limit], case["name"]
+
+
+def assert_no_leak(llm_or_engine) -> None:
+    stats = llm_or_engine.stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats

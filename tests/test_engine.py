@@ -5,50 +5,29 @@ import random
 
 import pytest
 
-from conftest import TINY, case_image, margin_limit
+from conftest import TINY, assert_golden, assert_no_leak, golden_prompt, greedy_params
 from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
-
-
-def _prompt(case: dict) -> dict:
-    prompt = {"prompt": case["query"], "history": case["history"], "template": case["template"]}
-    if case["image"]:
-        prompt["image"] = str(case_image(case))
-    return prompt
-
-
-def _greedy(case: dict) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=len(case["greedy_tokens"]), ignore_eos=True)
-
-
-def _assert_golden(case: dict, token_ids: list[int]) -> None:
-    limit = margin_limit(case["greedy_top2_margin"])
-    assert token_ids[:limit] == case["greedy_tokens"][:limit], case["name"]
-
-
-def _assert_no_leak(llm_or_engine) -> None:
-    stats = llm_or_engine.stats()
-    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
 
 
 @pytest.fixture(scope="module")
 def llm():
     engine = LLM("demo", seed=0)
     yield engine
-    _assert_no_leak(engine)
+    assert_no_leak(engine)
 
 
 def test_all_cases_together_in_shuffled_orders(llm, golden_cases):
     for seed in (0, 1, 2):
         cases = golden_cases[:]
         random.Random(seed).shuffle(cases)
-        outs = llm.generate([_prompt(c) for c in cases], [_greedy(c) for c in cases], use_tqdm=False)
+        outs = llm.generate([golden_prompt(c) for c in cases], [greedy_params(c) for c in cases], use_tqdm=False)
         for case, out in zip(cases, outs):
             assert out.error is None
             assert out.finished and out.outputs[0].finish_reason == "length"
             assert out.prompt_token_ids == case["input_ids"]
-            _assert_golden(case, out.outputs[0].token_ids)
-        _assert_no_leak(llm)
+            assert_golden(case, out.outputs[0].token_ids)
+        assert_no_leak(llm)
 
 
 def test_requests_added_while_others_decode(golden_cases):
@@ -59,15 +38,15 @@ def test_requests_added_while_others_decode(golden_cases):
     while pending or engine.has_unfinished_requests():
         if pending and step % 3 == 0:  # a new request every third step, joining running decodes
             case = pending.pop(0)
-            engine.add_request(case["name"], _prompt(case), _greedy(case))
+            engine.add_request(case["name"], golden_prompt(case), greedy_params(case))
         for out in engine.step():
             if out.finished:
                 finished[out.request_id] = out
         step += 1
     assert set(finished) == {c["name"] for c in golden_cases}
     for case in golden_cases:
-        _assert_golden(case, finished[case["name"]].outputs[0].token_ids)
-    _assert_no_leak(engine)
+        assert_golden(case, finished[case["name"]].outputs[0].token_ids)
+    assert_no_leak(engine)
 
 
 def test_tiny_pool_small_blocks_and_chunks_still_exact(golden_cases, goldens):
@@ -75,14 +54,14 @@ def test_tiny_pool_small_blocks_and_chunks_still_exact(golden_cases, goldens):
     chunk = 8
     assert chunk < tokens_per_image
     llm = LLM("demo", block_size=4, num_kv_blocks=48, max_num_batched_tokens=chunk, max_num_seqs=8)
-    outs = llm.generate([_prompt(c) for c in golden_cases], [_greedy(c) for c in golden_cases], use_tqdm=False)
+    outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases], use_tqdm=False)
     for case, out in zip(golden_cases, outs):
         assert out.error is None, out.error
-        _assert_golden(case, out.outputs[0].token_ids)
+        assert_golden(case, out.outputs[0].token_ids)
     stats = llm.stats()
     assert stats["num_preemptions"] > 0, stats
     assert stats["num_prefill_chunks"] > 0, stats
-    _assert_no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_prefix_cache_hits_same_image_and_prompt(llm):
@@ -94,7 +73,7 @@ def test_prefix_cache_hits_same_image_and_prompt(llm):
     assert llm.stats()["prefix_cache_hit_tokens"] > hits_before
     assert second.num_cached_tokens > 0
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
-    _assert_no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_same_placeholders_different_image_do_not_hit(llm, goldens):
@@ -127,10 +106,10 @@ def test_eager_path_gives_the_same_goldens(golden_cases):
     """enforce_eager=True (no compiled decoder graphs) must agree with the goldens too."""
     llm = LLM("demo", enforce_eager=True)
     assert llm.engine.model.language.graph_buckets == []
-    outs = llm.generate([_prompt(c) for c in golden_cases], [_greedy(c) for c in golden_cases], use_tqdm=False)
+    outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases], use_tqdm=False)
     for case, out in zip(golden_cases, outs):
-        _assert_golden(case, out.outputs[0].token_ids)
-    _assert_no_leak(llm)
+        assert_golden(case, out.outputs[0].token_ids)
+    assert_no_leak(llm)
 
 
 def test_compiled_buckets_cover_the_token_budget():
@@ -154,8 +133,8 @@ def test_goldens_with_each_kernel_backend(golden_cases, backend):
     """Both kernel paths stay tested end to end: the CPU AOT kernels and the reference composites."""
     llm = LLM("demo", kernels=backend, block_size=4, max_num_batched_tokens=16)
     assert llm.engine.model.kernels.backend == backend
-    outs = llm.generate([_prompt(c) for c in golden_cases], [_greedy(c) for c in golden_cases], use_tqdm=False)
+    outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases], use_tqdm=False)
     for case, out in zip(golden_cases, outs):
-        _assert_golden(case, out.outputs[0].token_ids)
+        assert_golden(case, out.outputs[0].token_ids)
     assert llm.stats()["num_prefill_chunks"] > 0  # chunks that split image spans went through the kernels too
-    _assert_no_leak(llm)
+    assert_no_leak(llm)

@@ -1,7 +1,6 @@
 """Per-request behaviour through the engine: seeds, stops, lengths, logprobs, and bad requests failing alone."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from conftest import TINY

@@ -18,34 +18,13 @@ import pytest
 from cogvlm2.config import CogVLM2Config
 from cogvlm2.model_source import resolve_model
 from cogvlm2.parallel import kv_heads_per_rank, shard_layout, shard_tensor
-from conftest import TINY, case_image, margin_limit
+from conftest import TINY, assert_golden, assert_no_leak, case_image, golden_prompt, greedy_params
 from engine import LLM, SamplingParams
 from engine.distributed import MsrunNotFoundError, Timeouts, WorkerFailure, is_running
 from engine.llm_engine import LLMEngine
 
 REPO = Path(__file__).resolve().parents[1]
 FAILURE_BOUND_SECONDS = 15.0  # from a worker's death to the caller's error
-
-
-def _prompt(case: dict) -> dict:
-    prompt = {"prompt": case["query"], "history": case["history"], "template": case["template"]}
-    if case["image"]:
-        prompt["image"] = str(case_image(case))
-    return prompt
-
-
-def _greedy(case: dict) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=len(case["greedy_tokens"]), ignore_eos=True)
-
-
-def _assert_golden(case: dict, token_ids: list[int]) -> None:
-    limit = margin_limit(case["greedy_top2_margin"])
-    assert token_ids[:limit] == case["greedy_tokens"][:limit], case["name"]
-
-
-def _assert_no_leak(llm_or_engine) -> None:
-    stats = llm_or_engine.stats()
-    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
 
 
 def _assert_group_gone(executor) -> None:
@@ -130,12 +109,12 @@ def test_each_rank_caches_only_its_kv_heads(tp_llm):
 
 
 def test_goldens_through_python_api(tp_llm, golden_cases, goldens):
-    outs = tp_llm.generate([_prompt(c) for c in golden_cases], [_greedy(c) for c in golden_cases], use_tqdm=False)
+    outs = tp_llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases], use_tqdm=False)
     for case, out in zip(golden_cases, outs):
         assert out.error is None and out.outputs[0].finish_reason == "length"
         assert out.prompt_token_ids == case["input_ids"]
-        _assert_golden(case, out.outputs[0].token_ids)
-    _assert_no_leak(tp_llm)
+        assert_golden(case, out.outputs[0].token_ids)
+    assert_no_leak(tp_llm)
     assert tp_llm.stats()["num_prefill_chunks"] > 0
     examples = goldens["demo"]["examples"]
     prompts = [{"prompt": ex["prompt"], "template": ex["template"],
@@ -143,7 +122,7 @@ def test_goldens_through_python_api(tp_llm, golden_cases, goldens):
     outs = tp_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     for ex, out in zip(examples, outs):
         assert (out.outputs[0].token_ids, out.outputs[0].text) == (ex["token_ids"], ex["text"]), ex
-    _assert_no_leak(tp_llm)
+    assert_no_leak(tp_llm)
 
 
 def test_goldens_through_cli(tmp_path, golden_cases):
@@ -159,7 +138,7 @@ def test_goldens_through_cli(tmp_path, golden_cases):
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == len(golden_cases)
     for case, line in zip(golden_cases, lines):
-        _assert_golden(case, line["token_ids"])
+        assert_golden(case, line["token_ids"])
 
 
 def test_killed_worker_fails_requests_within_bounded_time(golden_cases):
@@ -178,7 +157,7 @@ def test_killed_worker_fails_requests_within_bounded_time(golden_cases):
     killer = threading.Thread(target=kill_after_first_steps, daemon=True)
     killer.start()
     with pytest.raises(WorkerFailure, match="died"):
-        llm.generate([_prompt(c) for c in golden_cases], long_run, use_tqdm=False)
+        llm.generate([golden_prompt(c) for c in golden_cases], long_run, use_tqdm=False)
     assert time.monotonic() - killed_at[0] < FAILURE_BOUND_SECONDS
     _assert_group_gone(executor)
     # every outstanding request was failed, its blocks freed; the next step hands out the failed outputs
@@ -186,7 +165,7 @@ def test_killed_worker_fails_requests_within_bounded_time(golden_cases):
     assert len(outs) == len(golden_cases)
     assert all(o.finished and o.outputs[0].finish_reason == "error" and "died" in o.error for o in outs)
     assert not llm.engine.has_unfinished_requests()
-    _assert_no_leak(llm)
+    assert_no_leak(llm)
     # a dead engine fails new work at once instead of hanging
     start = time.monotonic()
     with pytest.raises(WorkerFailure):
@@ -228,8 +207,8 @@ def test_hung_worker_is_detected_by_missing_heartbeats(monkeypatch):
 def test_four_workers_replicate_kv_heads_and_match_goldens(golden_cases):
     """The demo has 2 KV heads: with 4 ranks each KV head is cached by two ranks."""
     with LLM("demo", tensor_parallel_size=4) as llm:
-        outs = llm.generate([_prompt(c) for c in golden_cases], [_greedy(c) for c in golden_cases],
+        outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases],
                             use_tqdm=False)
         for case, out in zip(golden_cases, outs):
-            _assert_golden(case, out.outputs[0].token_ids)
-        _assert_no_leak(llm)
+            assert_golden(case, out.outputs[0].token_ids)
+        assert_no_leak(llm)
