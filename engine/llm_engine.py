@@ -47,6 +47,7 @@ class EngineArgs:
     max_image_pixels: int = 40_000_000
     enforce_eager: bool = False  # True: no compiled decoder graphs (PyNative only)
     kernels: str = "auto"  # "auto" (CPU kernels, else the references with a warning), "cpu" or "reference"
+    graph_max_tokens: int | None = None  # largest compiled token bucket; default max_num_batched_tokens
     tensor_parallel_size: int = 1  # > 1: the model runs sharded on that many msrun workers (engine/distributed.py)
 
     def __post_init__(self) -> None:
@@ -106,7 +107,8 @@ class LLMEngine:
             return TensorParallelExecutor(source, self.args.tensor_parallel_size, self.args.block_size, num_blocks,
                                           self.timer, kernels=self.args.kernels)
         if not self.args.enforce_eager:  # RoPE is fused into the paged-attention kernel, not in the graphs
-            self.model.language.enable_graphs(self.args.max_num_batched_tokens, rope_in_graph=False)
+            self.model.language.enable_graphs(self.args.graph_max_tokens or self.args.max_num_batched_tokens,
+                                              rope_in_graph=False)
         return ModelRunner(self.model, self.args.block_size, num_blocks, self.timer)
 
     def shutdown(self) -> None:

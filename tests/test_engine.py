@@ -138,3 +138,12 @@ def test_goldens_with_each_kernel_backend(golden_cases, backend):
         assert_golden(case, out.outputs[0].token_ids)
     assert llm.stats()["num_prefill_chunks"] > 0  # chunks that split image spans went through the kernels too
     assert_no_leak(llm)
+
+
+def test_graph_max_tokens_caps_the_compiled_buckets(golden_cases):
+    """Buckets stop at graph_max_tokens; larger token sets (the prefills here) run eagerly and stay exact."""
+    llm = LLM("demo", graph_max_tokens=3)
+    assert llm.engine.model.language.graph_buckets == [1, 2, 4]
+    case = golden_cases[0]
+    out = llm.generate(golden_prompt(case), greedy_params(case), use_tqdm=False)[0]
+    assert_golden(case, out.outputs[0].token_ids)
