@@ -11,6 +11,8 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
+
 from engine.sequence import Sequence
 
 
@@ -32,6 +34,12 @@ def hash_block(prev_hash: bytes, seq: Sequence, block_index: int, block_size: in
                    seq.vision_expert_mask_slice(start, end)):
         h.update(array("q", values).tobytes())
     return h.digest()
+
+
+def slot_indices(block_table: list[int], start: int, end: int, block_size: int) -> np.ndarray:
+    """KV-cache slots of a sequence's tokens [start, end): block_table[i // block_size] * block_size + i % bs."""
+    index = np.arange(start, end)
+    return np.asarray(block_table, np.int64)[index // block_size] * block_size + index % block_size
 
 
 class BlockManager:
@@ -166,8 +174,7 @@ class BlockManager:
         self._num_committed_blocks.pop(seq.request_id, None)
 
     def slot_mapping(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [seq.block_table[i // bs] * bs + i % bs for i in range(start, end)]
+        return slot_indices(seq.block_table, start, end, self.block_size).tolist()
 
     # ---- internals
     def _take_ref(self, block_id: int) -> None:

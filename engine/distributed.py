@@ -36,7 +36,7 @@ import numpy as np
 
 from cogvlm2.model_source import ModelSource
 from cogvlm2.parallel import check_tensor_parallel
-from engine.model_runner import _chunk_has_image_tokens, step_inputs
+from engine.model_runner import image_slice, step_inputs
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.timing import PhaseTimer
 from engine.worker_protocol import (ENV_ADDRESS, ENV_AUTHKEY, Failed, Hello, Joined, Ready, Setup, Shutdown, Step,
@@ -198,7 +198,7 @@ class ImageTracker:
         new: dict[str, np.ndarray] = {}
         for chunk in chunks:
             image_hash = chunk.seq.image_hash
-            if not image_hash or not _chunk_has_image_tokens(chunk):
+            if not image_hash or image_slice(chunk, 0) is None:
                 continue
             if image_hash in self.hashes:
                 self.hashes.move_to_end(image_hash)

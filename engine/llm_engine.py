@@ -199,18 +199,12 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One scheduler step. Returns the outputs of every request that progressed or finished."""
-        outputs, self._pending_outputs = self._pending_outputs, []
         with self.timer.phase("schedule"):
             scheduled = self.scheduler.schedule()
         self._collect_rejected()
-        outputs.extend(self._pending_outputs)
-        self._pending_outputs = []
+        outputs, self._pending_outputs = self._pending_outputs, []
         if scheduled.is_empty:
             return outputs
-        now = time.monotonic()
-        for chunk in scheduled.chunks:
-            if chunk.seq.first_scheduled_time is None:
-                chunk.seq.first_scheduled_time = now
         try:
             logits = self.runner.execute(scheduled)
         except WorkerFailure as e:

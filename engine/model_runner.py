@@ -8,6 +8,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, ops
 
 from cogvlm2.model import CogVLM2Model, TokenBatch
+from engine.block_manager import slot_indices
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.timing import PhaseTimer
 from kernels.registry import KernelSet, pad_block_tables
@@ -129,8 +130,8 @@ def step_inputs(chunks: list[ScheduledChunk], block_size: int) -> StepInputs:
         experts.append(seq.vision_expert_mask_slice(start, end))
         seq_index.append(np.full(end - start, s))
         token_index.append(np.arange(start, end))
-        slots.append(_slots(seq.block_table, start, end, block_size))
-        image = _image_slice(chunk, offset)
+        slots.append(slot_indices(seq.block_table, start, end, block_size))
+        image = image_slice(chunk, offset)
         if image is not None:
             images.append(image)
         offset += end - start
@@ -144,7 +145,8 @@ def step_inputs(chunks: list[ScheduledChunk], block_size: int) -> StepInputs:
         context_lens=[c.end for c in chunks], images=images)
 
 
-def _image_slice(chunk: ScheduledChunk, offset: int) -> ImageSlice | None:
+def image_slice(chunk: ScheduledChunk, offset: int) -> ImageSlice | None:
+    """The chunk's image rows (if its tokens overlap the image span), placed from batch position `offset`."""
     span = chunk.seq.image_token_range()
     if span is None:
         return None
@@ -193,7 +195,7 @@ class ModelRunner:
         pending: dict[str, np.ndarray] = {}
         for chunk in chunks:
             seq = chunk.seq
-            if seq.image_hash and _chunk_has_image_tokens(chunk) and self.encoder_cache.get(seq.image_hash) is None:
+            if seq.image_hash and image_slice(chunk, 0) is not None and self.encoder_cache.get(seq.image_hash) is None:
                 pending[seq.image_hash] = seq.pixel_values
         self.encode_images(pending)
 
@@ -218,13 +220,3 @@ class ModelRunner:
         attention = PagedAttention(self.kv_cache, self.model.kernels, inputs.seq_index,
                                    inputs.token_index, inputs.slot_mapping, inputs.block_tables, inputs.context_lens)
         return batch, attention
-
-
-def _chunk_has_image_tokens(chunk: ScheduledChunk) -> bool:
-    span = chunk.seq.image_token_range()
-    return span is not None and max(span[0], chunk.start) < min(span[1], chunk.end)
-
-
-def _slots(block_table: list[int], start: int, end: int, block_size: int) -> np.ndarray:
-    index = np.arange(start, end)
-    return np.asarray(block_table, np.int64)[index // block_size] * block_size + index % block_size
