@@ -59,13 +59,14 @@ void parallel_for(int64_t count, int threads, Body body) {
   for (auto& t : pool) t.join();
 }
 
-// Splits [0, count) into `threads` contiguous ranges: body(begin, end).
+// Splits [0, count) into contiguous ranges, `chunks_per_thread` per thread, handed out dynamically: body(begin,
+// end). More chunks than threads because a spawned thread may start late (MindSpore's op threads spin for a while
+// after each op on the same cores), and a static half-and-half split would then wait for the late half.
 template <typename Body>
-void parallel_ranges(int64_t count, int threads, Body body) {
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, count));
-  parallel_for(parts, static_cast<int>(parts), [&](int64_t p) {
-    body(count * p / parts, count * (p + 1) / parts);
-  });
+void parallel_ranges(int64_t count, int threads, Body body, int chunks_per_thread = 4) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(threads) * chunks_per_thread,
+                                                                 count));
+  parallel_for(parts, threads, [&](int64_t p) { body(count * p / parts, count * (p + 1) / parts); });
 }
 
 }  // namespace cogvlm2
