@@ -167,11 +167,13 @@ def bench_expert_linear(cpu: KernelSet, ref: KernelSet, m: Model, case: str, n: 
     """The routed projection against the composite; then against one dense GEMM over all n tokens, both with the
     same GEMM (the cost of routing: the target) and with MindSpore's MatMul (for the record)."""
     x = _normal(rng, n, in_features)
-    wl, wv = _normal(rng, out_features, in_features), _normal(rng, out_features, in_features)
+    weights = [rng.standard_normal((out_features, in_features)).astype(np.float32) for _ in range(2)]
+    wl, wv = (Tensor(w) for w in weights)  # the checkpoint layout, for the composite and MindSpore's MatMul
+    kl, kv = (cpu.prepare_weight(w) for w in weights)  # the layout the engine loads for the kernels
     bv = _normal(rng, out_features) if bias else None
-    routed = lambda: cpu.expert_linear(x, num_language, wl, wv, bv)  # noqa: E731
+    routed = lambda: cpu.expert_linear(x, num_language, kl, kv, bv)  # noqa: E731
     kernel_ms, ref_ms = time_pair(routed, lambda: ref.expert_linear(x, num_language, wl, wv, bv), repeat)
-    routed_ms, dense_ms = time_pair(routed, lambda: cpu.expert_linear(x, n, wl, wl, None), repeat)
+    routed_ms, dense_ms = time_pair(routed, lambda: cpu.expert_linear(x, n, kl, kl, None), repeat)
     routed2_ms, ms_dense_ms = time_pair(routed, lambda: linear(x, wl), repeat)
     shape = f"{case} {n}x{in_features}->{out_features} ({num_language} text)"
     return [Result("expert_linear", m.name, shape, kernel_ms, ref_ms),

@@ -84,7 +84,8 @@ def measure_gemm(c: CogVLM2Config, repeats: int = 3) -> tuple[float, str, list[d
         try:
             from kernels.registry import get_kernels
             kernels = get_kernels("cpu")
-            candidates["engine-kernel"] = lambda: kernels.expert_linear(ta, m, tw, tw, None).asnumpy()
+            tp = kernels.prepare_weight(w)  # the layout the engine loads its weights in
+            candidates["engine-kernel"] = lambda: kernels.expert_linear(ta, m, tp, tp, None).asnumpy()
         except Exception:  # kernels not built here: the other GEMMs still give the machine's peak
             pass
         row = {"m": m, "k": k, "n": n}

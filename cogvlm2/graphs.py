@@ -4,14 +4,16 @@ Decode steps and text prefills (every token on the language expert) run each lay
 compiled once per token-count bucket; the weights are graph inputs, so one compiled graph serves every layer.
 Attention runs between the two segments, outside the graph, over the real (unpadded) tokens. The GEMMs go
 through the engine's kernel set (a custom GEMM op works inside jit); RoPE is in the first graph unless the
-attention kernel fuses it.
+attention kernel fuses it, in which case the first graph returns the fused QKV as its one output: a graph with
+several outputs costs ~3-7 ms more per call on this CPU (measured: MindSpore 2.10 waits on its outputs in
+steps of ~4 ms), which would be most of a decode step's layer.
 """
 from __future__ import annotations
 
 import numpy as np
 from mindspore import Tensor, jit, ops
 
-from cogvlm2.layers import apply_rope, rms_norm
+from cogvlm2.layers import apply_rope, rms_norm, swiglu
 
 
 class LayerGraphs:
@@ -19,21 +21,20 @@ class LayerGraphs:
         gemm = lambda x, w: kernels.expert_linear(x, x.shape[0], w, w, None)  # noqa: E731  (language rows only)
 
         def pre_attention(x: Tensor, norm_w: Tensor, qkv_w: Tensor, cos: Tensor, sin: Tensor, eps: float,
-                          heads: int, kv_heads: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+                          heads: int, kv_heads: int, head_dim: int) -> Tensor | tuple[Tensor, Tensor, Tensor]:
             n = x.shape[0]
             qkv = gemm(rms_norm(x, norm_w, eps), qkv_w)
+            if not rope_in_graph:  # one output, [n, H + 2 KV, d]: the attention kernel splits it
+                return qkv.reshape(n, heads + 2 * kv_heads, head_dim)
             q = qkv[:, :heads * head_dim].reshape(n, heads, head_dim)
             k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(n, kv_heads, head_dim)
             v = qkv[:, (heads + kv_heads) * head_dim:].reshape(n, kv_heads, head_dim)
-            if rope_in_graph:
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            return q, k, v
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-        def post_attention(x: Tensor, attn: Tensor, dense_w: Tensor, norm_w: Tensor, gate_w: Tensor, up_w: Tensor,
+        def post_attention(x: Tensor, attn: Tensor, dense_w: Tensor, norm_w: Tensor, gate_up_w: Tensor,
                            down_w: Tensor, eps: float) -> Tensor:
             x = x + gemm(attn, dense_w)
-            h = rms_norm(x, norm_w, eps)
-            return x + gemm(ops.silu(gemm(h, gate_w)) * gemm(h, up_w), down_w)
+            return x + gemm(swiglu(gemm(rms_norm(x, norm_w, eps), gate_up_w)), down_w)
 
         self.rope_in_graph = rope_in_graph
         self.pre_attention = jit(pre_attention)

@@ -15,7 +15,7 @@ from mindspore import Tensor, ops
 
 from cogvlm2 import graphs
 from cogvlm2.config import CogVLM2Config
-from cogvlm2.layers import apply_rope, expert_linear, linear, rms_norm, to_tensor  # noqa: F401
+from cogvlm2.layers import apply_rope, expert_linear, linear, rms_norm, split_qkv, swiglu, to_tensor  # noqa: F401
 from cogvlm2.rope import default_inv_freq, rope_table
 
 
@@ -23,7 +23,8 @@ class Attention(Protocol):
     """Writes this step's K/V into the cache and attends. q [N, H, d], k and v [N, KV, d] -> [N, H * d].
 
     An attention whose `fuses_rope` is True rotates q and k itself: the model then hands it
-    `rope = (position ids, cos table, sin table)` before the layers and passes q and k unrotated."""
+    `rope = (position ids, cos table, sin table)` before the layers and passes q and k unrotated. One that also
+    has `attend_qkv(layer, qkv)` may be handed the fused projection [N, H + 2 KV, d] instead of q, k and v."""
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
 
@@ -37,11 +38,9 @@ class DecoderLayerWeights:
     vision_qkv_bias: Tensor
     language_dense: Tensor
     vision_dense: Tensor
-    language_gate: Tensor
-    language_up: Tensor
+    language_gate_up: Tensor  # gate and up stacked [2 * intermediate, hidden]: one GEMM, gate first
     language_down: Tensor
-    vision_gate: Tensor
-    vision_up: Tensor
+    vision_gate_up: Tensor
     vision_down: Tensor
 
 
@@ -53,7 +52,7 @@ class LanguageModel:
         self.kernels = kernels if kernels is not None else get_kernels("reference")
         self.embed_table = to_tensor(tensors["model.embed_tokens.weight"])
         self.final_norm = to_tensor(tensors["model.norm.weight"])
-        self.lm_head = to_tensor(tensors["lm_head.weight"])
+        self.lm_head = self.kernels.prepare_weight(tensors["lm_head.weight"])
         self.layers = [self._layer(tensors, f"model.layers.{i}.") for i in range(config.num_hidden_layers)]
         if inv_freq is None:
             inv_freq = default_inv_freq(config.head_dim, config.rope_theta)
@@ -65,18 +64,19 @@ class LanguageModel:
         # heads held by this process (fewer under tensor parallelism, see cogvlm2/parallel.py)
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_kv_heads
 
-    @staticmethod
-    def _layer(t: dict[str, np.ndarray], p: str) -> DecoderLayerWeights:
-        get = lambda name: to_tensor(t[p + name])  # noqa: E731
+    def _layer(self, t: dict[str, np.ndarray], p: str) -> DecoderLayerWeights:
+        """Norms and the bias as they are; projection weights in the kernels' layout, gate and up stacked."""
+        weight = lambda name: self.kernels.prepare_weight(t[p + name])  # noqa: E731
+        gate_up = lambda mlp: self.kernels.prepare_weight(  # noqa: E731
+            np.concatenate([t[f"{p}mlp.{mlp}.gate_proj.weight"], t[f"{p}mlp.{mlp}.up_proj.weight"]]))
         return DecoderLayerWeights(
-            get("input_layernorm.weight"), get("post_attention_layernorm.weight"),
-            get("self_attn.language_expert_query_key_value.weight"),
-            get("self_attn.vision_expert_query_key_value.weight"),
-            get("self_attn.vision_expert_query_key_value.bias"),
-            get("self_attn.language_expert_dense.weight"), get("self_attn.vision_expert_dense.weight"),
-            get("mlp.language_mlp.gate_proj.weight"), get("mlp.language_mlp.up_proj.weight"),
-            get("mlp.language_mlp.down_proj.weight"), get("mlp.vision_mlp.gate_proj.weight"),
-            get("mlp.vision_mlp.up_proj.weight"), get("mlp.vision_mlp.down_proj.weight"))
+            to_tensor(t[p + "input_layernorm.weight"]), to_tensor(t[p + "post_attention_layernorm.weight"]),
+            weight("self_attn.language_expert_query_key_value.weight"),
+            weight("self_attn.vision_expert_query_key_value.weight"),
+            to_tensor(t[p + "self_attn.vision_expert_query_key_value.bias"]),
+            weight("self_attn.language_expert_dense.weight"), weight("self_attn.vision_expert_dense.weight"),
+            gate_up("language_mlp"), weight("mlp.language_mlp.down_proj.weight"),
+            gate_up("vision_mlp"), weight("mlp.vision_mlp.down_proj.weight"))
 
     def embed(self, token_ids: np.ndarray) -> Tensor:
         return ops.gather(self.embed_table, Tensor.from_numpy(token_ids.astype(np.int32)), 0)
@@ -116,8 +116,8 @@ class LanguageModel:
             self.graphs.pre_attention(x, w.input_norm, w.language_qkv, cos, cos, c.rms_norm_eps, self.num_heads,
                                       self.num_kv_heads, c.head_dim)
             attn = graphs.zeros(size, self.num_heads * c.head_dim)
-            self.graphs.post_attention(x, attn, w.language_dense, w.post_norm, w.language_gate, w.language_up,
-                                       w.language_down, c.rms_norm_eps)
+            self.graphs.post_attention(x, attn, w.language_dense, w.post_norm, w.language_gate_up, w.language_down,
+                                       c.rms_norm_eps)
         self.graph_buckets = buckets
 
     def _compiled_layers(self, hidden: Tensor, cos: Tensor | None, sin: Tensor | None, bucket: int,
@@ -130,14 +130,24 @@ class LanguageModel:
         else:
             cos, sin = graphs.pad_rows(cos, bucket), graphs.pad_rows(sin, bucket)
         for i, w in enumerate(self.layers):
-            q, k, v = g.pre_attention(x, w.input_norm, w.language_qkv, cos, sin, c.rms_norm_eps, self.num_heads,
-                                      self.num_kv_heads, c.head_dim)
-            if bucket != n:
-                q, k, v = q[:n], k[:n], v[:n]
-            attn = graphs.pad_rows(attention(i, q, k, v), bucket)
-            x = g.post_attention(x, attn, w.language_dense, w.post_norm, w.language_gate, w.language_up,
-                                 w.language_down, c.rms_norm_eps)
+            out = g.pre_attention(x, w.input_norm, w.language_qkv, cos, sin, c.rms_norm_eps, self.num_heads,
+                                  self.num_kv_heads, c.head_dim)
+            if g.rope_in_graph:
+                q, k, v = (t[:n] for t in out) if bucket != n else out
+                attn = attention(i, q, k, v)
+            else:
+                attn = self._attend_fused(attention, i, out[:n] if bucket != n else out)
+            attn = graphs.pad_rows(attn, bucket)
+            x = g.post_attention(x, attn, w.language_dense, w.post_norm, w.language_gate_up, w.language_down,
+                                 c.rms_norm_eps)
         return x[:n] if bucket != n else x
+
+    def _attend_fused(self, attention: Attention, layer: int, qkv: Tensor) -> Tensor:
+        """Attention over the fused QKV [n, H + 2 KV, d]: handed over whole when the attention takes it."""
+        attend_qkv = getattr(attention, "attend_qkv", None)
+        if attend_qkv is not None:
+            return attend_qkv(layer, qkv)
+        return attention(layer, *split_qkv(qkv, self.num_kv_heads))
 
     def _unused_rope_input(self, bucket: int) -> Tensor:
         if bucket not in self._rope_placeholders:
@@ -145,7 +155,7 @@ class LanguageModel:
         return self._rope_placeholders[bucket]
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return linear(hidden, self.lm_head)
+        return self.kernels.linear(hidden, self.lm_head)
 
     def reduce(self, x: Tensor) -> Tensor:
         """Sums the partial outputs of row-parallel projections across tensor-parallel ranks (none here)."""
@@ -166,6 +176,5 @@ class LanguageModel:
         attn = attention(index, q, k, v)
         x = x + self.reduce(project(attn, num_language, w.language_dense, w.vision_dense, None))
         h = rms_norm(x, w.post_norm, c.rms_norm_eps)
-        gate = project(h, num_language, w.language_gate, w.vision_gate, None)
-        up = project(h, num_language, w.language_up, w.vision_up, None)
-        return x + self.reduce(project(ops.silu(gate) * up, num_language, w.language_down, w.vision_down, None))
+        gate_up = project(h, num_language, w.language_gate_up, w.vision_gate_up, None)
+        return x + self.reduce(project(swiglu(gate_up), num_language, w.language_down, w.vision_down, None))

@@ -23,6 +23,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return x * ops.rsqrt(variance + eps) * weight
 
 
+def split_qkv(qkv: Tensor, num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused QKV projection [N, H + 2 KV, d] -> q [N, H, d], k [N, KV, d], v [N, KV, d]."""
+    heads = qkv.shape[1] - 2 * num_kv_heads
+    return qkv[:, :heads], qkv[:, heads:heads + num_kv_heads], qkv[:, heads + num_kv_heads:]
+
+
+def swiglu(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up of the stacked [N, 2 * F] gate/up projection (gate first)."""
+    half = gate_up.shape[-1] // 2
+    return ops.silu(gate_up[:, :half]) * gate_up[:, half:]
+
+
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)(x, weight, bias)[0]
 

@@ -65,9 +65,13 @@ class PagedAttention:
                        _int32(self.token_position[order]), _int32(pad_block_tables(self.block_tables)),
                        _int32(self.context_lens))
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(self, layer: int, q: Tensor, k: Tensor | None, v: Tensor | None) -> Tensor:
         return self.kernels.paged_attention(q, k, v, self.cache.keys[layer], self.cache.values[layer], *self.inputs,
                                             self.cache.spec.block_size, rope=self.rope)
+
+    def attend_qkv(self, layer: int, qkv: Tensor) -> Tensor:
+        """The layer's fused QKV projection [N, H + 2 KV, d], split inside the kernel."""
+        return self(layer, qkv, None, None)
 
 
 def _int32(values) -> Tensor:

@@ -17,6 +17,23 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
+from mindspore.ops.primitive import constexpr
+
+
+def _no_op() -> int:
+    return 0
+
+
+@constexpr(check=False)
+def _is_none(value) -> bool:
+    return value is None
+
+
+def _run_in_jit() -> bool:
+    """True while mindspore.jit compiles the caller: jit hands a constexpr a function value as None (the check
+    MindSpore uses internally)."""
+    return _is_none(_no_op)
+
 LIBRARY_GLOB = str(Path(__file__).parent / "cpu" / "_cogvlm2_kernels*.so")
 
 
@@ -102,6 +119,33 @@ def _token_dtype(*dtypes):
     return ms.int32
 
 
+PACKED_PANEL = 32  # kernels/cpu/gemm.h kPackedPanel
+
+
+def pack_weight(w: np.ndarray) -> np.ndarray:
+    """[out, in] -> the prepacked GEMM's column panels [out / 32, in, 32] (out must be a multiple of 32)."""
+    out, inner = w.shape
+    if out % PACKED_PANEL:
+        raise ValueError(f"pack_weight: out features {out} is not a multiple of {PACKED_PANEL}")
+    return np.ascontiguousarray(w.reshape(out // PACKED_PANEL, PACKED_PANEL, inner).transpose(0, 2, 1))
+
+
+def unpack_weight(panels: np.ndarray) -> np.ndarray:
+    """The inverse of pack_weight."""
+    p, inner, width = panels.shape
+    return np.ascontiguousarray(panels.transpose(0, 2, 1).reshape(p * width, inner))
+
+
+def _paged_attention_shape(q, k_new, v_new, key_cache, *rest):
+    """[N, H * d]; with fused QKV (q [N, H + 2 KV, d], k_new and v_new [1]) H = q's heads - 2 KV."""
+    heads = q[1] - 2 * key_cache[1] if len(k_new) == 1 else q[1]
+    return (q[0], heads * q[2])
+
+
+def _expert_linear_shape(x, wl, *rest):
+    return (x[0], wl[0] * wl[2] if len(wl) == 3 else wl[0])
+
+
 class CpuOps:
     """The AOT ops, created once. Tuning parameters travel as a small int32 `config` tensor per call."""
 
@@ -109,9 +153,8 @@ class CpuOps:
         self.library = load_library()
         self._rope = _custom("RopeInplace", _token_shape, _token_dtype)
         self._write_kv = _custom("WriteKVCache", _token_shape, _token_dtype)
-        self._paged_attention = _custom("PagedAttention", lambda q, *rest: (q[0], q[1] * q[2]),
-                                        lambda q, *rest: q)
-        self._expert_linear = _custom("ExpertLinear", lambda x, wl, *rest: (x[0], wl[0]), lambda x, *rest: x)
+        self._paged_attention = _custom("PagedAttention", _paged_attention_shape, lambda q, *rest: q)
+        self._expert_linear = _custom("ExpertLinear", _expert_linear_shape, lambda x, *rest: x)
 
     @property
     def has_openblas(self) -> bool:
@@ -126,6 +169,11 @@ class CpuOps:
         """q [N, H, d] and k [N, KV, d] rotated in place; config [threads]. A strided view (a slice of the fused
         QKV output in PyNative) is first made contiguous, since MindSpore would hand the kernel a temporary copy
         and the rotation would be lost: always use the returned tensors."""
+        if not _run_in_jit():  # PyNative runs the op now: no dependency to keep, and contiguous inputs need no copy
+            q = q if q.is_contiguous() else q.contiguous()
+            k = k if k.is_contiguous() else k.contiguous()
+            self._rope(q, k, positions, cos_table, sin_table, config)
+            return q, k
         q, k = q.contiguous(), k.contiguous()
         done = self._rope(q, k, positions, cos_table, sin_table, config)
         return ops.depend(q, done), ops.depend(k, done)
@@ -139,7 +187,8 @@ class CpuOps:
                         config: Tensor) -> Tensor:
         """config [block_size, threads, query_tile, key_tile, parallel_min_work, apply_rope] -> [N, H * d].
         With apply_rope, q and k_new are rotated by rope_positions inside the kernel (the inputs are left as
-        they are; the cache gets the rotated K); without, the three rope inputs are ignored (any [1] tensors)."""
+        they are; the cache gets the rotated K); without, the three rope inputs are ignored (any [1] tensors).
+        Fused: q may be the QKV projection [N, H + 2 KV, d] with k_new and v_new any [1] tensors."""
         return self._paged_attention(q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index,
                                      token_position, block_tables, context_lens, rope_positions, cos_table,
                                      sin_table, config)
@@ -147,5 +196,6 @@ class CpuOps:
     def expert_linear(self, x: Tensor, wl: Tensor, wv: Tensor, bv: Tensor, config: Tensor) -> Tensor:
         """config [num_language, has_bias, threads, gemm, k_block, n_block] with gemm 0 (built-in), 1 (OpenBLAS,
         needs has_openblas) or 2 (oneDNN, needs has_onednn); bv is ignored (pass any [1] tensor) when has_bias
-        is 0."""
+        is 0. wl and wv may instead both be prepacked (pack_weight): then the prepacked GEMM runs whatever gemm
+        says, with k_block."""
         return self._expert_linear(x, wl, wv, bv, config)

@@ -7,6 +7,8 @@ every backend, so the model never branches on where a kernel comes from.
                     block_tables, context_lens, block_size, rope=None) -> [N, H * d]
         (writes the cache, then attends; rope=(positions, cos_table, sin_table) also rotates q and k_new first)
     expert_linear(x, num_language, wl, wv, bv) -> y
+    linear(x, w) -> y                                   (x @ w^T: the lm_head)
+    prepare_weight(w [out, in] numpy) -> Tensor         (the layout expert_linear and linear read best)
 
 Backends: "cpu" (the AOT kernels of kernels/cpu), "reference" (the MindSpore composites of kernels/reference.py),
 "auto" (cpu if its library loads, else reference with a warning). COGVLM2_KERNELS=cpu|reference forces one.
@@ -28,6 +30,7 @@ import yaml
 from mindspore import Tensor
 from mindspore import dtype as mstype
 
+from cogvlm2 import layers
 from kernels import reference
 
 BACKENDS = ("auto", "cpu", "reference")
@@ -35,9 +38,11 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "kernels"
 DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" parameters, larger ones "prefill"
 
 # expert_linear's "gemm": 0 our GEMM (kernels/cpu/gemm.cc), 1 OpenBLAS's SGEMM (numpy's), 2 oneDNN's (MindSpore's
-# libdnnl), 3 MindSpore's MatMul (the composite): whichever `cogvlm2 tune` measured fastest on this SKU. A library
-# that is missing falls back to our GEMM.
-GEMM_OWN, GEMM_OPENBLAS, GEMM_ONEDNN, GEMM_MINDSPORE = 0, 1, 2, 3
+# libdnnl), 3 MindSpore's MatMul (the composite), 4 our GEMM over weights prepacked at load time (kernels.ops.
+# pack_weight): whichever `cogvlm2 tune` measured fastest on this SKU. A library that is missing falls back to our
+# GEMM. Prepacking is a load-time layout, one per weight: the model prepacks when either class chose 4, and every
+# call on a prepacked weight runs the prepacked GEMM.
+GEMM_OWN, GEMM_OPENBLAS, GEMM_ONEDNN, GEMM_MINDSPORE, GEMM_PREPACKED = 0, 1, 2, 3, 4
 
 DEFAULT_PARAMS: dict[str, dict[str, dict[str, int]]] = {
     "rope": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
@@ -45,8 +50,8 @@ DEFAULT_PARAMS: dict[str, dict[str, dict[str, int]]] = {
         "decode": {"threads": 2, "query_tile": 1, "key_tile": 64, "parallel_min_work": 1 << 20},
         "prefill": {"threads": 2, "query_tile": 8, "key_tile": 64, "parallel_min_work": 1 << 20},
     },
-    "expert_linear": {"decode": {"threads": 2, "gemm": GEMM_ONEDNN, "k_block": 0, "n_block": 0},
-                      "prefill": {"threads": 2, "gemm": GEMM_ONEDNN, "k_block": 0, "n_block": 0}},
+    "expert_linear": {"decode": {"threads": 2, "gemm": GEMM_PREPACKED, "k_block": 0, "n_block": 0},
+                      "prefill": {"threads": 2, "gemm": GEMM_PREPACKED, "k_block": 0, "n_block": 0}},
 }
 
 
@@ -168,15 +173,25 @@ class KernelSet:
     def write_kv(self, cache: Tensor, slot_mapping, values: Tensor) -> Tensor | None:
         raise NotImplementedError
 
-    def paged_attention(self, q: Tensor, k_new: Tensor, v_new: Tensor, key_cache: Tensor, value_cache: Tensor,
-                        slot_mapping, seq_index, token_position, block_tables, context_lens, block_size: int,
-                        rope: tuple | None = None) -> Tensor:
+    def paged_attention(self, q: Tensor, k_new: Tensor | None, v_new: Tensor | None, key_cache: Tensor,
+                        value_cache: Tensor, slot_mapping, seq_index, token_position, block_tables, context_lens,
+                        block_size: int, rope: tuple | None = None) -> Tensor:
         """Writes k_new/v_new at slot_mapping, then attends. rope=(positions, cos_table, sin_table) rotates q and
-        k_new first (by position id, which differs from token_position after an image): the fused form."""
+        k_new first (by position id, which differs from token_position after an image): the fused form.
+        k_new = v_new = None: q is the layer's QKV projection [N, H + 2 KV, d] (q heads, k heads, v heads)."""
         raise NotImplementedError
 
     def expert_linear(self, x: Tensor, num_language: int, wl: Tensor, wv: Tensor, bv: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+    def linear(self, x: Tensor, w: Tensor) -> Tensor:
+        """x [N, in] @ w^T for a weight from prepare_weight."""
+        return layers.linear(x, w)
+
+    def prepare_weight(self, weight: np.ndarray) -> Tensor:
+        """A projection weight [out, in] in the layout this backend's expert_linear and linear read (done once, at
+        load time). The default: as it is."""
+        return layers.to_tensor(weight)
 
 
 class ReferenceKernels(KernelSet):
@@ -199,6 +214,8 @@ class ReferenceKernels(KernelSet):
 
     def paged_attention(self, q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index, token_position,
                         block_tables, context_lens, block_size, rope=None):
+        if k_new is None:
+            q, k_new, v_new = layers.split_qkv(q, key_cache.shape[1])
         if rope is not None:
             q, k_new = self.rope(q, k_new, *rope)
         meta = self._metadata(slot_mapping, seq_index, token_position, block_tables, context_lens, block_size,
@@ -259,7 +276,22 @@ class CpuKernels(KernelSet):
     def _gemm_kind(self, gemm: int) -> int:
         if (gemm == GEMM_OPENBLAS and self.ops.has_openblas) or (gemm == GEMM_ONEDNN and self.ops.has_onednn):
             return gemm
-        return GEMM_OWN
+        return GEMM_OWN  # also for GEMM_PREPACKED on a weight that could not be prepacked
+
+    @property
+    def prepacks_weights(self) -> bool:
+        return any(self.params.get("expert_linear", cls)["gemm"] == GEMM_PREPACKED for cls in ("decode", "prefill"))
+
+    def prepare_weight(self, weight: np.ndarray) -> Tensor:
+        from kernels.ops import PACKED_PANEL, pack_weight  # noqa: PLC0415  (loaded with the library)
+        if self.prepacks_weights and weight.shape[0] % PACKED_PANEL == 0:
+            return layers.to_tensor(pack_weight(np.asarray(weight, np.float32)))
+        return layers.to_tensor(weight)
+
+    def linear(self, x, w):
+        if w.ndim == 3:
+            return self.expert_linear(x, x.shape[0], w, w, None)
+        return layers.linear(x, w)  # MindSpore's MatMul: faster than our unpacked GEMM at the lm_head's shape
 
     def _precomputed_configs(self) -> dict[tuple, Tensor]:
         keys = [("rope", cls) for cls in ("decode", "prefill")]
@@ -279,12 +311,14 @@ class CpuKernels(KernelSet):
         config = self._config("paged_attention", q.shape[0], int(block_size), int(rope is not None))
         positions, cos, sin = (_i32(rope[0]), rope[1], rope[2]) if rope is not None else \
             (self._dummy_index, self._dummy_float, self._dummy_float)
+        if k_new is None:  # fused QKV: the kernel reads k and v inside q's rows
+            k_new = v_new = self._dummy_float
         return self.ops.paged_attention(q, k_new, v_new, key_cache, value_cache, _i32(slot_mapping),
                                         _i32(seq_index), _i32(token_position), _i32(block_tables),
                                         _i32(context_lens), positions, cos, sin, config)
 
     def expert_linear(self, x, num_language, wl, wv, bv):
-        if self.params.get("expert_linear", shape_class(x.shape[0]))["gemm"] == GEMM_MINDSPORE:
+        if wl.ndim == 2 and self.params.get("expert_linear", shape_class(x.shape[0]))["gemm"] == GEMM_MINDSPORE:
             return reference.expert_linear(x, num_language, wl, wv, bv)
         config = self._config("expert_linear", x.shape[0], int(num_language), int(bv is not None))
         return self.ops.expert_linear(x, wl, wv, self._dummy_float if bv is None else bv, config)

@@ -61,6 +61,8 @@ CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
                             for t, (k, n) in itertools.product((1, 2), ((0, 0), (1024, 32), (512, 64), (256, 128)))]
                       + [{"threads": t, "gemm": g, "k_block": 0, "n_block": 0} for g in (1, 2) for t in (1, 2)]
                       + [{"threads": 2, "gemm": 3, "k_block": 0, "n_block": 0}]
+                      + [{"threads": t, "gemm": 4, "k_block": k, "n_block": 0}
+                         for t, k in itertools.product((1, 2), (0, 1024, 512))]
                       for cls in SHAPES},
 }
 
@@ -85,9 +87,17 @@ class Workload:
         i32 = lambda a: Tensor.from_numpy(np.ascontiguousarray(a, np.int32))  # noqa: E731
         self.op, n, s = op, shape.tokens, shape
         if op == "expert_linear":  # the QKV projection (with the vision bias) and the MLP's down projection
+            from kernels.ops import pack_weight
             qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
-            self.calls = [(normal(n, s.hidden), n // 2, normal(qkv, s.hidden), normal(qkv, s.hidden), normal(qkv)),
-                          (normal(n, s.mlp), n // 2, normal(s.hidden, s.mlp), normal(s.hidden, s.mlp), None)]
+            weights = [(rng.standard_normal((qkv, s.hidden)), rng.standard_normal((qkv, s.hidden))),
+                       (rng.standard_normal((s.hidden, s.mlp)), rng.standard_normal((s.hidden, s.mlp)))]
+            weights = [tuple(w.astype(np.float32) for w in pair) for pair in weights]
+            x = [normal(n, s.hidden), normal(n, s.mlp)]
+            biases = [normal(qkv), None]
+            self.calls = [(x[i], n // 2, Tensor(wl), Tensor(wv), biases[i]) for i, (wl, wv) in enumerate(weights)]
+            # the same projections on weights in the prepacked layout, for candidates that load them so
+            self.prepacked_calls = [(x[i], n // 2, Tensor(pack_weight(wl)), Tensor(pack_weight(wv)), biases[i])
+                                    for i, (wl, wv) in enumerate(weights)]
             return
         batch = make_paged_batch(list(s.lens), list(s.new), 16, rng, shuffle=True)
         q, k, v = normal(n, s.heads, s.head_dim), normal(n, s.kv_heads, s.head_dim), normal(n, s.kv_heads, s.head_dim)
@@ -102,7 +112,8 @@ class Workload:
                        i32(pad_block_tables(batch.block_tables)), i32(batch.context_lens), 16)]
 
     def call(self, kernels):
-        return [getattr(kernels, self.op)(*args) for args in self.calls][-1]
+        calls = self.prepacked_calls if self.op == "expert_linear" and kernels.prepacks_weights else self.calls
+        return [getattr(kernels, self.op)(*args) for args in calls][-1]
 
 
 def _params_with(sku: str, op: str, candidate: dict[str, int]):

@@ -141,6 +141,40 @@ def test_paged_attention_with_fused_rope(table):
 
 
 @needs_cpu
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("kv,heads,d", [(2, 8, 64), (4, 4, 112), (1, 3, 128)])
+def test_paged_attention_fused_qkv(rope, kv, heads, d):
+    """q = the fused projection [N, H + 2 KV, d], k_new = v_new = None: the same outputs and cache as split q/k/v,
+    on both backends."""
+    rng = np.random.default_rng(heads * d + rope)
+    batch = make_paged_batch([19, 6, 40], [19, 1, 8], 4, rng, shuffle=True)
+    n = len(batch.seq_index)
+    cos, sin = rope_table(default_inv_freq(d, 10000.0), 256)
+    positions = rng.integers(0, 256, n).astype(np.int32)
+    qkv = normal(rng, n, heads + 2 * kv, d)
+    key0, value0 = normal(rng, batch.num_slots, kv, d), normal(rng, batch.num_slots, kv, d)
+    meta = (batch.slot_mapping, batch.seq_index, batch.token_position, pad_block_tables(batch.block_tables),
+            batch.context_lens, batch.block_size)
+    rope_args = (Tensor(positions), Tensor(cos), Tensor(sin)) if rope else None
+    results = []
+    for kernels, fused in ((REF, False), (CPU, True), (REF, True)):
+        caches = [Parameter(Tensor(c.copy()), name=f"f{i}", requires_grad=False) for i, c in enumerate((key0, value0))]
+        if fused:
+            out = kernels.paged_attention(Tensor(qkv.copy()), None, None, *caches, *meta, rope=rope_args)
+        else:
+            q, k, v = (Tensor(np.ascontiguousarray(part)) for part in
+                       (qkv[:, :heads], qkv[:, heads:heads + kv], qkv[:, heads + kv:]))
+            out = kernels.paged_attention(q, k, v, *caches, *meta, rope=rope_args)
+        results.append((out.asnumpy(), caches[0].asnumpy(), caches[1].asnumpy()))
+    (ref_out, ref_keys, ref_values) = results[0]
+    for out, keys, values in results[1:]:
+        assert out.shape == (n, heads * d)
+        assert_close(out, ref_out)
+        np.testing.assert_array_equal(keys, ref_keys)
+        np.testing.assert_array_equal(values, ref_values)
+
+
+@needs_cpu
 def test_paged_attention_rejects_bad_metadata():
     rng = np.random.default_rng(0)
     batch = make_paged_batch([8], [8], 4, rng)
@@ -248,6 +282,51 @@ def test_expert_linear(gemm, n, num_language, bias):
     expected = REF.expert_linear(*args).asnumpy()
     np.testing.assert_allclose(expected[:num_language], x[:num_language] @ wl.T, rtol=1e-4, atol=1e-4)
     assert_close(kernels.expert_linear(*args).asnumpy(), expected)
+
+
+@needs_cpu
+@pytest.mark.parametrize("n,num_language", [(1, 1), (1, 0), (9, 4), (70, 0), (70, 70), (300, 131)])
+@pytest.mark.parametrize("out,inner", [(32, 77), (96, 64), (160, 300)])
+@pytest.mark.parametrize("k_block", [0, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_expert_linear_prepacked(n, num_language, out, inner, k_block, bias):
+    kernels = CpuKernels(expert_params(registry.GEMM_PREPACKED, k_block, 0))
+    rng = np.random.default_rng(n + out + inner)
+    x, wl, wv, bv = normal(rng, n, inner), normal(rng, out, inner), normal(rng, out, inner), normal(rng, out)
+    packed_l, packed_v = kernels.prepare_weight(wl), kernels.prepare_weight(wv)
+    assert packed_l.shape == (out // 32, inner, 32)
+    expected = REF.expert_linear(Tensor(x), num_language, Tensor(wl), Tensor(wv), Tensor(bv) if bias else None)
+    got = kernels.expert_linear(Tensor(x), num_language, packed_l, packed_v, Tensor(bv) if bias else None)
+    assert got.shape == (n, out)
+    assert_close(got.asnumpy(), expected.asnumpy())
+    assert_close(kernels.linear(Tensor(x), packed_l).asnumpy(), x @ wl.T)
+
+
+def test_pack_weight_round_trip_and_its_limit():
+    from kernels.ops import pack_weight, unpack_weight
+    w = np.arange(64 * 5, dtype=np.float32).reshape(64, 5)
+    packed = pack_weight(w)
+    assert packed.shape == (2, 5, 32) and packed[1, 3, 7] == w[32 + 7, 3]
+    np.testing.assert_array_equal(unpack_weight(packed), w)
+    with pytest.raises(ValueError, match="out features 48"):
+        pack_weight(np.zeros((48, 5), np.float32))
+
+
+@needs_cpu
+def test_prepare_weight_layouts():
+    """Prepacked where the table says so and the rows allow; plain otherwise, and plain on the reference backend."""
+    packing = CpuKernels(expert_params(registry.GEMM_PREPACKED, 0, 0))
+    plain = CpuKernels(expert_params(0, 0, 0))
+    w = np.ones((64, 8), np.float32)
+    assert packing.prepacks_weights and not plain.prepacks_weights
+    assert packing.prepare_weight(w).shape == (2, 8, 32)
+    assert packing.prepare_weight(np.ones((48, 8), np.float32)).shape == (48, 8)  # a 48-row shard stays plain
+    assert plain.prepare_weight(w).shape == (64, 8)
+    assert REF.prepare_weight(w).shape == (64, 8)
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    odd = np.random.default_rng(1).standard_normal((48, 8)).astype(np.float32)
+    assert_close(packing.expert_linear(Tensor(x), 2, packing.prepare_weight(odd), packing.prepare_weight(odd),
+                                       None).asnumpy(), x @ odd.T)
 
 
 # ---------------------------------------------------------------- inside jit
@@ -402,7 +481,7 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
         "paged_attention": {c: [dict(registry.DEFAULT_PARAMS["paged_attention"][c]),
                                 {"threads": 1, "query_tile": 2, "key_tile": 16, "parallel_min_work": 0}]
                             for c in ("decode", "prefill")},
-        "expert_linear": {c: [{"threads": 1, "gemm": g, "k_block": 0, "n_block": 0} for g in range(4)]
+        "expert_linear": {c: [{"threads": 1, "gemm": g, "k_block": 0, "n_block": 0} for g in range(5)]
                           for c in ("decode", "prefill")},
     })
     parser = argparse.ArgumentParser()
@@ -412,5 +491,5 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     assert args.func(args) == 0
     params = load_params(path=out)
     assert set(params.ops) == set(tune.OPS)
-    assert params.get("expert_linear", "decode")["gemm"] in range(4)
+    assert params.get("expert_linear", "decode")["gemm"] in range(5)
     assert "measurements" in out.read_text(encoding="utf-8")

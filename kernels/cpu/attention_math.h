@@ -96,6 +96,47 @@ inline void score_rows(const float* qt, const float* const* key_rows, int64_t wi
   }
 }
 
+// Few query rows (a decode token's heads of one KV head): one dot product per (key, row) from the K row loaded
+// once, instead of the transposed form's full 16-lane FMA per key element, which wastes most lanes when only a
+// handful are used (measured: 4 rows of 16, the bench decode shape, spend ~75% of the score FMAs on padding).
+constexpr int64_t kDotMaxRows = 8;
+
+template <int Chunks>
+void score_rows_dot_fixed(const float* q, int64_t rows, const float* const* key_rows, int64_t width, int64_t stride,
+                          float* scores) {
+  for (int64_t j = 0; j < width; ++j) {
+    if (j + kPrefetchKeys < width) prefetch_row(key_rows[j + kPrefetchKeys], 16 * Chunks);
+    __m512 key[Chunks];
+    for (int c = 0; c < Chunks; ++c) key[c] = _mm512_loadu_ps(key_rows[j] + 16 * c);
+    float* out = scores + j * stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + r * 16 * Chunks;
+      __m512 acc = _mm512_mul_ps(key[0], _mm512_loadu_ps(qr));
+      for (int c = 1; c < Chunks; ++c) acc = _mm512_fmadd_ps(key[c], _mm512_loadu_ps(qr + 16 * c), acc);
+      out[r] = _mm512_reduce_add_ps(acc);
+    }
+    for (int64_t r = rows; r < stride; ++r) out[r] = 0.f;  // padding lanes score 0, as in the transposed form
+  }
+}
+
+// scores[j][r] = dot(q[r], key_rows[j]) for r < rows (q [rows][d], scaled), 0 for the padding lanes up to stride.
+// Returns false (nothing done) where the transposed form is the one to use.
+inline bool score_rows_dot(const float* q, int64_t rows, const float* const* key_rows, int64_t width, int64_t d,
+                           int64_t stride, float* scores) {
+  if (rows > kDotMaxRows) return false;
+  switch (d % 16 == 0 && d <= 128 ? d / 16 : 0) {
+    case 1: score_rows_dot_fixed<1>(q, rows, key_rows, width, stride, scores); return true;
+    case 2: score_rows_dot_fixed<2>(q, rows, key_rows, width, stride, scores); return true;
+    case 3: score_rows_dot_fixed<3>(q, rows, key_rows, width, stride, scores); return true;
+    case 4: score_rows_dot_fixed<4>(q, rows, key_rows, width, stride, scores); return true;
+    case 5: score_rows_dot_fixed<5>(q, rows, key_rows, width, stride, scores); return true;
+    case 6: score_rows_dot_fixed<6>(q, rows, key_rows, width, stride, scores); return true;
+    case 7: score_rows_dot_fixed<7>(q, rows, key_rows, width, stride, scores); return true;
+    case 8: score_rows_dot_fixed<8>(q, rows, key_rows, width, stride, scores); return true;
+    default: return false;
+  }
+}
+
 // out[lanes][d] = out * correction[lane] + P^T V over `width` keys; p laid out [key][stride].
 inline void accumulate_pv(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
                           const float* const* v_rows, int64_t width, int64_t lanes) {
@@ -117,6 +158,10 @@ inline void accumulate_pv(float* out, int64_t d, const float* correction, const 
 }
 
 #else  // portable
+
+inline bool score_rows_dot(const float*, int64_t, const float* const*, int64_t, int64_t, int64_t, float*) {
+  return false;
+}
 
 inline void score_rows(const float* qt, const float* const* key_rows, int64_t width, int64_t d, int64_t rows16,
                        float* scores) {

@@ -93,7 +93,8 @@ extern "C" int cogvlm2_load_onednn(const char* path) {
   return libs.dnnl ? 0 : 2;
 }
 
-// inputs: x [N,in], wl [out,in], wv [out,in], bv [out] or [1] (f32),
+// inputs: x [N,in], wl and wv [out,in] or both prepacked [out/32,in,32] (gemm.h; then gemm and n_block are unused:
+//         the prepacked GEMM is the only one that reads that layout), bv [out] or [1] (f32),
 //         config [num_language, has_bias, threads, gemm (0 ours, 1 OpenBLAS, 2 oneDNN), k_block, n_block] (i32)
 // output: y [N,out] f32
 COGVLM2_AOT(ExpertLinear) {
@@ -103,34 +104,44 @@ COGVLM2_AOT(ExpertLinear) {
   for (int i : {0, 1, 2, 3, 5})
     if (!a.is_f32(i)) return kBadDtype;
   if (!a.is_i32(4) || a.numel(4) < 6) return kBadDtype;
-  if (a.rank(0) != 2 || a.rank(1) != 2 || a.rank(2) != 2) return kBadShape;
-  const int64_t n = a.dim(0, 0), in = a.dim(0, 1), out = a.dim(1, 0);
+  const bool prepacked = a.rank(1) == 3;
+  if (a.rank(0) != 2 || a.rank(1) != a.rank(2) || (a.rank(1) != 2 && !prepacked)) return kBadShape;
+  if (prepacked && (a.dim(1, 2) != kPackedPanel || a.dim(2, 2) != kPackedPanel || a.dim(1, 0) != a.dim(2, 0)))
+    return kBadShape;
+  const int64_t n = a.dim(0, 0), in = a.dim(0, 1);
+  const int64_t out = prepacked ? a.dim(1, 0) * kPackedPanel : a.dim(1, 0);
   const int32_t* cfg = a.data<int32_t>(4);
   const int64_t language = cfg[0];
   const bool has_bias = cfg[1] != 0;
   const int threads = std::max(1, cfg[2]);
   const GemmKind kind = static_cast<GemmKind>(cfg[3]);
-  if (a.dim(1, 1) != in || a.dim(2, 0) != out || a.dim(2, 1) != in || language < 0 || language > n ||
-      (has_bias && a.numel(3) != out) || a.numel(5) != n * out)
+  if (a.dim(1, 1) != in || a.dim(2, 1) != in || (!prepacked && a.dim(2, 0) != out) || language < 0 ||
+      language > n || (has_bias && a.numel(3) != out) || a.numel(5) != n * out)
     return kBadShape;
-  if (!available(kind)) return kNoBlas;
+  if (!prepacked && !available(kind)) return kNoBlas;
   const float* x = a.data<float>(0);
   const float* wl = a.data<float>(1);
   const float* wv = a.data<float>(2);
   const float* bias = a.data<float>(3);
   float* y = a.data<float>(5);
   const int64_t vision = n - language;
-  // One parallel region for both experts: each thread owns a range of output columns of both row ranges.
+  // One parallel region for both experts: each thread owns ranges of output panels of both row ranges.
   const int64_t panels = (out + kGemmColumnAlign - 1) / kGemmColumnAlign;
   const int workers = n * out * in >= (1 << 20) ? threads : 1;
+  auto project = [&](int64_t rows, const float* xs, const float* w, float* ys, bool accumulate, int64_t p0,
+                     int64_t p1) {
+    if (prepacked) return gemm_prepacked_panels(rows, out, p0, p1, in, xs, w, ys, accumulate, cfg[4]);
+    gemm_columns(kind, rows, out, p0 * kGemmColumnAlign, std::min(out, p1 * kGemmColumnAlign), in, xs, w, ys,
+                 accumulate, cfg[4], cfg[5]);
+  };
   parallel_ranges(panels, workers, [&](int64_t p0, int64_t p1) {
-    const int64_t c0 = p0 * kGemmColumnAlign, c1 = std::min(out, p1 * kGemmColumnAlign);
-    if (language > 0) gemm_columns(kind, language, out, c0, c1, in, x, wl, y, false, cfg[4], cfg[5]);
+    if (language > 0) project(language, x, wl, y, false, p0, p1);
     if (vision > 0) {
+      const int64_t c0 = p0 * kGemmColumnAlign, c1 = std::min(out, p1 * kGemmColumnAlign);
       float* yv = y + language * out;
       if (has_bias)
         for (int64_t i = 0; i < vision; ++i) std::memcpy(yv + i * out + c0, bias + c0, (c1 - c0) * sizeof(float));
-      gemm_columns(kind, vision, out, c0, c1, in, x + language * in, wv, yv, has_bias, cfg[4], cfg[5]);
+      project(vision, x + language * in, wv, yv, has_bias, p0, p1);
     }
   });
   return kOk;

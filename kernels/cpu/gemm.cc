@@ -147,6 +147,42 @@ void packed_tile(const float* x, int64_t ldx, const float* packed, int64_t len, 
   }
 }
 
+// packed_tile that also pulls `pf_lines` cache lines from `pf` into L2 as it goes: the weights of the next panel,
+// so that streaming them from memory overlaps this panel's FMAs instead of stalling the next panel's first tile.
+template <int R>
+void prefetching_tile(const float* x, int64_t ldx, const float* packed, int64_t len, float* y, int64_t ldy,
+                      int64_t cols, bool add, const char* pf, int64_t pf_lines) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const int64_t per_4k = len > 0 ? (pf_lines * 4 + len - 1) / len : 0;
+  int64_t issued = 0;
+  for (int64_t kk = 0; kk < len; ++kk) {
+    if ((kk & 3) == 0)
+      for (int64_t l = 0; l < per_4k && issued < pf_lines; ++l, ++issued) _mm_prefetch(pf + issued * 64, _MM_HINT_T1);
+    const __m512 b0 = _mm512_loadu_ps(packed + kk * kPanel), b1 = _mm512_loadu_ps(packed + kk * kPanel + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * ldx + kk]);
+      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+  const __mmask16 m0 = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? static_cast<__mmask16>(0xFFFF)
+                                  : static_cast<__mmask16>(cols > 16 ? (1u << (cols - 16)) - 1 : 0);
+  for (int r = 0; r < R; ++r) {
+    float* out = y + r * ldy;
+    if (add) {
+      acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_maskz_loadu_ps(m0, out));
+      acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_maskz_loadu_ps(m1, out + 16));
+    }
+    _mm512_mask_storeu_ps(out, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(out + 16, m1, acc[r][1]);
+  }
+}
+
+using PrefetchingTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool,
+                                 const char*, int64_t);
+
 using PackedTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool);
 
 PackedTile pick_packed(int64_t rows) {
@@ -176,7 +212,78 @@ void gemm_columns_packed(int64_t m, int64_t n0, int64_t n1, int64_t k, const flo
 
 #endif
 
+// 8 x 32 tiles over prepacked panels: the AVX-512 tile above when available, else a portable one the compiler
+// vectorises for whatever ISA it targets.
+constexpr int kPrepackedRows = 8;
+
+template <int R>
+void portable_prepacked_tile(const float* x, int64_t ldx, const float* panel, int64_t len, float* y, int64_t ldy,
+                             int64_t cols, bool add, const char* /*prefetch*/, int64_t /*prefetch_lines*/) {
+  float acc[R][kPackedPanel] = {};
+  for (int64_t kk = 0; kk < len; ++kk) {
+    const float* b = panel + kk * kPackedPanel;
+    for (int r = 0; r < R; ++r) {
+      const float a = x[r * ldx + kk];
+#pragma omp simd
+      for (int c = 0; c < kPackedPanel; ++c) acc[r][c] += a * b[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < cols; ++c) y[r * ldy + c] = add ? y[r * ldy + c] + acc[r][c] : acc[r][c];
+}
+
+using PrepackedTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool,
+                              const char*, int64_t);
+
+PrepackedTile pick_prepacked(int64_t rows) {
+#ifdef __AVX512F__
+  static const PrepackedTile tiles[] = {prefetching_tile<1>, prefetching_tile<2>, prefetching_tile<3>,
+                                        prefetching_tile<4>, prefetching_tile<5>, prefetching_tile<6>,
+                                        prefetching_tile<7>, prefetching_tile<8>};
+  return tiles[rows - 1];
+#else
+  static const PrepackedTile tiles[] = {
+      portable_prepacked_tile<1>, portable_prepacked_tile<2>, portable_prepacked_tile<3>, portable_prepacked_tile<4>,
+      portable_prepacked_tile<5>, portable_prepacked_tile<6>, portable_prepacked_tile<7>, portable_prepacked_tile<8>};
+  return tiles[rows - 1];
+#endif
+}
+
+// Rows are taken kRowChunk at a time so that their k-slice stays in L2 while every panel of the range passes.
+constexpr int64_t kRowChunk = 128;
+constexpr int64_t kDefaultPrepackedKBlock = 2048;
+
 }  // namespace
+
+void gemm_prepacked_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const float* x,
+                           const float* wp, float* y, bool accumulate, int64_t k_block) {
+  const int64_t kb = k_block > 0 ? k_block : kDefaultPrepackedKBlock;
+  const float* end = wp + p1 * k * kPackedPanel;
+  for (int64_t r_chunk = 0; r_chunk < m; r_chunk += kRowChunk) {
+    const int64_t r_end = std::min(m, r_chunk + kRowChunk);
+    const int64_t row_blocks = (r_end - r_chunk + kPrepackedRows - 1) / kPrepackedRows;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c0 = p * kPackedPanel, cols = std::min(kPackedPanel, n - c0);
+      const float* panel = wp + p * k * kPackedPanel;
+      for (int64_t k0 = 0; k0 < k; k0 += kb) {
+        const int64_t len = std::min(kb, k - k0);
+        // The slice after this one (the next k block, else the next panel's first) is prefetched while this
+        // one is used, split evenly between the row blocks that pass over this one.
+        const float* next = panel + (k0 + len) * kPackedPanel;
+        const int64_t next_bytes = next < end ? std::min(kb, k - (k0 + len < k ? k0 + len : 0)) * kPackedPanel * 4 : 0;
+        const int64_t lines_per_block = (next_bytes / 64 + row_blocks - 1) / row_blocks;
+        int64_t block = 0;
+        for (int64_t r0 = r_chunk; r0 < r_end; r0 += kPrepackedRows, ++block) {
+          const int64_t rows = std::min<int64_t>(kPrepackedRows, r_end - r0);
+          const int64_t first = std::min(block * lines_per_block, next_bytes / 64);
+          const int64_t lines = std::min(lines_per_block, next_bytes / 64 - first);
+          pick_prepacked(rows)(x + r0 * k + k0, k, panel + k0 * kPackedPanel, len, y + r0 * n + c0, n, cols,
+                               accumulate || k0 > 0, reinterpret_cast<const char*>(next) + first * 64, lines);
+        }
+      }
+    }
+  }
+}
 
 void gemm_nt_columns(int64_t m, int64_t n, int64_t c0, int64_t c1, int64_t k, const float* x, const float* w,
                      float* y, bool accumulate, int64_t k_block, int64_t n_block) {

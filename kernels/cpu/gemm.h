@@ -16,4 +16,14 @@ void gemm_nt_columns(int64_t m, int64_t n, int64_t c0, int64_t c1, int64_t k, co
 
 constexpr int64_t kGemmColumnAlign = 32;
 
+// Weights packed once at load time for the matmul they feed: w [n, k] as column panels wp[p][kk][c] =
+// w[32 p + c][kk], shape [ceil(n / 32), k, 32] (a short last panel is zero-padded). Every call then streams the
+// weights in the order the 8 x 32 broadcast-FMA tiles read them, without repacking (a BLAS repacks per call, which
+// at decode's few tokens costs as much as the product).
+constexpr int64_t kPackedPanel = 32;
+
+// Panels [p0, p1) of y[m, n] = x @ w^T (+ y when accumulate), on the calling thread. k_block <= 0: the default.
+void gemm_prepacked_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const float* x,
+                           const float* wp, float* y, bool accumulate, int64_t k_block);
+
 }  // namespace cogvlm2

@@ -5,11 +5,12 @@
 namespace cogvlm2 {
 
 int write_rows(float* cache, int64_t slots, int64_t row, const float* values, const int32_t* slot_mapping,
-               int64_t n) {
+               int64_t n, int64_t values_stride) {
+  if (values_stride <= 0) values_stride = row;
   for (int64_t i = 0; i < n; ++i)
     if (slot_mapping[i] < 0 || slot_mapping[i] >= slots) return kBadIndex;
   for (int64_t i = 0; i < n; ++i)
-    std::memcpy(cache + static_cast<int64_t>(slot_mapping[i]) * row, values + i * row, row * sizeof(float));
+    std::memcpy(cache + static_cast<int64_t>(slot_mapping[i]) * row, values + i * values_stride, row * sizeof(float));
   return kOk;
 }
 

@@ -18,6 +18,7 @@ namespace {
 
 struct Shapes {
   int64_t n, heads, kv, d, slots, seqs, max_blocks;
+  int64_t q_stride;  // floats between consecutive tokens' queries: heads * d, or (heads + 2 kv) * d for fused QKV
 };
 
 struct Config {
@@ -67,11 +68,12 @@ struct Lanes {
 // FMA, no horizontal sums; measured faster than one dot product per (lane, key) even for a single decode row),
 // then the online-softmax update across lanes and P @ V. Keys past a lane's position get probability 0; the
 // first key tile shows every lane key 0, so the running max is finite from then on.
-void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const float* qt, const int64_t* visible,
-                  const float* const* key_rows, const float* const* value_rows, int64_t width, float* scores,
-                  float* correction) {
+void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const float* q, const float* qt,
+                  const int64_t* visible, const float* const* key_rows, const float* const* value_rows,
+                  int64_t width, float* scores, float* correction) {
   const int64_t stride = lanes.stride;
-  score_rows(qt, key_rows, width, d, stride, scores);
+  if (!score_rows_dot(q, lanes.count, key_rows, width, d, stride, scores))
+    score_rows(qt, key_rows, width, d, stride, scores);
   for (int64_t lane = 0; lane < lanes.count; ++lane)
     for (int64_t j = std::max<int64_t>(visible[lane / group], 0); j < width; ++j) scores[j * stride + lane] = kNegInf;
   column_max(scores, width, stride, correction);  // the tile's max per lane, for now
@@ -104,7 +106,7 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
   w.q.assign(s.kv * stride * d, 0.f);
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t head = 0; head < s.heads; ++head) {
-      const float* src = q + (order[tile.begin + t] * s.heads + head) * d;
+      const float* src = q + order[tile.begin + t] * s.q_stride + head * d;
       float* dst = w.q.data() + ((head / group) * stride + t * group + head % group) * d;
       for (int64_t i = 0; i < d; ++i) dst[i] = src[i] * scale;
     }
@@ -133,8 +135,8 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
       }
       const Lanes lanes{count, stride, w.row_max.data() + g * stride, w.row_sum.data() + g * stride,
                         w.out.data() + g * stride * d};
-      update_lanes(lanes, group, d, w.qt.data() + g * d * stride, visible.data(), w.key_rows.data(),
-                   w.value_rows.data(), width, w.scores.data(), w.correction.data());
+      update_lanes(lanes, group, d, w.q.data() + g * stride * d, w.qt.data() + g * d * stride, visible.data(),
+                   w.key_rows.data(), w.value_rows.data(), width, w.scores.data(), w.correction.data());
     }
   }
   for (int64_t t = 0; t < tokens; ++t)
@@ -172,8 +174,9 @@ struct Rotated {
   std::vector<float> q, k;
 };
 
-int rotate_inputs(const Shapes& s, const float* q, const float* k, const int32_t* positions, const float* cos,
-                  const float* sin, int64_t table_rows, Rotated& r) {
+// q and k rows are s.q_stride apart (fused QKV, or q's own stride; k then follows the same token stride).
+int rotate_inputs(const Shapes& s, const float* q, const float* k, int64_t k_stride, const int32_t* positions,
+                  const float* cos, const float* sin, int64_t table_rows, Rotated& r) {
   for (int64_t i = 0; i < s.n; ++i)
     if (positions[i] < 0 || positions[i] >= table_rows) return kBadIndex;
   r.q.resize(s.n * s.heads * s.d);
@@ -181,8 +184,8 @@ int rotate_inputs(const Shapes& s, const float* q, const float* k, const int32_t
   for (int64_t i = 0; i < s.n; ++i) {
     const float* c = cos + static_cast<int64_t>(positions[i]) * s.d;
     const float* sn = sin + static_cast<int64_t>(positions[i]) * s.d;
-    rotate_rows(q + i * s.heads * s.d, r.q.data() + i * s.heads * s.d, s.heads, s.d, c, sn);
-    rotate_rows(k + i * s.kv * s.d, r.k.data() + i * s.kv * s.d, s.kv, s.d, c, sn);
+    rotate_rows(q + i * s.q_stride, r.q.data() + i * s.heads * s.d, s.heads, s.d, c, sn);
+    rotate_rows(k + i * k_stride, r.k.data() + i * s.kv * s.d, s.kv, s.d, c, sn);
   }
   return kOk;
 }
@@ -194,6 +197,8 @@ int rotate_inputs(const Shapes& s, const float* q, const float* k, const int32_t
 //         slot_mapping [N], seq_index [N], token_position [N], block_tables [B,M], context_lens [B] (i32),
 //         rope_positions [N] (i32), cos [P,d], sin [P,d] (f32; any [1] tensors when rotary is off),
 //         config [block_size, threads, query_tile, key_tile, parallel_min_work, apply_rope] (i32)
+//   or fused: q is the QKV projection [N, H+2KV, d] (q heads, then k, then v) and k_new, v_new are any [1]
+//         tensors, so the layer's projection hands over one tensor (no slicing copies).
 // output: [N, H*d] f32. k_new (rotated when apply_rope) and v_new are written into the caches first (in place);
 // q is rotated on the fly.
 COGVLM2_AOT(PagedAttention) {
@@ -204,15 +209,19 @@ COGVLM2_AOT(PagedAttention) {
     if (!a.is_f32(i)) return kBadDtype;
   for (int i : {5, 6, 7, 8, 9, 10, 13})
     if (!a.is_i32(i)) return kBadDtype;
-  if (a.rank(0) != 3 || a.rank(1) != 3 || a.rank(2) != 3 || a.rank(3) != 3 || a.rank(4) != 3 || a.rank(8) != 2 ||
-      a.numel(13) < 6)
+  const bool fused = a.rank(1) == 1 && a.rank(2) == 1;
+  if (a.rank(0) != 3 || (!fused && (a.rank(1) != 3 || a.rank(2) != 3)) || a.rank(3) != 3 || a.rank(4) != 3 ||
+      a.rank(8) != 2 || a.numel(13) < 6)
     return kBadShape;
-  const Shapes s{a.dim(0, 0), a.dim(0, 1), a.dim(1, 1), a.dim(0, 2), a.dim(3, 0), a.dim(8, 0), a.dim(8, 1)};
+  const int64_t n = a.dim(0, 0), kv = a.dim(3, 1), d = a.dim(0, 2);
+  const int64_t heads = fused ? a.dim(0, 1) - 2 * kv : a.dim(0, 1);
+  if (heads <= 0) return kBadShape;
+  const Shapes s{n, heads, kv, d, a.dim(3, 0), a.dim(8, 0), a.dim(8, 1), a.dim(0, 1) * d};
   const int32_t* cfg = a.data<int32_t>(13);
   const Config c{cfg[0], std::max(1, cfg[1]), cfg[2], cfg[3], cfg[4]};
   const bool apply_rope = cfg[5] != 0;
   const int64_t row = s.kv * s.d;
-  if (a.numel(1) != s.n * row || a.numel(2) != s.n * row || a.dim(3, 1) != s.kv || a.dim(3, 2) != s.d ||
+  if ((!fused && (a.numel(1) != s.n * row || a.numel(2) != s.n * row)) || a.dim(3, 2) != s.d ||
       a.numel(4) != s.slots * row || a.numel(5) != s.n || a.numel(6) != s.n || a.numel(7) != s.n ||
       a.numel(9) != s.seqs || a.numel(14) != s.n * s.heads * s.d)
     return kBadShape;
@@ -225,20 +234,26 @@ COGVLM2_AOT(PagedAttention) {
   const int32_t* context_lens = a.data<int32_t>(9);
   if (int status = validate(s, c, seq_index, position, block_tables, context_lens)) return status;
   const float* q = a.data<float>(0);
-  const float* k_new = a.data<float>(1);
+  // k_new and v_new rows: inside the fused rows (token stride q_stride), else their own contiguous tensors
+  const float* k_new = fused ? q + s.heads * s.d : a.data<float>(1);
+  const float* v_new = fused ? q + (s.heads + s.kv) * s.d : a.data<float>(2);
+  const int64_t kv_stride = fused ? s.q_stride : row;
+  Shapes attend = s;
   Rotated rotated;
   if (apply_rope) {
-    if (int status = rotate_inputs(s, q, k_new, a.data<int32_t>(10), a.data<float>(11), a.data<float>(12),
-                                   a.dim(11, 0), rotated))
+    if (int status = rotate_inputs(s, q, k_new, kv_stride, a.data<int32_t>(10), a.data<float>(11),
+                                   a.data<float>(12), a.dim(11, 0), rotated))
       return status;
     q = rotated.q.data();
-    k_new = rotated.k.data();
+    attend.q_stride = s.heads * s.d;
   }
   float* key_cache = a.data<float>(3);
   float* value_cache = a.data<float>(4);
   const int32_t* slot_mapping = a.data<int32_t>(5);
-  if (int status = write_rows(key_cache, s.slots, row, k_new, slot_mapping, s.n)) return status;
-  if (int status = write_rows(value_cache, s.slots, row, a.data<float>(2), slot_mapping, s.n)) return status;
+  if (int status = apply_rope ? write_rows(key_cache, s.slots, row, rotated.k.data(), slot_mapping, s.n)
+                              : write_rows(key_cache, s.slots, row, k_new, slot_mapping, s.n, kv_stride))
+    return status;
+  if (int status = write_rows(value_cache, s.slots, row, v_new, slot_mapping, s.n, kv_stride)) return status;
 
   std::vector<int64_t> order;
   // At most 128 query rows per KV head in a tile: the transposed scores keep them in 8 vector registers.
@@ -254,7 +269,7 @@ COGVLM2_AOT(PagedAttention) {
   parallel_for(static_cast<int64_t>(tiles.size()), threads, [&](int64_t item) {
     thread_local Scratch scratch;
     const Tile& tile = tiles[item];
-    attend_tile(tile, s, c, q, key_cache, value_cache, block_tables + tile.seq * s.max_blocks, order.data(),
+    attend_tile(tile, attend, c, q, key_cache, value_cache, block_tables + tile.seq * s.max_blocks, order.data(),
                 position, out, scratch);
   });
   return kOk;
