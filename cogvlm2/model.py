@@ -58,7 +58,7 @@ class CogVLM2Model:
         """`kernels`: a kernels.registry.KernelSet for the decoder's hot ops (default: the reference composites)."""
         configure_mindspore()
         self.config = config
-        self.vision = VisionEncoder(config, tensors)
+        self.vision = VisionEncoder(config, tensors, kernels)
         self.language = LanguageModel(config, tensors, inv_freq, kernels)
 
     @property

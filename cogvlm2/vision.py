@@ -7,7 +7,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from cogvlm2.config import CogVLM2Config
-from cogvlm2.layers import gelu_exact, layer_norm, linear, softmax_attention, to_tensor
+from cogvlm2.layers import gelu_exact, layer_norm, softmax_attention, swiglu, to_tensor
 
 PREFIX = "model.vision."
 
@@ -31,36 +31,44 @@ class VisionLayerWeights:
 class VisionEncoder:
     """pixel_values [B, 3, S, S] -> features [B, tokens_per_image, lm_hidden]."""
 
-    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray]):
+    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], kernels=None):
+        """`kernels`: the KernelSet whose linear (and weight layout) the projections use (default: the reference
+        composites, MindSpore's MatMul on checkpoint-layout weights)."""
+        from kernels.registry import get_kernels
         self.config = config
+        self.kernels = kernels if kernels is not None else get_kernels("reference")
+        weight = self.kernels.prepare_weight
         v = config.vision
         t = {name[len(PREFIX):]: arr for name, arr in tensors.items() if name.startswith(PREFIX)}
         # Conv kernels with stride == kernel size are matmuls over flattened patches: [out, in * k * k].
-        self.patch_w = to_tensor(t["patch_embedding.proj.weight"].reshape(v.hidden_size, -1))
+        self.patch_w = weight(t["patch_embedding.proj.weight"].reshape(v.hidden_size, -1))
         self.patch_b = to_tensor(t["patch_embedding.proj.bias"])
         self.cls = to_tensor(t["patch_embedding.cls_embedding"].reshape(1, v.hidden_size))
         self.pos = to_tensor(t["patch_embedding.position_embedding.weight"])
         self.layers = [self._layer(t, f"transformer.layers.{j}.") for j in range(v.num_hidden_layers)]
-        self.conv_w = to_tensor(t["conv.weight"].reshape(v.hidden_size, -1))
+        self.conv_w = weight(t["conv.weight"].reshape(v.hidden_size, -1))
         self.conv_b = to_tensor(t["conv.bias"])
-        self.proj_w = to_tensor(t["linear_proj.linear_proj.weight"])
+        self.proj_w = weight(t["linear_proj.linear_proj.weight"])
         self.norm_w = to_tensor(t["linear_proj.norm1.weight"])
         self.norm_b = to_tensor(t["linear_proj.norm1.bias"])
-        self.gate_w = to_tensor(t["linear_proj.gate_proj.weight"])
-        self.up_w = to_tensor(t["linear_proj.dense_h_to_4h.weight"])
-        self.down_w = to_tensor(t["linear_proj.dense_4h_to_h.weight"])
+        self.gate_up_w = weight(np.concatenate([t["linear_proj.gate_proj.weight"],
+                                                t["linear_proj.dense_h_to_4h.weight"]]))
+        self.down_w = weight(t["linear_proj.dense_4h_to_h.weight"])
         self.boi = to_tensor(t["boi"].reshape(1, config.hidden_size))
         self.eoi = to_tensor(t["eoi"].reshape(1, config.hidden_size))
 
-    @staticmethod
-    def _layer(t: dict[str, np.ndarray], p: str) -> VisionLayerWeights:
+    def _layer(self, t: dict[str, np.ndarray], p: str) -> VisionLayerWeights:
         get = lambda name: to_tensor(t[p + name])  # noqa: E731
+        weight = lambda name: self.kernels.prepare_weight(t[p + name])  # noqa: E731
         return VisionLayerWeights(
             get("input_layernorm.weight"), get("input_layernorm.bias"),
-            get("attention.query_key_value.weight"), get("attention.query_key_value.bias"),
-            get("attention.dense.weight"), get("attention.dense.bias"),
+            weight("attention.query_key_value.weight"), get("attention.query_key_value.bias"),
+            weight("attention.dense.weight"), get("attention.dense.bias"),
             get("post_attention_layernorm.weight"), get("post_attention_layernorm.bias"),
-            get("mlp.fc1.weight"), get("mlp.fc1.bias"), get("mlp.fc2.weight"), get("mlp.fc2.bias"))
+            weight("mlp.fc1.weight"), get("mlp.fc1.bias"), weight("mlp.fc2.weight"), get("mlp.fc2.bias"))
+
+    def _linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self.kernels.linear(x, w, bias)
 
     def __call__(self, pixel_values: np.ndarray) -> Tensor:
         return ops.stack([self.encode_one(Tensor.from_numpy(np.ascontiguousarray(p, np.float32)))
@@ -70,21 +78,21 @@ class VisionEncoder:
         v = self.config.vision
         g, p = v.grid_size, v.patch_size
         patches = pixels.reshape(3, g, p, g, p).transpose(1, 3, 0, 2, 4).reshape(g * g, 3 * p * p)
-        x = ops.concat((self.cls, linear(patches, self.patch_w, self.patch_b)), 0) + self.pos
+        x = ops.concat((self.cls, self._linear(patches, self.patch_w, self.patch_b)), 0) + self.pos
         for layer in self.layers:
             x = self._transformer_layer(x, layer)
         x = x[1:].reshape(g // 2, 2, g // 2, 2, v.hidden_size).transpose(0, 2, 4, 1, 3)
-        x = linear(x.reshape((g // 2) ** 2, v.hidden_size * 4), self.conv_w, self.conv_b)
-        h = gelu_exact(layer_norm(linear(x, self.proj_w), self.norm_w, self.norm_b, 1e-5))
-        h = linear(ops.silu(linear(h, self.gate_w)) * linear(h, self.up_w), self.down_w)
+        x = self._linear(x.reshape((g // 2) ** 2, v.hidden_size * 4), self.conv_w, self.conv_b)
+        h = gelu_exact(layer_norm(self._linear(x, self.proj_w), self.norm_w, self.norm_b, 1e-5))
+        h = self._linear(swiglu(self._linear(h, self.gate_up_w)), self.down_w)
         return ops.concat((self.boi, h, self.eoi), 0)
 
     def _transformer_layer(self, x: Tensor, w: VisionLayerWeights) -> Tensor:
         v = self.config.vision
         n = x.shape[0]
-        qkv = linear(x, w.qkv_w, w.qkv_b).reshape(n, 3, v.num_heads, v.head_dim).transpose(1, 2, 0, 3)
+        qkv = self._linear(x, w.qkv_w, w.qkv_b).reshape(n, 3, v.num_heads, v.head_dim).transpose(1, 2, 0, 3)
         attn = softmax_attention(qkv[0], qkv[1], qkv[2], None, v.head_dim ** -0.5)
-        attn = linear(attn.transpose(1, 0, 2).reshape(n, v.hidden_size), w.dense_w, w.dense_b)
+        attn = self._linear(attn.transpose(1, 0, 2).reshape(n, v.hidden_size), w.dense_w, w.dense_b)
         x = x + layer_norm(attn, w.ln_in_w, w.ln_in_b, v.layer_norm_eps)
-        mlp = linear(gelu_exact(linear(x, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
+        mlp = self._linear(gelu_exact(self._linear(x, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
         return x + layer_norm(mlp, w.ln_post_w, w.ln_post_b, v.layer_norm_eps)

@@ -7,7 +7,7 @@ every backend, so the model never branches on where a kernel comes from.
                     block_tables, context_lens, block_size, rope=None) -> [N, H * d]
         (writes the cache, then attends; rope=(positions, cos_table, sin_table) also rotates q and k_new first)
     expert_linear(x, num_language, wl, wv, bv) -> y
-    linear(x, w) -> y                                   (x @ w^T: the lm_head)
+    linear(x, w, bias=None) -> y                        (x @ w^T + bias: the lm_head, the vision encoder)
     prepare_weight(w [out, in] numpy) -> Tensor         (the layout expert_linear and linear read best)
 
 Backends: "cpu" (the AOT kernels of kernels/cpu), "reference" (the MindSpore composites of kernels/reference.py),
@@ -184,9 +184,9 @@ class KernelSet:
     def expert_linear(self, x: Tensor, num_language: int, wl: Tensor, wv: Tensor, bv: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-    def linear(self, x: Tensor, w: Tensor) -> Tensor:
-        """x [N, in] @ w^T for a weight from prepare_weight."""
-        return layers.linear(x, w)
+    def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x [N, in] @ w^T (+ bias) for a weight from prepare_weight."""
+        return layers.linear(x, w, bias)
 
     def prepare_weight(self, weight: np.ndarray) -> Tensor:
         """A projection weight [out, in] in the layout this backend's expert_linear and linear read (done once, at
@@ -288,10 +288,10 @@ class CpuKernels(KernelSet):
             return layers.to_tensor(pack_weight(np.asarray(weight, np.float32)))
         return layers.to_tensor(weight)
 
-    def linear(self, x, w):
-        if w.ndim == 3:
-            return self.expert_linear(x, x.shape[0], w, w, None)
-        return layers.linear(x, w)  # MindSpore's MatMul: faster than our unpacked GEMM at the lm_head's shape
+    def linear(self, x, w, bias=None):
+        if w.ndim == 3:  # every row through "the vision expert" when there is a bias: the kernel adds it
+            return self.expert_linear(x, 0 if bias is not None else x.shape[0], w, w, bias)
+        return layers.linear(x, w, bias)  # MindSpore's MatMul: faster than our unpacked GEMM at the lm_head's shape
 
     def _precomputed_configs(self) -> dict[tuple, Tensor]:
         keys = [("rope", cls) for cls in ("decode", "prefill")]

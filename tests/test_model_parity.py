@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, case_image, margin_limit
+from kernels.registry import get_kernels
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -25,6 +26,18 @@ def test_vision_features_match(demo_pipeline, golden_cases, golden_arrays, proce
         p = processed[case["name"]]
         np.testing.assert_allclose(p.pixel_values, golden_arrays[f"{case['name']}.pixel_values"], atol=1e-5)
         features = demo_pipeline.generator.model.encode_images(p.pixel_values[None]).asnumpy()[0]
+        np.testing.assert_allclose(features, golden_arrays[f"{case['name']}.vision_features"], atol=1e-4)
+
+
+@pytest.mark.skipif(get_kernels("auto").backend != "cpu", reason="the CPU kernel library did not build")
+def test_vision_features_match_with_cpu_kernels(golden_cases, golden_arrays, processed):
+    """The engine's vision encoder: prepacked weights, bias fused into the kernel GEMM."""
+    from cogvlm2.model import CogVLM2Model
+    from cogvlm2.model_source import resolve_model
+    model = CogVLM2Model.from_source(resolve_model("demo"), get_kernels("cpu"))
+    assert model.vision.layers[0].qkv_w.ndim == 3  # the prepacked layout is what runs here
+    for case in [c for c in golden_cases if c["image"]]:
+        features = model.encode_images(processed[case["name"]].pixel_values[None]).asnumpy()[0]
         np.testing.assert_allclose(features, golden_arrays[f"{case['name']}.vision_features"], atol=1e-4)
 
 
