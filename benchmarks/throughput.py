@@ -69,6 +69,7 @@ class RunStats:
     total_tokens_per_s: float
     ttft_ms: dict
     tpot_ms: dict
+    gemm_gflop: float = 0.0  # the GEMM work the run had to do (engine runs only; see gemm_gflop())
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -95,7 +96,26 @@ def summarise(name: str, outputs: list[RequestOutput], seconds: float) -> RunSta
 def run_engine(llm: LLM, workload: Workload, name: str = "engine (continuous batching)") -> RunStats:
     start = time.perf_counter()
     outputs = llm.generate(workload.prompts, workload.params, use_tqdm=True)
-    return summarise(name, outputs, time.perf_counter() - start)
+    stats = summarise(name, outputs, time.perf_counter() - start)
+    num_images = sum(1 for p in workload.prompts if isinstance(p, dict) and p.get("image") is not None)
+    stats.gemm_gflop = gemm_gflop(llm.engine.config, outputs, num_images)
+    return stats
+
+
+def gemm_gflop(c, outputs: list[RequestOutput], num_images: int) -> float:
+    """A lower bound on the work of serving `outputs` (attention, norms and activations left out): the decoder's
+    GEMMs for every token it computes (prompt + output - 1 per request), the lm_head for every sampled token,
+    and the vision encoder + adapter for every image."""
+    d, f, v = c.hidden_size, c.intermediate_size, c.vision
+    decoder_per_token = 2 * c.num_hidden_layers * (d * c.qkv_size + d * d + 3 * d * f)
+    computed = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outputs)
+    sampled = sum(len(o.outputs[0].token_ids) for o in outputs)
+    vh, patches = v.hidden_size, v.grid_size ** 2
+    vision_layers = 2 * (patches + 1) * v.num_hidden_layers * (4 * vh * vh + 2 * vh * v.intermediate_size)
+    adapter_rows = patches // 4
+    adapter = 2 * adapter_rows * (4 * vh * vh + vh * d + 3 * d * f) + 2 * patches * vh * v.in_channels * v.patch_size ** 2
+    total = computed * decoder_per_token + sampled * 2 * d * c.vocab_size + num_images * (vision_layers + adapter)
+    return total / 1e9
 
 
 def run_one_at_a_time(llm: LLM, workload: Workload, limit: int | None = None) -> RunStats:
@@ -186,8 +206,24 @@ def main(argv: list[str] | None = None) -> int:
     for baseline in results[1:]:
         print(f"engine / {baseline.name}: output tokens/s "
               f"{results[0].output_tokens_per_s / baseline.output_tokens_per_s:.2f}x")
+    print_ceiling(llm, results)
     _write_json(args, results)
     return 0
+
+
+def print_ceiling(llm: LLM, results: list[RunStats]) -> None:
+    """What this machine allows: the engine's GEMM work at the measured peak GEMM rate, as output tokens/s and as
+    the largest possible ratio over each baseline measured here."""
+    from benchmarks.roofline import measure_gemm
+    engine = results[0]
+    peak, source, _ = measure_gemm(llm.engine.config)
+    best_seconds = engine.gemm_gflop / peak
+    best_tokens_per_s = engine.output_tokens_per_s * engine.seconds / best_seconds
+    print(f"ceiling: {engine.gemm_gflop:.0f} GFLOP of GEMMs at the peak {peak:.0f} GFLOP/s ({source}) take "
+          f"{best_seconds:.1f} s (engine: {engine.seconds:.1f} s, {engine.gemm_gflop / engine.seconds:.0f} GFLOP/s, "
+          f"{engine.gemm_gflop / engine.seconds / peak:.0%} of peak) -> at most {best_tokens_per_s:.0f} output tokens/s")
+    for baseline in results[1:]:
+        print(f"  at most {best_tokens_per_s / baseline.output_tokens_per_s:.1f}x {baseline.name} as measured")
 
 
 def make_llm(args: argparse.Namespace, kernels: str) -> LLM:
