@@ -120,35 +120,9 @@ void pack_panel(const float* w, int64_t ldw, int64_t cols, int64_t len, float* p
   }
 }
 
-template <int R>
-void packed_tile(const float* x, int64_t ldx, const float* packed, int64_t len, float* y, int64_t ldy, int64_t cols,
-                 bool add) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < len; ++kk) {
-    const __m512 b0 = _mm512_loadu_ps(packed + kk * kPanel), b1 = _mm512_loadu_ps(packed + kk * kPanel + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(x[r * ldx + kk]);
-      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
-    }
-  }
-  const __mmask16 m0 = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? static_cast<__mmask16>(0xFFFF)
-                                  : static_cast<__mmask16>(cols > 16 ? (1u << (cols - 16)) - 1 : 0);
-  for (int r = 0; r < R; ++r) {
-    float* out = y + r * ldy;
-    if (add) {
-      acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_maskz_loadu_ps(m0, out));
-      acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_maskz_loadu_ps(m1, out + 16));
-    }
-    _mm512_mask_storeu_ps(out, m0, acc[r][0]);
-    _mm512_mask_storeu_ps(out + 16, m1, acc[r][1]);
-  }
-}
-
-// packed_tile that also pulls `pf_lines` cache lines from `pf` into L2 as it goes: the weights of the next panel,
-// so that streaming them from memory overlaps this panel's FMAs instead of stalling the next panel's first tile.
+// R rows x 32 columns over a packed panel (packed[kk][32]): 2 x R accumulators, one broadcast of x and two packed
+// loads per k. It also pulls `pf_lines` cache lines from `pf` into L2 as it goes (the weights of the next panel,
+// so that streaming them from memory overlaps this panel's FMAs instead of stalling the next panel's first tile).
 template <int R>
 void prefetching_tile(const float* x, int64_t ldx, const float* packed, int64_t len, float* y, int64_t ldy,
                       int64_t cols, bool add, const char* pf, int64_t pf_lines) {
@@ -180,8 +154,11 @@ void prefetching_tile(const float* x, int64_t ldx, const float* packed, int64_t 
   }
 }
 
-using PrefetchingTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool,
-                                 const char*, int64_t);
+template <int R>
+void packed_tile(const float* x, int64_t ldx, const float* packed, int64_t len, float* y, int64_t ldy, int64_t cols,
+                 bool add) {
+  prefetching_tile<R>(x, ldx, packed, len, y, ldy, cols, add, nullptr, 0);
+}
 
 using PackedTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool);
 
