@@ -17,6 +17,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
+from kernels import pyboost
+
 from mindspore.ops.primitive import constexpr
 
 
@@ -155,6 +157,8 @@ class CpuOps:
         self._write_kv = _custom("WriteKVCache", _token_shape, _token_dtype)
         self._paged_attention = _custom("PagedAttention", _paged_attention_shape, lambda q, *rest: q)
         self._expert_linear = _custom("ExpertLinear", _expert_linear_shape, lambda x, *rest: x)
+        # the pyboost twin for eager in-place calls (kernels/pyboost.py), or None: then the AOT ops serve them too
+        self.eager = pyboost.load(self.library.path) if os.environ.get("COGVLM2_EAGER_OPS", "1") != "0" else None
 
     @property
     def has_openblas(self) -> bool:
@@ -172,7 +176,10 @@ class CpuOps:
         if not _run_in_jit():  # PyNative runs the op now: no dependency to keep, and contiguous inputs need no copy
             q = q if q.is_contiguous() else q.contiguous()
             k = k if k.is_contiguous() else k.contiguous()
-            self._rope(q, k, positions, cos_table, sin_table, config)
+            if self.eager is not None:
+                self.eager.run_inplace("RopeInplace", [q, k, positions, cos_table, sin_table, config])
+            else:
+                self._rope(q, k, positions, cos_table, sin_table, config)
             return q, k
         q, k = q.contiguous(), k.contiguous()
         done = self._rope(q, k, positions, cos_table, sin_table, config)

@@ -6,3 +6,5 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test,serve]"
+# The eager-dispatch twin of the in-place kernels (kernels/pyboost.py): optional, the AOT ops cover a failure.
+.venv/bin/python -m kernels.pyboost || echo "setup: continuing without the pyboost extension"

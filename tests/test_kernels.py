@@ -242,6 +242,35 @@ def test_rope_of_strided_views():
 
 
 @needs_cpu
+@pytest.mark.skipif(CPU.ops.eager is None, reason="the pyboost extension is not built here")
+def test_rope_eager_twin_matches_the_aot_op_and_rejects_bad_positions():
+    """Eager rope goes through the pyboost twin (kernels/pyboost.py); the same kernel as the AOT op."""
+    rng = np.random.default_rng(21)
+    cos, sin = rope_table(default_inv_freq(64, 10000.0), 128)
+    q, k, positions = rope_inputs(rng, 9, 4, 2, 64, 128)
+    config = CPU._config("rope", 9)
+    args = (Tensor(positions.astype(np.int32)), Tensor(cos), Tensor(sin), config)
+    eager_q, eager_k = Tensor(q.copy()), Tensor(k.copy())
+    CPU.ops.eager.run_inplace("RopeInplace", [eager_q, eager_k, *args])
+    aot_q, aot_k = Tensor(q.copy()), Tensor(k.copy())
+    CPU.ops._rope(aot_q, aot_k, *args)
+    np.testing.assert_array_equal(eager_q.asnumpy(), aot_q.asnumpy())
+    np.testing.assert_array_equal(eager_k.asnumpy(), aot_k.asnumpy())
+    assert not np.array_equal(eager_q.asnumpy(), q)  # it did rotate
+    bad = Tensor(np.full(9, 500, np.int32))  # past the 128-row table
+    with pytest.raises(RuntimeError, match="RopeInplace failed with status 4"):
+        CPU.rope(Tensor(q.copy()), Tensor(k.copy()), bad, Tensor(cos), Tensor(sin))
+    again_q, _ = CPU.rope(Tensor(q.copy()), Tensor(k.copy()), args[0], Tensor(cos), Tensor(sin))  # still serving
+    np.testing.assert_array_equal(again_q.asnumpy(), aot_q.asnumpy())
+
+
+def test_pyboost_extension_is_optional(tmp_path, monkeypatch):
+    from kernels import pyboost
+    monkeypatch.setattr(pyboost, "BUILD_DIR", tmp_path)  # nothing built there
+    assert not pyboost.is_built() and pyboost.load("/nonexistent.so") is None
+
+
+@needs_cpu
 def test_rope_bf16_fixture_table():
     """The table rebuilt by cogvlm2.rope from a bf16 inv_freq is the published one; the kernel reads it as is."""
     fixture = np.load(FIXTURES / "rope_bf16.npz")
