@@ -15,7 +15,7 @@ from mindspore import Tensor, ops
 
 from cogvlm2 import graphs
 from cogvlm2.config import CogVLM2Config
-from cogvlm2.layers import apply_rope, expert_linear, linear, rms_norm, split_qkv, swiglu, to_tensor  # noqa: F401
+from cogvlm2.layers import apply_rope, expert_linear, rms_norm, split_qkv, swiglu, to_tensor  # noqa: F401
 from cogvlm2.rope import default_inv_freq, rope_table
 
 

@@ -67,9 +67,6 @@ class VisionEncoder:
             get("post_attention_layernorm.weight"), get("post_attention_layernorm.bias"),
             weight("mlp.fc1.weight"), get("mlp.fc1.bias"), weight("mlp.fc2.weight"), get("mlp.fc2.bias"))
 
-    def _linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-        return self.kernels.linear(x, w, bias)
-
     def __call__(self, pixel_values: np.ndarray) -> Tensor:
         return ops.stack([self.encode_one(Tensor.from_numpy(np.ascontiguousarray(p, np.float32)))
                           for p in pixel_values])
@@ -78,21 +75,21 @@ class VisionEncoder:
         v = self.config.vision
         g, p = v.grid_size, v.patch_size
         patches = pixels.reshape(3, g, p, g, p).transpose(1, 3, 0, 2, 4).reshape(g * g, 3 * p * p)
-        x = ops.concat((self.cls, self._linear(patches, self.patch_w, self.patch_b)), 0) + self.pos
+        x = ops.concat((self.cls, self.kernels.linear(patches, self.patch_w, self.patch_b)), 0) + self.pos
         for layer in self.layers:
             x = self._transformer_layer(x, layer)
         x = x[1:].reshape(g // 2, 2, g // 2, 2, v.hidden_size).transpose(0, 2, 4, 1, 3)
-        x = self._linear(x.reshape((g // 2) ** 2, v.hidden_size * 4), self.conv_w, self.conv_b)
-        h = gelu_exact(layer_norm(self._linear(x, self.proj_w), self.norm_w, self.norm_b, 1e-5))
-        h = self._linear(swiglu(self._linear(h, self.gate_up_w)), self.down_w)
+        x = self.kernels.linear(x.reshape((g // 2) ** 2, v.hidden_size * 4), self.conv_w, self.conv_b)
+        h = gelu_exact(layer_norm(self.kernels.linear(x, self.proj_w), self.norm_w, self.norm_b, 1e-5))
+        h = self.kernels.linear(swiglu(self.kernels.linear(h, self.gate_up_w)), self.down_w)
         return ops.concat((self.boi, h, self.eoi), 0)
 
     def _transformer_layer(self, x: Tensor, w: VisionLayerWeights) -> Tensor:
         v = self.config.vision
         n = x.shape[0]
-        qkv = self._linear(x, w.qkv_w, w.qkv_b).reshape(n, 3, v.num_heads, v.head_dim).transpose(1, 2, 0, 3)
+        qkv = self.kernels.linear(x, w.qkv_w, w.qkv_b).reshape(n, 3, v.num_heads, v.head_dim).transpose(1, 2, 0, 3)
         attn = softmax_attention(qkv[0], qkv[1], qkv[2], None, v.head_dim ** -0.5)
-        attn = self._linear(attn.transpose(1, 0, 2).reshape(n, v.hidden_size), w.dense_w, w.dense_b)
+        attn = self.kernels.linear(attn.transpose(1, 0, 2).reshape(n, v.hidden_size), w.dense_w, w.dense_b)
         x = x + layer_norm(attn, w.ln_in_w, w.ln_in_b, v.layer_norm_eps)
-        mlp = self._linear(gelu_exact(self._linear(x, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
+        mlp = self.kernels.linear(gelu_exact(self.kernels.linear(x, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
         return x + layer_norm(mlp, w.ln_post_w, w.ln_post_b, v.layer_norm_eps)

@@ -11,6 +11,7 @@ points, so both paths run the same kernel. It is compiled against MindSpore's he
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "pyboost_ops.cpp"
@@ -34,8 +35,8 @@ def load(library_path: str, build: bool = False):
         module.set_library(library_path)
         return module
     except Exception as error:  # noqa: BLE001  (no compiler, no headers: the AOT ops still work)
-        print(f"cogvlm2 kernels: the pyboost extension is unavailable ({error}); eager calls use the AOT ops",
-              file=sys.stderr)
+        warnings.warn(f"cogvlm2 kernels: the pyboost extension is unavailable ({error}); eager calls use the AOT ops",
+                      RuntimeWarning, stacklevel=2)
         return None
 
 
