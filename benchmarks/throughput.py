@@ -230,7 +230,7 @@ def make_llm(args: argparse.Namespace, kernels: str) -> LLM:
     start = time.perf_counter()
     llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=False, kernels=kernels)
-    print(f"engine ready in {time.perf_counter() - start:.1f} s ({args.model}, kernels={llm.engine.model.kernels.backend})",
+    print(f"engine ready in {time.perf_counter() - start:.1f} s ({args.model}, kernels={llm.stats()['kernels']})",
           file=sys.stderr)
     return llm
 

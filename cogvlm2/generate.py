@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from mindspore import Tensor, ops
 
-from cogvlm2.layers import softmax_attention
+from cogvlm2.language_model import RopeInputs
+from cogvlm2.layers import apply_rope, softmax_attention, split_qkv
 from cogvlm2.model import CogVLM2Model, TokenBatch
 
 if TYPE_CHECKING:
@@ -18,29 +19,32 @@ if TYPE_CHECKING:
 
 
 class ContiguousAttention:
-    """Per-layer K/V of one sequence, kept in sequence order; causal by sequence index."""
+    """Per-layer K/V of one sequence, kept in sequence order; causal by sequence index; RoPE by the reference
+    composite."""
 
     def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
         self.cached_index = np.zeros(0, np.int64)
-        self.step_index = np.zeros(0, np.int64)
         self.mask: Tensor | None = None
+        self._cos_sin: tuple[Tensor, Tensor] | None = None
 
-    def begin_step(self, token_index: np.ndarray) -> None:
+    def begin_step(self, batch: TokenBatch, token_index: np.ndarray) -> None:
         """`token_index`: sequence index of each token of the coming forward, in batch order."""
-        self.step_index = token_index
-
-    def prepare(self, order: np.ndarray) -> None:
-        query_index = self.step_index[order]
+        query_index = token_index[batch.order]
         self.cached_index = np.concatenate([self.cached_index, query_index])
         visible = self.cached_index[None, :] <= query_index[:, None]
         group = self.num_heads // self.num_kv_heads
         mask = np.where(visible, np.float32(0), np.float32(-np.inf)).astype(np.float32)
         self.mask = Tensor.from_numpy(np.ascontiguousarray(np.tile(mask, (group, 1))[None]))
+        self._cos_sin = None
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(self, layer: int, qkv: Tensor, rope: RopeInputs) -> Tensor:
+        if self._cos_sin is None:  # the same positions for every layer of the step
+            self._cos_sin = ops.gather(rope.cos_table, rope.positions, 0), ops.gather(rope.sin_table, rope.positions, 0)
+        q, k, v = split_qkv(qkv, self.num_kv_heads)
+        q, k = apply_rope(q, *self._cos_sin), apply_rope(k, *self._cos_sin)
         keys = k if self.keys[layer] is None else ops.concat((self.keys[layer], k), 0)
         values = v if self.values[layer] is None else ops.concat((self.values[layer], v), 0)
         self.keys[layer], self.values[layer] = keys, values
@@ -87,7 +91,7 @@ class SimpleGenerator:
             vision_expert=np.asarray(prompt.vision_expert_mask, bool),
             logits_positions=np.arange(n) if all_positions else np.array([n - 1]),
             image_features=features, image_positions=image_positions)
-        attention.begin_step(np.arange(n))
+        attention.begin_step(batch, np.arange(n))
         return self.model.forward(batch, attention).asnumpy()
 
     def generate(self, prompt: ProcessedPrompt, max_tokens: int, stop_token_ids: tuple[int, ...] = (),
@@ -116,7 +120,7 @@ class SimpleGenerator:
     def _decode(self, token: int, position: int, index: int, attention: ContiguousAttention) -> np.ndarray:
         batch = TokenBatch(token_ids=np.array([token]), position_ids=np.array([position]),
                            vision_expert=np.zeros(1, bool), logits_positions=np.array([0]))
-        attention.begin_step(np.array([index]))
+        attention.begin_step(batch, np.array([index]))
         return self.model.forward(batch, attention).asnumpy()[0]
 
     @staticmethod
@@ -145,7 +149,8 @@ class GenerationOutput:
 class SimplePipeline:
     """Processor + model + simple generation loop for one conversation at a time."""
 
-    def __init__(self, model: str | None = None, tokenizer: str | None = None, config_yaml: str | None = None):
+    def __init__(self, model: str | None = None, tokenizer: str | None = None, config_yaml: str | None = None,
+                 kernels: str = "reference"):
         from cogvlm2.model_source import resolve_model
         from cogvlm2.processor import CogVLM2Processor
         from cogvlm2.tokenizer import Llama3Tokenizer
@@ -154,7 +159,8 @@ class SimplePipeline:
         self.tokenizer = Llama3Tokenizer.from_file(tokenizer) if tokenizer else Llama3Tokenizer.for_model_dir(
             source.model_dir)
         self.processor = CogVLM2Processor(source.config, self.tokenizer)
-        self.generator = SimpleGenerator(CogVLM2Model.from_source(source))
+        from kernels.registry import get_kernels
+        self.generator = SimpleGenerator(CogVLM2Model.from_source(source, get_kernels(kernels)))
 
     def generate(self, prompt: str, image=None, history=None, template: str | None = None, max_tokens: int = 64,
                  temperature: float = 0.0, seed: int | None = None, ignore_eos: bool = False) -> GenerationOutput:

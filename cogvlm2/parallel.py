@@ -7,26 +7,31 @@ Rank r of N holds, of every decoder layer and of both experts:
 - MLP gate/up (column-parallel) and down (row-parallel): its N-th of the intermediate size; down is all-reduced;
 - embed_tokens and lm_head: its N-th of the vocabulary. Embedding rows of ids outside the slice are zeroed and the
   result all-reduced; logits stay split by vocabulary slice and the caller concatenates them in rank order.
-The vision encoder's transformer layers are split the same way (heads; fc1/fc2), with dense and fc2 biases added
-once after the all-reduce. Norms, RoPE, the patch embedding, the 2x2 conv, the GLU adapter, boi and eoi are
-replicated. Each rank keeps only its slices while the checkpoint streams through `load_weights`.
+The vision encoder's transformer layers are split the same way (heads; fc1/fc2; the dense and fc2 biases held by
+rank 0 only, so the all-reduce adds them once) when its head count and MLP size divide the number of ranks and
+mm_encoder_tp_mode is "weights". Otherwise (or with mm_encoder_tp_mode="data") the encoder is replicated and each
+rank encodes its share of a step's images, the features all-gathered. Norms, RoPE, the patch embedding, the 2x2
+conv, the GLU adapter, boi and eoi are replicated. Each rank keeps only its slices while the checkpoint streams
+through `load_weights`.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from mindspore import Tensor, ops
 
 from cogvlm2.config import CogVLM2Config
 from cogvlm2.language_model import LanguageModel
-from cogvlm2.layers import gelu_exact, layer_norm, linear, softmax_attention
 from cogvlm2.model import CogVLM2Model
 from cogvlm2.model_source import ModelSource
 from cogvlm2.runtime import configure_mindspore
-from cogvlm2.vision import VisionEncoder, VisionLayerWeights
+from cogvlm2.vision import VisionEncoder
+
+if TYPE_CHECKING:
+    from kernels.interface import KernelSet
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,12 @@ class ShardLayout:
     kv_heads: Span
     intermediate: Span
     vocab: Span
-    vision_heads: Span
-    vision_intermediate: Span
+    vision_heads: Span | None  # None: the vision encoder is replicated and splits the images instead
+    vision_intermediate: Span | None
+
+    @property
+    def vision_data_parallel(self) -> bool:
+        return self.vision_heads is None
 
 
 def _even_split(total: int, size: int, rank: int) -> Span:
@@ -77,26 +86,31 @@ def check_tensor_parallel(config: CogVLM2Config, size: int) -> None:
          f"the number of KV heads ({kv}) and is not a multiple of it"),
         (config.intermediate_size % size == 0, f"intermediate_size ({config.intermediate_size})"),
         (config.vocab_size % size == 0, f"vocab_size ({config.vocab_size})"),
-        (config.vision.num_heads % size == 0, f"the vision encoder's number of heads ({config.vision.num_heads})"),
-        (config.vision.intermediate_size % size == 0,
-         f"the vision encoder's intermediate_size ({config.vision.intermediate_size})"),
     ]
     for ok, what in checks:
         if not ok:
             raise ValueError(f"tensor_parallel_size={size} does not divide {what}")
 
 
-def shard_layout(config: CogVLM2Config, size: int, rank: int) -> ShardLayout:
+def vision_is_sharded(config: CogVLM2Config, size: int, mm_encoder_tp_mode: str = "weights") -> bool:
+    """Whether the vision encoder is split by heads ("weights" mode, when the sizes divide), else replicated."""
+    v = config.vision
+    return mm_encoder_tp_mode == "weights" and v.num_heads % size == 0 and v.intermediate_size % size == 0
+
+
+def shard_layout(config: CogVLM2Config, size: int, rank: int, mm_encoder_tp_mode: str = "weights") -> ShardLayout:
     check_tensor_parallel(config, size)
     if not 0 <= rank < size:
         raise ValueError(f"rank {rank} is outside tensor_parallel_size={size}")
+    sharded = vision_is_sharded(config, size, mm_encoder_tp_mode)
     return ShardLayout(size, rank,
                        heads=_even_split(config.num_attention_heads, size, rank),
                        kv_heads=_kv_span(config.num_kv_heads, size, rank),
                        intermediate=_even_split(config.intermediate_size, size, rank),
                        vocab=_even_split(config.vocab_size, size, rank),
-                       vision_heads=_even_split(config.vision.num_heads, size, rank),
-                       vision_intermediate=_even_split(config.vision.intermediate_size, size, rank))
+                       vision_heads=_even_split(config.vision.num_heads, size, rank) if sharded else None,
+                       vision_intermediate=_even_split(config.vision.intermediate_size, size, rank) if sharded
+                       else None)
 
 
 def kv_heads_per_rank(config: CogVLM2Config, size: int) -> int:
@@ -129,27 +143,36 @@ def _vision_qkv(array: np.ndarray, config: CogVLM2Config, layout: ShardLayout) -
     return part.reshape(-1, *array.shape[1:])
 
 
+def _rank_zero_only(array: np.ndarray, layout: ShardLayout) -> np.ndarray:
+    """A bias added after an all-reduce: one rank adds it, the others add zeros."""
+    return array if layout.rank == 0 else np.zeros_like(array)
+
+
 Slicer = Callable[[np.ndarray, CogVLM2Config, ShardLayout], np.ndarray]
 _DECODER = r"model\.layers\.\d+\."
 _VISION = r"model\.vision\.transformer\.layers\.\d+\."
-_SLICERS: list[tuple[re.Pattern[str], Slicer]] = [(re.compile(pattern), slicer) for pattern, slicer in [
+_DECODER_SLICERS: list[tuple[re.Pattern[str], Slicer]] = [(re.compile(pattern), slicer) for pattern, slicer in [
     (_DECODER + r"self_attn\.(language|vision)_expert_query_key_value\.(weight|bias)", _decoder_qkv),
     (_DECODER + r"self_attn\.(language|vision)_expert_dense\.weight",
      lambda a, c, s: _columns(a, s.heads, c.head_dim)),
     (_DECODER + r"mlp\.(language|vision)_mlp\.(gate_proj|up_proj)\.weight", lambda a, c, s: _rows(a, s.intermediate, 1)),
     (_DECODER + r"mlp\.(language|vision)_mlp\.down_proj\.weight", lambda a, c, s: _columns(a, s.intermediate, 1)),
     (r"model\.embed_tokens\.weight|lm_head\.weight", lambda a, c, s: _rows(a, s.vocab, 1)),
+]]
+_VISION_SLICERS: list[tuple[re.Pattern[str], Slicer]] = [(re.compile(pattern), slicer) for pattern, slicer in [
     (_VISION + r"attention\.query_key_value\.(weight|bias)", _vision_qkv),
     (_VISION + r"attention\.dense\.weight", lambda a, c, s: _columns(a, s.vision_heads, c.vision.head_dim)),
     (_VISION + r"mlp\.fc1\.(weight|bias)", lambda a, c, s: _rows(a, s.vision_intermediate, 1)),
     (_VISION + r"mlp\.fc2\.weight", lambda a, c, s: _columns(a, s.vision_intermediate, 1)),
+    (_VISION + r"(attention\.dense|mlp\.fc2)\.bias", lambda a, c, s: _rank_zero_only(a, s)),
 ]]
 
 
 def shard_tensor(name: str, array: np.ndarray, config: CogVLM2Config, layout: ShardLayout) -> np.ndarray:
     """This rank's part of one checkpoint tensor (HF name): a contiguous copy of its slice, or the array itself
     when the tensor is replicated."""
-    for pattern, slicer in _SLICERS:
+    slicers = _DECODER_SLICERS + (_VISION_SLICERS if not layout.vision_data_parallel else [])
+    for pattern, slicer in slicers:
         if pattern.fullmatch(name):
             return np.ascontiguousarray(slicer(array, config, layout))
     return array
@@ -157,15 +180,14 @@ def shard_tensor(name: str, array: np.ndarray, config: CogVLM2Config, layout: Sh
 
 # ---- the sharded model ------------------------------------------------------------------------------------------
 class ParallelLanguageModel(LanguageModel):
-    """The decoder over this rank's heads, intermediate slice and vocabulary slice. Eager only: the compiled
-    segments of cogvlm2/graphs.py have no all-reduce between the dense projection and the MLP."""
+    """The decoder over this rank's heads, intermediate slice and vocabulary slice."""
 
     def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None,
-                 layout: ShardLayout, kernels=None):
-        super().__init__(config, tensors, inv_freq, kernels)
+                 layout: ShardLayout, kernels: KernelSet):
         self.layout = layout
-        self.num_heads, self.num_kv_heads = layout.heads.size, layout.kv_heads.size
         self._all_reduce = ops.AllReduce()
+        super().__init__(config, tensors, inv_freq, kernels)
+        self.num_heads, self.num_kv_heads = layout.heads.size, layout.kv_heads.size
 
     def reduce(self, x: Tensor) -> Tensor:
         return self._all_reduce(x)
@@ -176,52 +198,44 @@ class ParallelLanguageModel(LanguageModel):
         rows = ops.gather(self.embed_table, Tensor.from_numpy(np.where(inside, local, 0).astype(np.int32)), 0)
         return self.reduce(rows * Tensor.from_numpy(inside.astype(np.float32)[:, None]))
 
-    def enable_graphs(self, max_tokens: int, rope_in_graph: bool = True, progress: bool = True) -> None:
-        raise NotImplementedError("compiled decoder graphs are not available under tensor parallelism")
-
-
-class ParallelVisionEncoder(VisionEncoder):
-    """EVA2-CLIP layers over this rank's heads and MLP slice; patch embedding, conv and adapter replicated."""
-
-    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], layout: ShardLayout):
-        super().__init__(config, tensors)
-        self.layout = layout
-        self._all_reduce = ops.AllReduce()
-
-    def _transformer_layer(self, x: Tensor, w: VisionLayerWeights) -> Tensor:
-        v = self.config.vision
-        n, heads = x.shape[0], self.layout.vision_heads.size
-        qkv = linear(x, w.qkv_w, w.qkv_b).reshape(n, 3, heads, v.head_dim).transpose(1, 2, 0, 3)
-        attn = softmax_attention(qkv[0], qkv[1], qkv[2], None, v.head_dim ** -0.5)
-        attn = self._all_reduce(linear(attn.transpose(1, 0, 2).reshape(n, heads * v.head_dim), w.dense_w))
-        x = x + layer_norm(attn + w.dense_b, w.ln_in_w, w.ln_in_b, v.layer_norm_eps)
-        mlp = self._all_reduce(linear(gelu_exact(linear(x, w.fc1_w, w.fc1_b)), w.fc2_w))
-        return x + layer_norm(mlp + w.fc2_b, w.ln_post_w, w.ln_post_b, v.layer_norm_eps)
-
 
 class ParallelCogVLM2Model(CogVLM2Model):
     """One rank's shard. `forward` returns logits for this rank's vocabulary slice only."""
 
     def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None,
-                 layout: ShardLayout, kernels=None):
+                 layout: ShardLayout, kernels: KernelSet):
         configure_mindspore()
-        self.config = config
-        self.layout = layout
-        self.vision = ParallelVisionEncoder(config, tensors, layout)
+        self.config, self.layout, self.kernels = config, layout, kernels
+        reduce = (lambda x: x) if layout.vision_data_parallel else ops.AllReduce()
+        self.vision = VisionEncoder(config, tensors, kernels, reduce)
         self.language = ParallelLanguageModel(config, tensors, inv_freq, layout, kernels)
+        self._all_gather = ops.AllGather()
+
+    def encode_images(self, pixel_values: np.ndarray) -> Tensor:
+        if not self.layout.vision_data_parallel:
+            return self.vision(pixel_values)  # every rank computes its heads of every image
+        return self._encode_share(pixel_values)
+
+    def _encode_share(self, pixel_values: np.ndarray) -> Tensor:
+        """Rank r encodes images [r * k, (r + 1) * k) of the step's (padded to k per rank), then all ranks gather
+        every rank's features in rank order."""
+        count, size, rank = pixel_values.shape[0], self.layout.size, self.layout.rank
+        per_rank = -(-count // size)
+        padding = np.zeros((per_rank * size - count,) + pixel_values.shape[1:], pixel_values.dtype)
+        mine = np.concatenate([pixel_values, padding])[rank * per_rank:(rank + 1) * per_rank]
+        return self._all_gather(self.vision(mine))[:count]
 
 
-def load_shard(source: ModelSource, size: int, rank: int, progress: bool = False,
-               kernels: str = "auto") -> ParallelCogVLM2Model:
+def load_shard(source: ModelSource, size: int, rank: int, kernels: KernelSet, mm_encoder_tp_mode: str = "weights",
+               progress: bool = False) -> ParallelCogVLM2Model:
     """Stream the checkpoint and keep only this rank's slices (peak: the shard plus one full tensor).
     Call after mindspore.communication.init()."""
     from cogvlm2.weights import load_weights
-    layout = shard_layout(source.config, size, rank)
+    layout = shard_layout(source.config, size, rank, mm_encoder_tp_mode)
     tensors: dict[str, np.ndarray] = {}
 
     def keep(name: str, array: np.ndarray) -> None:
         tensors[name] = shard_tensor(name, array, source.config, layout)
 
     weights = load_weights(source, consume=keep, progress=progress)
-    from kernels.registry import get_kernels
-    return ParallelCogVLM2Model(source.config, tensors, weights.inv_freq, layout, get_kernels(kernels))
+    return ParallelCogVLM2Model(source.config, tensors, weights.inv_freq, layout, kernels)

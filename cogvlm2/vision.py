@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from mindspore import Tensor, ops
 
 from cogvlm2.config import CogVLM2Config
 from cogvlm2.layers import gelu_exact, layer_norm, softmax_attention, swiglu, to_tensor
+
+if TYPE_CHECKING:
+    from kernels.interface import KernelSet
 
 PREFIX = "model.vision."
 
@@ -28,18 +32,27 @@ class VisionLayerWeights:
     fc2_b: Tensor
 
 
-class VisionEncoder:
-    """pixel_values [B, 3, S, S] -> features [B, tokens_per_image, lm_hidden]."""
+def _no_reduce(x: Tensor) -> Tensor:
+    return x
 
-    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], kernels=None):
-        """`kernels`: the KernelSet whose linear (and weight layout) the projections use (default: the reference
-        composites, MindSpore's MatMul on checkpoint-layout weights)."""
-        from kernels.registry import get_kernels
+
+class VisionEncoder:
+    """pixel_values [B, 3, S, S] -> features [B, tokens_per_image, lm_hidden].
+
+    Its transformer layers may hold a slice of the heads and of the MLP (tensor parallelism, cogvlm2/parallel.py):
+    the head count comes from the QKV weight it is given, and `reduce` sums the partial outputs of the dense and
+    fc2 projections across ranks (their biases are held by one rank only, so they are added once)."""
+
+    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], kernels: KernelSet,
+                 reduce: Callable[[Tensor], Tensor] = _no_reduce):
+        """`kernels`: the kernel set whose linear (and weight layout) the projections use."""
         self.config = config
-        self.kernels = kernels if kernels is not None else get_kernels("reference")
+        self.kernels = kernels
+        self.reduce = reduce
         weight = self.kernels.prepare_weight
         v = config.vision
         t = {name[len(PREFIX):]: arr for name, arr in tensors.items() if name.startswith(PREFIX)}
+        self.num_heads = t["transformer.layers.0.attention.query_key_value.weight"].shape[0] // (3 * v.head_dim)
         # Conv kernels with stride == kernel size are matmuls over flattened patches: [out, in * k * k].
         self.patch_w = weight(t["patch_embedding.proj.weight"].reshape(v.hidden_size, -1))
         self.patch_b = to_tensor(t["patch_embedding.proj.bias"])
@@ -87,9 +100,10 @@ class VisionEncoder:
     def _transformer_layer(self, x: Tensor, w: VisionLayerWeights) -> Tensor:
         v = self.config.vision
         n = x.shape[0]
-        qkv = self.kernels.linear(x, w.qkv_w, w.qkv_b).reshape(n, 3, v.num_heads, v.head_dim).transpose(1, 2, 0, 3)
+        linear, heads = self.kernels.linear, self.num_heads
+        qkv = linear(x, w.qkv_w, w.qkv_b).reshape(n, 3, heads, v.head_dim).transpose(1, 2, 0, 3)
         attn = softmax_attention(qkv[0], qkv[1], qkv[2], None, v.head_dim ** -0.5)
-        attn = self.kernels.linear(attn.transpose(1, 0, 2).reshape(n, v.hidden_size), w.dense_w, w.dense_b)
+        attn = self.reduce(linear(attn.transpose(1, 0, 2).reshape(n, heads * v.head_dim), w.dense_w, w.dense_b))
         x = x + layer_norm(attn, w.ln_in_w, w.ln_in_b, v.layer_norm_eps)
-        mlp = self.kernels.linear(gelu_exact(self.kernels.linear(x, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
+        mlp = self.reduce(linear(gelu_exact(linear(x, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b))
         return x + layer_norm(mlp, w.ln_post_w, w.ln_post_b, v.layer_norm_eps)

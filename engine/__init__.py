@@ -2,7 +2,7 @@
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "AsyncLLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):
@@ -13,6 +13,9 @@ def __getattr__(name: str):
     if name == "AsyncLLM":
         from engine.async_llm import AsyncLLM
         return AsyncLLM
+    if name == "EngineArgs":
+        from engine.config import EngineArgs
+        return EngineArgs
     if name == "LLMEngine":
         from engine.llm_engine import LLMEngine
         return LLMEngine

@@ -9,7 +9,6 @@ which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import queue
@@ -19,12 +18,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# Called in the engine thread after every step that produced outputs: (cumulative outputs, monotonic time).
+# Called in the engine thread after every step that produced outputs: (the step's deltas, monotonic time).
 # The outputs carry the engine's request ids: the caller's id plus "-N".
 StepListener = Callable[[list[RequestOutput], float], None]
 
@@ -54,21 +53,21 @@ class _Stream:
     """One caller's view of its request. Touched only on the event loop."""
     request_id: str  # the caller's id; the engine knows the request by a unique internal id
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    latest: RequestOutput | None = None
+    pending: RequestOutput | None = None  # deltas not yet taken by the caller, merged
     error: str | None = None
-    num_chars_sent: int = 0
-    num_tokens_sent: int = 0
 
-    def take_delta(self) -> RequestOutput:
-        """What is new in `latest` since the previous delta. Outputs that arrived in between are merged, so a
-        slow caller costs no memory."""
-        out = self.latest
-        full = out.outputs[0]
-        logprobs = full.logprobs[self.num_tokens_sent:] if full.logprobs is not None else None
-        delta = CompletionOutput(full.index, full.text[self.num_chars_sent:], full.token_ids[self.num_tokens_sent:],
-                                 full.finish_reason, logprobs, full.stop_reason)
-        self.num_chars_sent, self.num_tokens_sent = len(full.text), len(full.token_ids)
-        return dataclasses.replace(out, request_id=self.request_id, outputs=[delta])
+    def put(self, delta: RequestOutput) -> None:
+        """Deltas that arrive while the caller is busy are merged, so a slow caller costs no extra outputs."""
+        if self.pending is None:
+            self.pending = delta.copy()
+            self.pending.request_id = self.request_id
+        else:
+            self.pending.add(delta)
+        self.ready.set()
+
+    def take(self) -> RequestOutput:
+        delta, self.pending = self.pending, None
+        return delta
 
 
 class AsyncLLM:
@@ -139,7 +138,7 @@ class AsyncLLM:
                 stream.ready.clear()
                 if stream.error is not None:
                     raise EngineDeadError(stream.error)
-                delta = stream.take_delta()
+                delta = stream.take()
                 finished = delta.finished
                 yield delta
         finally:
@@ -189,8 +188,7 @@ class AsyncLLM:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                stream.latest = out
-                stream.ready.set()
+                stream.put(out)
 
     def _fail_all(self, reason: str) -> None:
         for stream in self._streams.values():
@@ -262,7 +260,8 @@ class AsyncLLM:
             self.engine.add_request(command.request_id, command.prompt, command.sampling_params,
                                     arrival_time=command.arrival_time)
         except Exception as e:  # noqa: BLE001 - e.g. an id still in use: fail this request, not the engine
-            self._call_on_loop(self._route, [_error_output(command, f"{type(e).__name__}: {e}")])
+            failed = RequestOutput.failed(command.request_id, None, command.arrival_time, f"{type(e).__name__}: {e}")
+            self._call_on_loop(self._route, [failed])
 
     def _notify_listeners(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -272,7 +271,3 @@ class AsyncLLM:
             except Exception:  # noqa: BLE001 - observers must not stop the engine
                 logger.exception("step listener %r failed", listener)
 
-
-def _error_output(command: _AddRequest, message: str) -> RequestOutput:
-    return RequestOutput(command.request_id, None, [], [CompletionOutput(0, "", [], "error")], True,
-                         RequestMetrics(command.arrival_time, finished_time=time.monotonic()), error=message)

@@ -83,7 +83,7 @@ class BlockManager:
     # ---- prefix cache lookup
     def _is_cacheable(self, seq: Sequence) -> bool:
         # Without a content hash, image KV cannot be told apart from another image's: never share it.
-        has_image = seq.image_token_range() is not None
+        has_image = seq.image_span is not None
         return self.enable_prefix_caching and (seq.image_hash is not None or not has_image)
 
     def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:

@@ -13,44 +13,16 @@ import sys
 from typing import Any
 
 from cogvlm2.errors import CogVLM2Error, InputError
+from engine.config import add_cli_args, engine_kwargs
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                  "ignore_eos", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty",
                  "logprobs")
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint folder, .ckpt file or preset (default: demo)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json (default: the model's, "
-                                                     "else Llama-3's from llama-models)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--no-chunked-prefill", action="store_true")
-    p.add_argument("--engine-seed", type=int, default=0, help="seed of requests that set none")
-    p.add_argument("--enforce-eager", action="store_true", help="no compiled decoder graphs (faster start-up)")
-    p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference"],
-                   help="hot-op implementations: CPU kernels (auto falls back to the references if not built)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="shard the model over N devices, one msrun worker each (docs/tensor_parallel.md)")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(tokenizer=args.tokenizer, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                enable_prefix_caching=not args.no_prefix_caching,
-                enable_chunked_prefill=not args.no_chunked_prefill, seed=args.engine_seed,
-                enforce_eager=args.enforce_eager, kernels=args.kernels, tensor_parallel_size=args.tensor_parallel_size)
-
-
 def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate replies (one prompt, or many from a JSONL file)")
-    add_engine_args(p)
+    add_cli_args(p)
     p.add_argument("--prompt", default=None)
     p.add_argument("--image", default=None, help="image file")
     p.add_argument("--history", default=None, help='JSON list of [question, answer] pairs')
@@ -161,7 +133,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     try:
         # A decode step never holds more tokens than there are requests: compile only the buckets this job can
         # use (larger prefills run eagerly), so a one-prompt run does not pay for warming up the whole budget.
-        llm = LLM(args.model, config_yaml=args.config, graph_max_tokens=len(requests), **engine_kwargs(args))
+        llm = LLM(args.model, config_yaml=args.config,
+                  **{**engine_kwargs(args), "graph_max_tokens": args.graph_max_tokens or len(requests)})
         try:
             outputs = llm.generate(list(prompts), list(params), use_tqdm=len(requests) > 1 and sys.stderr.isatty())
         finally:
@@ -191,7 +164,7 @@ def _run_simple(args: argparse.Namespace, requests: list[dict[str, Any]]) -> int
 
 def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (see engine/server.py)")
-    add_engine_args(p)
+    add_cli_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on all but /health")
@@ -199,7 +172,6 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     p.add_argument("--max-body-bytes", type=int, default=32 * 2 ** 20)
     p.add_argument("--request-timeout", type=float, default=None, help="seconds; longer requests are aborted")
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--disable-access-log", action="store_true")
     p.set_defaults(func=_run_serve)

@@ -1,14 +1,12 @@
-"""Tensor parallelism: the driver side. `TensorParallelExecutor` stands in for ModelRunner when
-tensor_parallel_size > 1.
+"""Tensor parallelism: the driver side. `TensorParallelExecutor` is the executor when tensor_parallel_size > 1.
 
-The user-facing process (the driver) keeps the processor, scheduler, block manager and sampler. It starts
-`msrun --worker_num=N --local_worker_num=N ... python -m engine.worker`: N worker processes, one per device, each
-holding one shard of the model (cogvlm2/parallel.py) and the KV cache of its heads. Each worker connects back to
-the driver over a local authenticated socket (multiprocessing.connection). Every step the driver sends all
-workers the same pickled StepInputs (token ids, positions, expert mask, slot mapping, block tables, context
-lengths), the pixel values of images they have not encoded yet and the images to evict; every worker runs the
-forward (MindSpore collectives between them) and returns the logits of its vocabulary slice; the driver
-concatenates them and samples once.
+The user-facing process (the driver) keeps the processor, scheduler, block manager, image plan and sampler. It
+starts `msrun --worker_num=N --local_worker_num=N ... python -m engine.worker`: N worker processes, one per device,
+each building a ModelRunner over one shard of the model (cogvlm2/parallel.py) and the KV cache of its heads. Each
+worker connects back to the driver over a local authenticated socket (multiprocessing.connection). Every step the
+driver sends all workers the same pickled StepRequest (engine/batch.py: the flat batch, the pixel values of images
+to encode, the images to evict); every worker runs `ModelRunner.run_step` (MindSpore collectives between them)
+and returns the logits of its vocabulary slice; the driver concatenates them and samples once.
 
 Failure handling: a worker that dies closes its socket (seen at once); a worker that stops sending heartbeats
 while busy, or a step longer than the step timeout, counts as hung; msrun exiting early counts as dead. Any of
@@ -26,7 +24,6 @@ import sys
 import tempfile
 import time
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
 from pathlib import Path
@@ -34,16 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from cogvlm2.model_source import ModelSource
 from cogvlm2.parallel import check_tensor_parallel
-from engine.model_runner import image_slice, step_inputs
-from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.batch import StepRequest
+from engine.model_runner import RunnerConfig, RunnerInfo
 from engine.timing import PhaseTimer
 from engine.worker_protocol import (ENV_ADDRESS, ENV_AUTHKEY, Failed, Hello, Joined, Ready, Setup, Shutdown, Step,
                                     StepDone)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ENCODER_CACHE_CAPACITY = 64  # images whose features the workers keep
 POLL_SECONDS = 0.2
 
 
@@ -184,33 +179,6 @@ def _close(group: WorkerGroup, conns: list[Connection], grace: float) -> None:
         shutil.rmtree(group.log_dir, ignore_errors=True)
 
 
-# ---- which images the workers hold ----------------------------------------------------------------------------
-class ImageTracker:
-    """The driver decides which images the workers' encoder caches hold: workers encode the images a step sends
-    and drop the ones it evicts (after the step), so both sides always agree."""
-
-    def __init__(self, capacity: int = ENCODER_CACHE_CAPACITY):
-        self.capacity = capacity
-        self.hashes: OrderedDict[str, None] = OrderedDict()
-
-    def plan(self, chunks: list[ScheduledChunk]) -> tuple[dict[str, np.ndarray], list[str]]:
-        """(pixel values of images to encode this step, image hashes to evict after it)."""
-        new: dict[str, np.ndarray] = {}
-        for chunk in chunks:
-            image_hash = chunk.seq.image_hash
-            if not image_hash or image_slice(chunk, 0) is None:
-                continue
-            if image_hash in self.hashes:
-                self.hashes.move_to_end(image_hash)
-            elif image_hash not in new:
-                new[image_hash] = chunk.seq.pixel_values
-        self.hashes.update(dict.fromkeys(new))
-        evicted = []
-        while len(self.hashes) > self.capacity:
-            evicted.append(self.hashes.popitem(last=False)[0])
-        return new, evicted
-
-
 # ---- the executor ---------------------------------------------------------------------------------------------
 @dataclass
 class _Worker:
@@ -225,19 +193,16 @@ class _Worker:
 
 
 class TensorParallelExecutor:
-    """ModelRunner's interface (execute, shutdown, num_images_encoded) over N msrun-launched workers."""
+    """The executor (run_step, shutdown, info, num_images_encoded) over N msrun-launched workers."""
 
-    def __init__(self, source: ModelSource, size: int, block_size: int, num_blocks: int,
-                 timer: PhaseTimer | None = None, timeouts: Timeouts = Timeouts(), kernels: str = "auto"):
-        check_tensor_parallel(source.config, size)
-        self.size, self.block_size, self.timeouts = size, block_size, timeouts
-        self.vocab_size = source.config.vocab_size
+    def __init__(self, config: RunnerConfig, timer: PhaseTimer | None = None, timeouts: Timeouts = Timeouts()):
+        size = config.tensor_parallel_size
+        check_tensor_parallel(config.source.config, size)
+        self.size, self.timeouts = size, timeouts
         self.timer = timer or PhaseTimer()
-        self.images = ImageTracker()
         self.num_images_encoded = 0
         self.load_seconds: list[float] = []
-        self.kv_cache_shapes: list[tuple[int, ...]] = []  # per rank, as the workers allocated them
-        self.worker_seconds = 0.0  # rank 0's compute time over all steps; the rest of "decoder" is transport
+        self.infos: list[RunnerInfo] = []  # per rank, as the workers built their runners
         self._step = 0
         self._failure: str | None = None
         self._workers: list[_Worker] = []  # by rank once started
@@ -257,7 +222,7 @@ class TensorParallelExecutor:
         # shuts the workers down when this executor is garbage collected or the interpreter exits
         self._finalizer = weakref.finalize(self, _close, self.group, self._conns, timeouts.shutdown)
         try:
-            self._start(listener, authkey, Setup(source, size, block_size, num_blocks, kernels))
+            self._start(listener, authkey, Setup(config))
         except BaseException as e:
             self._abort(str(e))
             if isinstance(e, WorkerFailure):
@@ -284,7 +249,15 @@ class TensorParallelExecutor:
         self._broadcast(setup)
         ready = self._gather(self._workers, Ready, None)
         self.load_seconds = [r.load_seconds for r in ready]
-        self.kv_cache_shapes = [r.kv_cache_shape for r in ready]
+        self.infos = [r.info for r in ready]
+
+    @property
+    def info(self) -> RunnerInfo:
+        return self.infos[0]
+
+    @property
+    def kv_cache_shapes(self) -> list[tuple[int, ...]]:
+        return [info.kv_cache_shape for info in self.infos]
 
     def _accept(self, listener: socket.socket, authkey: bytes, deadline: float) -> list[_Worker]:
         workers: list[_Worker] = []
@@ -307,13 +280,11 @@ class TensorParallelExecutor:
         return workers
 
     # ---- the step
-    def execute(self, output: SchedulerOutput) -> np.ndarray:
-        """Logits [chunks that need a sample, vocab] in chunk order, like ModelRunner.execute."""
+    def run_step(self, request: StepRequest) -> np.ndarray:
+        """Logits [sequences that need a sample, vocab] in batch order: the ranks' vocabulary slices joined."""
         if self._failure is not None:
             raise WorkerFailure(self._failure)
-        with self.timer.phase("prepare_inputs"):
-            new_images, evicted = self.images.plan(output.chunks)
-            step = Step(self._step, step_inputs(output.chunks, self.block_size), new_images, evicted)
+        step = Step(self._step, request)
         self._step += 1
         with self.timer.phase("decoder"):
             try:
@@ -322,10 +293,7 @@ class TensorParallelExecutor:
             except WorkerFailure as e:
                 self._abort(str(e))
                 raise
-        self.num_images_encoded += len(new_images)
-        self.worker_seconds += done[0].seconds
-        if len(step.inputs.logits_positions) == 0:
-            return np.zeros((0, self.vocab_size), np.float32)
+        self.num_images_encoded += len(request.new_images)
         return np.concatenate([reply.logits for reply in done], axis=1)
 
     def shutdown(self) -> None:

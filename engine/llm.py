@@ -7,24 +7,16 @@ from typing import Any
 from tqdm import tqdm
 
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, accumulate
 from engine.sampling_params import SamplingParams
 
 Prompt = str | dict
 
 
 class LLM:
-    def __init__(self, model: str | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_memory_gb: float | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
-                 tensor_parallel_size: int = 1, **kwargs: Any):
-        self.engine = LLMEngine(model, block_size=block_size, num_kv_blocks=num_kv_blocks,
-                                kv_cache_memory_gb=kv_cache_memory_gb, max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                                enable_prefix_caching=enable_prefix_caching,
-                                enable_chunked_prefill=enable_chunked_prefill, seed=seed,
-                                tensor_parallel_size=tensor_parallel_size, **kwargs)
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        """`kwargs`: any EngineArgs field (engine/config.py), e.g. max_num_seqs=64, kernels="cpu"."""
+        self.engine = LLMEngine(model, **kwargs)
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
@@ -53,15 +45,20 @@ class LLM:
         return self._run(request_ids, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Accumulates each request's deltas into one output, once."""
         wanted = set(request_ids)
-        finished: dict[str, RequestOutput] = {}
+        outputs: dict[str, RequestOutput] = {}
+        num_finished = 0
         with tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
-            while len(finished) < len(wanted) and self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished and out.request_id in wanted and out.request_id not in finished:
-                        finished[out.request_id] = out
+            while num_finished < len(wanted) and self.engine.has_unfinished_requests():
+                for delta in self.engine.step():
+                    if delta.request_id not in wanted:
+                        continue
+                    accumulate(outputs, delta)
+                    if delta.finished:
+                        num_finished += 1
                         bar.update(1)
-        return [finished[r] for r in request_ids]
+        return [outputs[r] for r in request_ids]
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()

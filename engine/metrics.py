@@ -54,21 +54,21 @@ class ServingMetrics:
             self._observe(out, now)
 
     def _observe(self, out: RequestOutput, now: float) -> None:
-        num_tokens = len(out.outputs[0].token_ids) if out.outputs else 0
+        """`out` is a step's delta: its token ids are the ones generated in that step."""
+        num_new = len(out.outputs[0].token_ids) if out.outputs else 0
         progress = self._progress.get(out.request_id)
         first_token_time = out.metrics.first_token_time
         if progress is None and first_token_time is not None:
             self.ttft.observe(first_token_time - out.metrics.arrival_time)
-            progress = self._progress[out.request_id] = _Progress(num_tokens, first_token_time)
-            self.generation_tokens.inc(num_tokens)
-        elif progress is not None and num_tokens > progress.num_tokens:
-            new = num_tokens - progress.num_tokens
+            progress = self._progress[out.request_id] = _Progress(num_new, first_token_time)
+            self.generation_tokens.inc(num_new)
+        elif progress is not None and num_new > 0:
             # One token per step today; spread the gap if a step ever yields several.
-            gap = (now - progress.last_token_time) / new
-            for _ in range(new):
+            gap = (now - progress.last_token_time) / num_new
+            for _ in range(num_new):
                 self.inter_token.observe(gap)
-            self.generation_tokens.inc(new)
-            progress.num_tokens, progress.last_token_time = num_tokens, now
+            self.generation_tokens.inc(num_new)
+            progress.num_tokens, progress.last_token_time = progress.num_tokens + num_new, now
         if out.finished:
             self._observe_finish(out, now)
 

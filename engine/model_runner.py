@@ -1,35 +1,54 @@
-"""Scheduler output -> one flat varlen batch -> the model over the paged KV cache -> logits of sampled rows."""
+"""The model side of a step, in one process or on one tensor-parallel rank: a StepRequest -> the model over the
+paged KV cache -> logits of the sampled rows. The runner owns the model, its kernel set, the compiled graphs, the
+KV cache and the encoder cache; the driver (LLMEngine) owns everything else."""
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 from mindspore import Parameter, Tensor, ops
 
+from cogvlm2.config import CogVLM2Config
+from cogvlm2.language_model import RopeInputs
 from cogvlm2.model import CogVLM2Model, TokenBatch
-from engine.block_manager import slot_indices
-from engine.scheduler import ScheduledChunk, SchedulerOutput
+from cogvlm2.model_source import ModelSource
+from cogvlm2.parallel import kv_heads_per_rank, load_shard
+from engine.batch import StepInputs, StepRequest
 from engine.timing import PhaseTimer
-from kernels.registry import KernelSet, pad_block_tables
+from kernels.registry import KernelSet, get_kernels, pad_block_tables
+
+DEFAULT_KV_CACHE_GB = 1.0
 
 
 @dataclass
 class KVCacheSpec:
+    """One device's KV cache: per layer, K and V of num_blocks * block_size slots of its KV heads."""
     num_layers: int
     num_kv_heads: int
     head_dim: int
     block_size: int
     num_blocks: int
+    bytes_per_value: int = 4  # float32
+
+    @classmethod
+    def for_model(cls, config: CogVLM2Config, tensor_parallel_size: int, block_size: int,
+                  num_blocks: int = 0) -> "KVCacheSpec":
+        """Each tensor-parallel rank caches only its KV heads."""
+        return cls(config.num_hidden_layers, kv_heads_per_rank(config, tensor_parallel_size), config.head_dim,
+                   block_size, num_blocks)
 
     @property
     def bytes_per_block(self) -> int:
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * 4
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.bytes_per_value
 
-
-def kv_cache_spec(model: CogVLM2Model, block_size: int, num_blocks: int) -> KVCacheSpec:
-    c = model.config
-    return KVCacheSpec(c.num_hidden_layers, model.language.num_kv_heads, c.head_dim, block_size, num_blocks)
+    def blocks_for_budget(self, budget_gb: float | None, max_num_seqs: int, max_model_len: int) -> int:
+        """Blocks that fit the per-device budget, but never more than every sequence at full length needs."""
+        budget_gb = budget_gb or DEFAULT_KV_CACHE_GB
+        by_budget = int(budget_gb * 2 ** 30) // self.bytes_per_block
+        if by_budget < 1:
+            raise ValueError(f"kv_cache_memory_gb {budget_gb} is too small for one KV block "
+                             f"({self.bytes_per_block} bytes)")
+        return min(by_budget, max_num_seqs * -(-max_model_len // self.block_size))
 
 
 class PagedKVCache:
@@ -45,182 +64,103 @@ class PagedKVCache:
 
 
 class PagedAttention:
-    """The model's attention over the paged cache for one forward (built per step): the kernel set's fused
-    RoPE + cache write + paged attention, fed per-token metadata so that any token order works."""
-    fuses_rope = True
+    """The model's attention over the paged cache for one forward: the kernel set's fused RoPE + cache write +
+    paged attention, fed per-token metadata (already in routed order) so that any token order works."""
 
-    def __init__(self, cache: PagedKVCache, kernels: KernelSet, token_seq_index: np.ndarray,
-                 token_position: np.ndarray, slot_mapping: np.ndarray, block_tables: list[list[int]],
-                 context_lens: list[int]):
-        self.cache, self.kernels = cache, kernels
-        self.token_seq_index, self.token_position, self.slot_mapping = token_seq_index, token_position, slot_mapping
-        self.block_tables, self.context_lens = block_tables, context_lens
-        self.inputs: tuple[Tensor, ...] | None = None
-        self.rope: tuple[Tensor, Tensor, Tensor] | None = None  # set by the model before the layers run
+    def __init__(self, cache: PagedKVCache, kernels: KernelSet, metadata: tuple[Tensor, ...]):
+        self.cache, self.kernels, self.metadata = cache, kernels, metadata
 
-    def prepare(self, order: np.ndarray) -> None:
-        if self.inputs is not None:
-            return
-        self.inputs = (_int32(self.slot_mapping[order]), _int32(self.token_seq_index[order]),
-                       _int32(self.token_position[order]), _int32(pad_block_tables(self.block_tables)),
-                       _int32(self.context_lens))
-
-    def __call__(self, layer: int, q: Tensor, k: Tensor | None, v: Tensor | None) -> Tensor:
-        return self.kernels.paged_attention(q, k, v, self.cache.keys[layer], self.cache.values[layer], *self.inputs,
-                                            self.cache.spec.block_size, rope=self.rope)
-
-    def attend_qkv(self, layer: int, qkv: Tensor) -> Tensor:
-        """The layer's fused QKV projection [N, H + 2 KV, d], split inside the kernel."""
-        return self(layer, qkv, None, None)
+    def __call__(self, layer: int, qkv: Tensor, rope: RopeInputs) -> Tensor:
+        return self.kernels.paged_attention(qkv, None, None, self.cache.keys[layer], self.cache.values[layer],
+                                            *self.metadata, self.cache.spec.block_size,
+                                            rope=(rope.positions, rope.cos_table, rope.sin_table))
 
 
 def _int32(values) -> Tensor:
     return Tensor.from_numpy(np.ascontiguousarray(values, np.int32))
 
 
-class EncoderCache:
-    """Vision features by image content hash, so an image is encoded once however many chunks or requests use it."""
-
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
-        self.entries: OrderedDict[str, Tensor] = OrderedDict()
-
-    def get(self, image_hash: str) -> Tensor | None:
-        features = self.entries.get(image_hash)
-        if features is not None:
-            self.entries.move_to_end(image_hash)
-        return features
-
-    def put(self, image_hash: str, features: Tensor) -> None:
-        self.entries[image_hash] = features
-        self.entries.move_to_end(image_hash)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+@dataclass
+class RunnerConfig:
+    """What a runner is built from: the same in this process and, pickled, on every msrun worker."""
+    source: ModelSource
+    block_size: int
+    num_blocks: int
+    kernels: str = "auto"
+    enforce_eager: bool = False
+    graph_max_tokens: int = 2048
+    tensor_parallel_size: int = 1
+    rank: int = 0
+    mm_encoder_tp_mode: str = "weights"
 
 
 @dataclass
-class ImageSlice:
-    """Feature rows [start, stop) of the image `image_hash` fill batch positions from `batch_start` on."""
-    image_hash: str
-    start: int
-    stop: int
-    batch_start: int
-
-
-@dataclass
-class StepInputs:
-    """One step's flat batch as host arrays, in batch order; image features are found by hash in the encoder
-    cache. Tensor-parallel workers receive exactly this (engine/distributed.py)."""
-    token_ids: np.ndarray
-    position_ids: np.ndarray
-    vision_expert: np.ndarray
-    logits_positions: np.ndarray
-    seq_index: np.ndarray
-    token_index: np.ndarray
-    slot_mapping: np.ndarray
-    block_tables: list[list[int]]
-    context_lens: list[int]
-    images: list[ImageSlice]
-
-
-def step_inputs(chunks: list[ScheduledChunk], block_size: int) -> StepInputs:
-    token_ids, positions, experts, seq_index, token_index, slots = [], [], [], [], [], []
-    images, logits_positions = [], []
-    offset = 0
-    for s, chunk in enumerate(chunks):
-        seq, start, end = chunk.seq, chunk.start, chunk.end
-        token_ids.append(seq.token_ids_slice(start, end))
-        positions.append(seq.position_ids_slice(start, end))
-        experts.append(seq.vision_expert_mask_slice(start, end))
-        seq_index.append(np.full(end - start, s))
-        token_index.append(np.arange(start, end))
-        slots.append(slot_indices(seq.block_table, start, end, block_size))
-        image = image_slice(chunk, offset)
-        if image is not None:
-            images.append(image)
-        offset += end - start
-        if chunk.needs_sample:
-            logits_positions.append(offset - 1)
-    return StepInputs(
-        token_ids=np.concatenate(token_ids), position_ids=np.concatenate(positions),
-        vision_expert=np.concatenate(experts).astype(bool), logits_positions=np.asarray(logits_positions, np.int64),
-        seq_index=np.concatenate(seq_index), token_index=np.concatenate(token_index),
-        slot_mapping=np.concatenate(slots), block_tables=[c.seq.block_table for c in chunks],
-        context_lens=[c.end for c in chunks], images=images)
-
-
-def image_slice(chunk: ScheduledChunk, offset: int) -> ImageSlice | None:
-    """The chunk's image rows (if its tokens overlap the image span), placed from batch position `offset`."""
-    span = chunk.seq.image_token_range()
-    if span is None:
-        return None
-    lo, hi = max(span[0], chunk.start), min(span[1], chunk.end)
-    if lo >= hi:
-        return None
-    return ImageSlice(chunk.seq.image_hash, lo - span[0], hi - span[0], lo - chunk.start + offset)
+class RunnerInfo:
+    """What the driver reports about the model side (stats, tests)."""
+    kernels: str
+    graph_buckets: list[int]
+    kv_cache_shape: tuple[int, ...]  # one layer's K (or V) cache: [slots, KV heads held here, head_dim]
 
 
 class ModelRunner:
-    def __init__(self, model: CogVLM2Model, block_size: int, num_blocks: int, timer: PhaseTimer | None = None):
-        self.model = model
+    def __init__(self, config: RunnerConfig, timer: PhaseTimer | None = None):
+        self.config = config
         self.timer = timer or PhaseTimer()
-        self.block_size = block_size
-        self.kv_cache = PagedKVCache(kv_cache_spec(model, block_size, num_blocks))
-        self.encoder_cache = EncoderCache()
-        self.num_images_encoded = 0
+        self.model = _load_model(config)
+        if not config.enforce_eager:
+            self.model.language.compile_graphs(config.graph_max_tokens)
+        self.kv_cache = PagedKVCache(KVCacheSpec.for_model(config.source.config, config.tensor_parallel_size,
+                                                           config.block_size, config.num_blocks))
+        self.encoder_cache: dict[str, Tensor] = {}  # vision features by image hash, as the driver's plan says
 
-    def execute(self, output: SchedulerOutput) -> np.ndarray:
-        """Runs every scheduled chunk; returns logits [num chunks that need a sample, vocab] in chunk order."""
-        chunks = output.chunks
+    @property
+    def info(self) -> RunnerInfo:
+        return RunnerInfo(self.model.kernels.backend, list(self.model.language.graph_buckets),
+                          tuple(self.kv_cache.keys[0].shape))
+
+    def run_step(self, step: StepRequest) -> np.ndarray:
+        """Logits [sequences that need a sample, vocab (this rank's slice)] in batch order."""
         with self.timer.phase("vision"):
-            self._encode_missing_images(chunks)
+            self._encode(step.new_images)
         with self.timer.phase("prepare_inputs"):
-            batch, attention = self._build_batch(step_inputs(chunks, self.block_size))
-            attention.prepare(batch.routing[0])
+            batch, attention = self._build(step.inputs)
         with self.timer.phase("decoder"):
-            return self._run(batch, attention)
+            logits = self._forward(batch, attention)
+        for image_hash in step.evicted_images:
+            self.encoder_cache.pop(image_hash, None)
+        return logits
 
-    def execute_inputs(self, inputs: StepInputs) -> np.ndarray:
-        """`execute` for prepared inputs whose images are already in the encoder cache (tensor-parallel workers)."""
-        batch, attention = self._build_batch(inputs)
-        attention.prepare(batch.routing[0])
-        return self._run(batch, attention)
-
-    def _run(self, batch: TokenBatch, attention: PagedAttention) -> np.ndarray:
-        if len(batch.logits_positions) == 0:  # only partial prefill chunks: fill the cache, sample nothing
-            self.model.hidden_states(batch, attention)
-            return np.zeros((0, self.model.config.vocab_size), np.float32)
-        return self.model.forward(batch, attention).asnumpy()
-
-    def shutdown(self) -> None:
-        """Nothing to release: the model lives in this process."""
-
-    def _encode_missing_images(self, chunks: list[ScheduledChunk]) -> None:
-        pending: dict[str, np.ndarray] = {}
-        for chunk in chunks:
-            seq = chunk.seq
-            if seq.image_hash and image_slice(chunk, 0) is not None and self.encoder_cache.get(seq.image_hash) is None:
-                pending[seq.image_hash] = seq.pixel_values
-        self.encode_images(pending)
-
-    def encode_images(self, pending: dict[str, np.ndarray]) -> None:
-        """Pixel values by image hash -> vision features in the encoder cache."""
-        if not pending:
+    def _encode(self, new_images: dict[str, np.ndarray]) -> None:
+        if not new_images:
             return
-        features = self.model.encode_images(np.stack(list(pending.values())))
-        for i, image_hash in enumerate(pending):
-            self.encoder_cache.put(image_hash, features[i])
-        self.num_images_encoded += len(pending)
+        features = self.model.encode_images(np.stack(list(new_images.values())))
+        for i, image_hash in enumerate(new_images):
+            self.encoder_cache[image_hash] = features[i]
 
-    def _build_batch(self, inputs: StepInputs) -> tuple[TokenBatch, PagedAttention]:
-        rows = [self.encoder_cache.get(image.image_hash)[image.start:image.stop] for image in inputs.images]
+    def _build(self, inputs: StepInputs) -> tuple[TokenBatch, PagedAttention]:
+        rows = [self.encoder_cache[image.image_hash][image.start:image.stop] for image in inputs.images]
         positions = [np.arange(image.batch_start, image.batch_start + image.stop - image.start)
                      for image in inputs.images]
         batch = TokenBatch(
             token_ids=inputs.token_ids, position_ids=inputs.position_ids, vision_expert=inputs.vision_expert,
-            logits_positions=inputs.logits_positions,
-            image_features=ops.concat(rows, 0) if rows else None,
+            logits_positions=inputs.logits_positions, image_features=ops.concat(rows, 0) if rows else None,
             image_positions=np.concatenate(positions) if positions else None)
-        attention = PagedAttention(self.kv_cache, self.model.kernels, inputs.seq_index,
-                                   inputs.token_index, inputs.slot_mapping, inputs.block_tables, inputs.context_lens)
-        return batch, attention
+        order = batch.order
+        metadata = (_int32(inputs.slot_mapping[order]), _int32(inputs.seq_index[order]),
+                    _int32(inputs.token_position[order]), _int32(pad_block_tables(inputs.block_tables)),
+                    _int32(inputs.context_lens))
+        return batch, PagedAttention(self.kv_cache, self.model.kernels, metadata)
+
+    def _forward(self, batch: TokenBatch, attention: PagedAttention) -> np.ndarray:
+        if len(batch.logits_positions) == 0:  # only partial prefill chunks: fill the cache, sample nothing
+            self.model.hidden_states(batch, attention)
+            return np.zeros((0, self.model.language.embed_table.shape[0]), np.float32)  # this rank's vocab
+        return self.model.forward(batch, attention).asnumpy()
+
+
+def _load_model(config: RunnerConfig) -> CogVLM2Model:
+    kernels = get_kernels(config.kernels)
+    if config.tensor_parallel_size == 1:
+        return CogVLM2Model.from_source(config.source, kernels)
+    return load_shard(config.source, config.tensor_parallel_size, config.rank, kernels, config.mm_encoder_tp_mode)
+

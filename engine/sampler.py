@@ -53,9 +53,12 @@ class SamplingState:
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_token_ids: Sequence[int] | np.ndarray,
-               engine_seed: int, request_counter: int) -> "SamplingState":
+               engine_seed: int, request_counter: int,
+               output_token_ids: list[int] | None = None) -> "SamplingState":
+        """`output_token_ids`: the sequence's own list (read, never copied or written here)."""
         seed = params.seed if params.seed is not None else (engine_seed, request_counter)
-        return cls(params, make_rng(seed), np.asarray(prompt_token_ids, dtype=np.int64))
+        return cls(params, make_rng(seed), np.asarray(prompt_token_ids, dtype=np.int64),
+                   output_token_ids if output_token_ids is not None else [])
 
     def prompt_vocab(self, vocab_size: int) -> np.ndarray:
         """Distinct prompt ids inside the vocabulary (image placeholders may lie outside), cached."""

@@ -49,10 +49,6 @@ class ScheduledChunk:
         return self.start + self.num_tokens
 
     @property
-    def is_last_chunk(self) -> bool:
-        return self.needs_sample
-
-    @property
     def is_decode(self) -> bool:
         return self.num_tokens == 1 and self.needs_sample
 

@@ -42,6 +42,8 @@ class Sequence:
     # Content hashes of the full blocks of all_token_ids, filled lazily by the block manager. They depend only
     # on the tokens, so they survive preemption.
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    # Half-open [start, end) token indices of the image span (token type 1), or None for text-only.
+    image_span: tuple[int, int] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         n = len(self.prompt_token_ids)
@@ -56,6 +58,9 @@ class Sequence:
         if lengths != {n}:
             raise ValueError(f"request {self.request_id}: prompt metadata lengths {sorted(lengths)} "
                              f"do not match the {n} prompt tokens")
+        types = self.prompt_token_type_ids
+        if 1 in types:
+            self.image_span = (types.index(1), n - types[::-1].index(1))
 
     # ---- sizes and state
     @property
@@ -90,10 +95,6 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    @property
-    def max_tokens(self) -> int | None:
-        return getattr(self.sampling_params, "max_tokens", None)
-
     # ---- per-token metadata for any token index (prompt or generated)
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         prompt_len = self.num_prompt_tokens
@@ -111,25 +112,3 @@ class Sequence:
     def vision_expert_mask_slice(self, start: int, end: int) -> list[int]:
         generated = max(end - max(start, self.num_prompt_tokens), 0)
         return self.prompt_vision_expert_mask[start:end] + [0] * generated
-
-    def token_type_slice(self, start: int, end: int) -> list[int]:
-        generated = max(end - max(start, self.num_prompt_tokens), 0)
-        return self.prompt_token_type_ids[start:end] + [0] * generated
-
-    def token_type(self, i: int) -> int:
-        return self.token_type_slice(i, i + 1)[0]
-
-    def position_id(self, i: int) -> int:
-        return self.position_ids_slice(i, i + 1)[0]
-
-    def uses_vision_expert(self, i: int) -> bool:
-        return bool(self.vision_expert_mask_slice(i, i + 1)[0])
-
-    def image_token_range(self) -> tuple[int, int] | None:
-        """Half-open [start, end) token indices of the image span (token type 1), or None for text-only."""
-        types = self.prompt_token_type_ids
-        if 1 not in types:
-            return None
-        start = types.index(1)
-        end = len(types) - types[::-1].index(1)
-        return start, end

@@ -813,7 +813,7 @@ def run_server(args: argparse.Namespace, engine_args: dict[str, Any]) -> int:
         model_name=args.served_model_name or args.model or "demo", api_key=args.api_key,
         allowed_local_media_path=args.allowed_local_media_path, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, max_image_pixels=args.max_image_pixels)
-    llm = AsyncLLM(args.model, max_image_pixels=args.max_image_pixels, **engine_args)
+    llm = AsyncLLM(args.model, **engine_args)
     print(f"serving {settings.model_name!r} on http://{args.host}:{args.port} "
           f"({llm.stats()['num_total_blocks']} KV blocks, max_model_len {llm.max_model_len})", file=sys.stderr)
     config = uvicorn.Config(build_app(llm, settings), host=args.host, port=args.port, log_level=args.log_level,

@@ -7,6 +7,7 @@ step the driver sends until told to shut down. While busy it sends heartbeats; i
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import sys
@@ -15,15 +16,11 @@ import time
 import traceback
 from contextlib import contextmanager
 from multiprocessing.connection import Client, Connection
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from engine.worker_protocol import (ENV_ADDRESS, ENV_AUTHKEY, HEARTBEAT_SECONDS, Failed, Heartbeat, Hello, Joined,
                                     Ready, Setup, Shutdown, Step, StepDone)
 
-if TYPE_CHECKING:  # the real imports wait until the worker has connected (see main)
-    import numpy as np
-
-    from engine.model_runner import ModelRunner
 
 
 class Channel:
@@ -114,35 +111,17 @@ def _serve(channel: Channel) -> None:
     setup = channel.recv()
     assert isinstance(setup, Setup), setup
     with channel.busy():
-        runner, load_seconds = _load(setup, rank)
-        channel.send(Ready(rank, load_seconds, tuple(runner.kv_cache.keys[0].shape)))
+        from engine.model_runner import ModelRunner
+        start = time.perf_counter()
+        runner = ModelRunner(dataclasses.replace(setup.config, rank=rank))
+        channel.send(Ready(rank, time.perf_counter() - start, runner.info))
     while True:
         message = channel.recv()
         if isinstance(message, Shutdown):
             return
         assert isinstance(message, Step), message
         with channel.busy():
-            start = time.perf_counter()
-            logits = _run_step(runner, message)
-            channel.send(StepDone(message.index, logits, time.perf_counter() - start))
-
-
-def _load(setup: Setup, rank: int) -> tuple[ModelRunner, float]:
-    from cogvlm2.parallel import load_shard
-    from engine.model_runner import EncoderCache, ModelRunner
-    start = time.perf_counter()
-    model = load_shard(setup.source, setup.tensor_parallel_size, rank, kernels=setup.kernels)
-    runner = ModelRunner(model, setup.block_size, setup.num_blocks)
-    runner.encoder_cache = EncoderCache(capacity=sys.maxsize)  # the driver decides evictions
-    return runner, time.perf_counter() - start
-
-
-def _run_step(runner: ModelRunner, step: Step) -> np.ndarray:
-    runner.encode_images(step.new_images)
-    logits = runner.execute_inputs(step.inputs)
-    for image_hash in step.evicted_images:
-        runner.encoder_cache.entries.pop(image_hash, None)
-    return logits
+            channel.send(StepDone(message.index, runner.run_step(message.request)))
 
 
 if __name__ == "__main__":

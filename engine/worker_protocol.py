@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-    from cogvlm2.model_source import ModelSource
-    from engine.model_runner import StepInputs
+    from engine.batch import StepRequest
+    from engine.model_runner import RunnerConfig, RunnerInfo
 
 ENV_ADDRESS = "COGVLM2_TP_ADDRESS"  # host:port of the driver's listener, in the workers' environment
 ENV_AUTHKEY = "COGVLM2_TP_AUTHKEY"  # hex key of the connection's challenge
@@ -28,34 +28,27 @@ class Joined:       # worker -> driver, after init(): its rank
 
 
 @dataclass
-class Setup:        # driver -> worker
-    source: ModelSource
-    tensor_parallel_size: int
-    block_size: int
-    num_blocks: int
-    kernels: str = "auto"  # kernels.registry backend name, resolved on each rank
+class Setup:        # driver -> worker: each rank builds its ModelRunner from this, with its own rank filled in
+    config: RunnerConfig
 
 
 @dataclass
-class Ready:        # worker -> driver, shard loaded and KV cache allocated
+class Ready:        # worker -> driver, shard loaded, graphs compiled, KV cache allocated
     rank: int
     load_seconds: float
-    kv_cache_shape: tuple[int, ...]  # one layer's K (or V) cache on this rank: [slots, its KV heads, head_dim]
+    info: RunnerInfo
 
 
 @dataclass
 class Step:         # driver -> workers, identical for all ranks
     index: int
-    inputs: StepInputs
-    new_images: dict[str, np.ndarray]
-    evicted_images: list[str]
+    request: StepRequest
 
 
 @dataclass
 class StepDone:     # worker -> driver
     index: int
     logits: np.ndarray  # [rows to sample, this rank's vocabulary slice]
-    seconds: float      # the worker's time in the step (vision + forward), for the overhead breakdown
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Parameter, Tensor, ops
 
-from cogvlm2.language_model import apply_rope, expert_linear  # noqa: F401  (re-exported references)
+from cogvlm2.layers import apply_rope, expert_linear  # noqa: F401  (re-exported references)
 from cogvlm2.layers import softmax_attention
 
 _NEG_INF = np.float32(-np.inf)

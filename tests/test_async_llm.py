@@ -198,7 +198,7 @@ def test_step_listener_sees_every_step_and_stats(llm):
     llm.add_step_listener(lambda outputs, now: 1 / 0)  # a failing observer must not hurt the engine
     run(collect(llm, "Hi", {"max_tokens": 6, "ignore_eos": True}, request_id="observed"))
     mine = [s for s in seen if s[0].startswith("observed-")]  # the engine's id for the request
-    assert [n for _, n, _ in mine] == [1, 2, 3, 4, 5, 6]  # cumulative, one step per token
+    assert [n for _, n, _ in mine] == [1] * 6  # deltas: the one token each step generated
     assert [f for _, _, f in mine] == [False] * 5 + [True]
     stats = llm.stats()
     assert {"num_total_blocks", "num_free_blocks", "num_running", "num_waiting", "num_preemptions",

@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY, assert_golden, assert_no_leak, golden_prompt, greedy_params
 from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
+from engine.outputs import accumulate
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,15 @@ def test_all_cases_together_in_shuffled_orders(llm, golden_cases):
 
 def test_requests_added_while_others_decode(golden_cases):
     engine = LLMEngine("demo")
-    finished = {}
+    outputs, finished = {}, {}
     pending = list(golden_cases)
     step = 0
     while pending or engine.has_unfinished_requests():
         if pending and step % 3 == 0:  # a new request every third step, joining running decodes
             case = pending.pop(0)
             engine.add_request(case["name"], golden_prompt(case), greedy_params(case))
-        for out in engine.step():
+        for delta in engine.step():
+            out = accumulate(outputs, delta)
             if out.finished:
                 finished[out.request_id] = out
         step += 1
@@ -105,7 +107,7 @@ def test_demo_examples_through_engine(llm, goldens):
 def test_eager_path_gives_the_same_goldens(golden_cases):
     """enforce_eager=True (no compiled decoder graphs) must agree with the goldens too."""
     llm = LLM("demo", enforce_eager=True)
-    assert llm.engine.model.language.graph_buckets == []
+    assert llm.stats()["graph_buckets"] == []
     outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases], use_tqdm=False)
     for case, out in zip(golden_cases, outs):
         assert_golden(case, out.outputs[0].token_ids)
@@ -114,7 +116,7 @@ def test_eager_path_gives_the_same_goldens(golden_cases):
 
 def test_compiled_buckets_cover_the_token_budget():
     llm = LLM("demo", max_num_batched_tokens=100)
-    assert llm.engine.model.language.graph_buckets == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert llm.stats()["graph_buckets"] == [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 def test_vision_encoder_runs_once_per_image():
@@ -132,7 +134,7 @@ def test_vision_encoder_runs_once_per_image():
 def test_goldens_with_each_kernel_backend(golden_cases, backend):
     """Both kernel paths stay tested end to end: the CPU AOT kernels and the reference composites."""
     llm = LLM("demo", kernels=backend, block_size=4, max_num_batched_tokens=16)
-    assert llm.engine.model.kernels.backend == backend
+    assert llm.stats()["kernels"] == backend
     outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases], use_tqdm=False)
     for case, out in zip(golden_cases, outs):
         assert_golden(case, out.outputs[0].token_ids)
@@ -143,7 +145,7 @@ def test_goldens_with_each_kernel_backend(golden_cases, backend):
 def test_graph_max_tokens_caps_the_compiled_buckets(golden_cases):
     """Buckets stop at graph_max_tokens; larger token sets (the prefills here) run eagerly and stay exact."""
     llm = LLM("demo", graph_max_tokens=3)
-    assert llm.engine.model.language.graph_buckets == [1, 2, 4]
+    assert llm.stats()["graph_buckets"] == [1, 2, 4]
     case = golden_cases[0]
     out = llm.generate(golden_prompt(case), greedy_params(case), use_tqdm=False)[0]
     assert_golden(case, out.outputs[0].token_ids)

@@ -5,6 +5,7 @@ import pytest
 
 from conftest import TINY
 from engine import LLM, SamplingParams
+from engine.outputs import accumulate
 
 IMAGE = str(TINY / "demo_0.png")
 DESCRIBE = {"prompt": "Describe the image.", "image": IMAGE}
@@ -137,14 +138,15 @@ def test_abort_frees_blocks():
     engine = LLMEngine("demo", max_model_len=256)
     engine.add_request("a", DESCRIBE, SamplingParams(max_tokens=50, ignore_eos=True))
     engine.add_request("b", {"prompt": "Hello"}, SamplingParams(max_tokens=50, ignore_eos=True))
+    by_id = {}
     for _ in range(3):
-        engine.step()
+        for delta in engine.step():
+            accumulate(by_id, delta)
     assert engine.stats()["num_free_blocks"] < engine.stats()["num_total_blocks"]
     engine.abort_request("a")
-    outs = []
     while engine.has_unfinished_requests():
-        outs += [o for o in engine.step() if o.finished]
-    by_id = {o.request_id: o for o in outs}
+        for delta in engine.step():
+            accumulate(by_id, delta)
     assert by_id["a"].outputs[0].finish_reason == "abort"
     assert by_id["b"].outputs[0].finish_reason == "length" and len(by_id["b"].outputs[0].token_ids) == 50
     assert engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"]

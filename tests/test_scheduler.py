@@ -28,8 +28,9 @@ def make_seq(request_id: str, text_ids, num_image_tokens: int = 0, image_hash: s
 
 def expected_kv(seq: Sequence, i: int) -> tuple:
     """What a token's KV depends on: its id, position, expert and (through attention) the image."""
-    image = seq.image_hash if seq.image_token_range() is not None else None
-    return seq.token_ids_slice(i, i + 1)[0], seq.position_id(i), seq.uses_vision_expert(i), image
+    image = seq.image_hash if seq.image_span is not None else None
+    return (seq.token_ids_slice(i, i + 1)[0], seq.position_ids_slice(i, i + 1)[0],
+            seq.vision_expert_mask_slice(i, i + 1)[0], image)
 
 
 class FakeModel:
@@ -93,7 +94,7 @@ class FakeEngine:
         self.scheduler.update_after_step(output)
         for seq, token in sampled.items():
             seq.output_token_ids.append(token)
-            if seq.num_output_tokens >= seq.max_tokens or self.scheduler.reached_max_len(seq):
+            if seq.num_output_tokens >= seq.sampling_params.max_tokens or self.scheduler.reached_max_len(seq):
                 self.scheduler.finish(seq, "length")
         return output
 
@@ -136,21 +137,21 @@ def test_sequence_metadata_covers_prompt_and_generated_tokens():
     seq.output_token_ids = [90, 91, 92]
     assert seq.num_tokens == 11 and seq.num_prompt_tokens == 8
     assert seq.all_token_ids == [BOS] + [IMAGE] * 5 + [11, 12, 90, 91, 92]
-    assert [seq.position_id(i) for i in range(11)] == [0, 1, 2, 2, 2, 3, 4, 5, 6, 7, 8]
+    assert seq.position_ids_slice(0, 11) == [0, 1, 2, 2, 2, 3, 4, 5, 6, 7, 8]
     assert seq.position_ids_slice(6, 10) == [4, 5, 6, 7]
     assert seq.position_ids_slice(9, 11) == [7, 8]
     assert seq.token_ids_slice(7, 10) == [12, 90, 91]
     assert seq.token_ids_slice(9, 11) == [91, 92]
-    assert [seq.token_type(i) for i in range(11)] == [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert seq.prompt_token_type_ids + [0] * seq.num_output_tokens == [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
     # boi and patches use the vision expert, eoi and generated tokens the language expert
     assert seq.vision_expert_mask_slice(0, 11) == [0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
-    assert seq.uses_vision_expert(4) and not seq.uses_vision_expert(5) and not seq.uses_vision_expert(9)
-    assert seq.image_token_range() == (1, 6)
+    assert [seq.vision_expert_mask_slice(i, i + 1)[0] for i in (4, 5, 9)] == [1, 0, 0]
+    assert seq.image_span == (1, 6)
 
 
 def test_text_only_defaults_and_prefill_state():
     seq = Sequence("t", [5, 6, 7])
-    assert seq.prompt_position_ids == [0, 1, 2] and seq.image_token_range() is None
+    assert seq.prompt_position_ids == [0, 1, 2] and seq.image_span is None
     assert seq.is_prefill and seq.status == SequenceStatus.WAITING
     seq.num_computed_tokens = 3
     seq.output_token_ids.append(8)
@@ -215,7 +216,7 @@ def test_chunked_prefill_splits_a_long_prompt_and_its_image_span():
     assert [c.num_tokens for c in prefill_chunks] == [16, 16, 16, 13]
     assert [c.start for c in prefill_chunks] == [0, 16, 32, 48]
     assert sum(c.num_tokens for c in prefill_chunks) == seq.num_prompt_tokens == 61
-    image_start, image_end = seq.image_token_range()
+    image_start, image_end = seq.image_span
     assert any(image_start < c.start < image_end for c in prefill_chunks)  # a boundary inside the image
     assert [c.needs_sample for c in prefill_chunks] == [False, False, False, True]
     assert scheduler.num_prefill_chunks == 3  # partial chunks only

@@ -2,6 +2,7 @@
 with 2 msrun workers through the Python API and the CLI, clear errors, and a worker killed mid-run."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -81,8 +82,35 @@ def test_shards_are_the_right_rows_and_columns():
     vision_qkv = "model.vision.transformer.layers.0.attention.query_key_value.bias"  # [3, heads, hd]
     parts = [shard_tensor(vision_qkv, full[vision_qkv], c, s).reshape(3, 2, -1) for s in layouts]
     np.testing.assert_array_equal(np.concatenate(parts, 1).reshape(-1), full[vision_qkv])
-    for replicated in ("model.norm.weight", "model.vision.boi", "model.vision.transformer.layers.0.mlp.fc2.bias"):
+    for replicated in ("model.norm.weight", "model.vision.boi", "model.vision.transformer.layers.0.input_layernorm.bias"):
         assert shard_tensor(replicated, full[replicated], c, layouts[1]) is full[replicated]
+
+
+def _odd_vision_config() -> CogVLM2Config:
+    """The demo's sizes with a 5-head vision encoder: its heads do not divide tensor_parallel_size=2."""
+    demo = resolve_model("demo").config
+    return dataclasses.replace(demo, vision=dataclasses.replace(demo.vision, hidden_size=80, num_heads=5,
+                                                                intermediate_size=160))
+
+
+def test_vision_heads_that_do_not_divide_replicate_the_encoder():
+    config = _odd_vision_config()
+    layout = shard_layout(config, 2, 1)
+    assert layout.vision_data_parallel and layout.heads.size == 2  # the language model still shards
+    assert not shard_layout(resolve_model("demo").config, 2, 0).vision_data_parallel
+    assert shard_layout(resolve_model("demo").config, 2, 0, mm_encoder_tp_mode="data").vision_data_parallel
+    weight = np.zeros((3 * 80, 80), np.float32)
+    name = "model.vision.transformer.layers.0.attention.query_key_value.weight"
+    assert shard_tensor(name, weight, config, layout) is weight
+
+
+def test_sharded_vision_biases_after_the_reduction_are_held_by_rank_zero():
+    c = resolve_model("demo").config
+    bias = np.ones(96, np.float32)
+    for name in ("model.vision.transformer.layers.0.attention.dense.bias",
+                 "model.vision.transformer.layers.0.mlp.fc2.bias"):
+        assert shard_tensor(name, bias, c, shard_layout(c, 2, 0)) is bias
+        assert not shard_tensor(name, bias, c, shard_layout(c, 2, 1)).any()
 
 
 def test_missing_msrun_is_a_clear_error(tmp_path, monkeypatch):
@@ -99,11 +127,11 @@ def tp_llm():
     llm = LLM("demo", tensor_parallel_size=2, max_num_batched_tokens=48)
     yield llm
     llm.shutdown()
-    _assert_group_gone(llm.engine.runner)
+    _assert_group_gone(llm.engine.executor)
 
 
 def test_each_rank_caches_only_its_kv_heads(tp_llm):
-    executor = tp_llm.engine.runner
+    executor = tp_llm.engine.executor
     slots = tp_llm.stats()["num_total_blocks"] * tp_llm.stats()["block_size"]
     assert executor.kv_cache_shapes == [(slots, 1, 16), (slots, 1, 16)]  # the demo: 2 KV heads of 16
 
@@ -143,7 +171,7 @@ def test_goldens_through_cli(tmp_path, golden_cases):
 
 def test_killed_worker_fails_requests_within_bounded_time(golden_cases):
     llm = LLM("demo", tensor_parallel_size=2)
-    executor = llm.engine.runner
+    executor = llm.engine.executor
     victim = executor.group.pids[1]
     long_run = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
     killed_at: list[float] = []
@@ -187,11 +215,11 @@ def test_worker_error_at_start_up_is_reported_not_hung(tmp_path):
 
 @pytest.mark.slow
 def test_hung_worker_is_detected_by_missing_heartbeats(monkeypatch):
-    import engine.llm_engine
-    monkeypatch.setattr(engine.llm_engine, "TensorParallelExecutor", functools.partial(
-        engine.llm_engine.TensorParallelExecutor, timeouts=Timeouts(heartbeat=3.0)))
+    import engine.distributed
+    monkeypatch.setattr(engine.distributed, "TensorParallelExecutor", functools.partial(
+        engine.distributed.TensorParallelExecutor, timeouts=Timeouts(heartbeat=3.0)))
     engine_ = LLMEngine("demo", tensor_parallel_size=2)
-    executor = engine_.runner
+    executor = engine_.executor
     engine_.add_request("a", "Hello", SamplingParams(max_tokens=64, ignore_eos=True))
     engine_.step()
     os.kill(executor.group.pids[0], signal.SIGSTOP)
@@ -212,3 +240,30 @@ def test_four_workers_replicate_kv_heads_and_match_goldens(golden_cases):
         for case, out in zip(golden_cases, outs):
             assert_golden(case, out.outputs[0].token_ids)
         assert_no_leak(llm)
+
+
+@pytest.mark.slow
+def test_data_parallel_vision_encoder_matches_goldens(golden_cases):
+    """mm_encoder_tp_mode="data": every rank holds the whole encoder and encodes its share of a step's images."""
+    with LLM("demo", tensor_parallel_size=2, mm_encoder_tp_mode="data") as llm:
+        outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases],
+                            use_tqdm=False)
+        for case, out in zip(golden_cases, outs):
+            assert_golden(case, out.outputs[0].token_ids)
+        assert_no_leak(llm)
+
+
+@pytest.mark.slow
+def test_odd_vision_head_count_serves_under_tensor_parallel_2(tmp_path):
+    """A 5-head encoder (refused before) runs replicated; the tokens equal the single-process run's."""
+    from cogvlm2.weights import make_random_checkpoint
+    make_random_checkpoint(_odd_vision_config(), tmp_path / "odd", seed=3)
+    prompts = [{"prompt": "Describe the image.", "image": str(TINY / f"demo_{i}.png")} for i in range(3)]
+    prompts.append("Hello")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    with LLM(str(tmp_path / "odd")) as single:
+        expected = [o.outputs[0].token_ids for o in single.generate(prompts, params, use_tqdm=False)]
+    with LLM(str(tmp_path / "odd"), tensor_parallel_size=2) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        assert llm.stats()["graph_buckets"]  # the workers run the compiled graphs too

@@ -1,0 +1,107 @@
+"""EngineArgs: the one list of engine settings. `LLM(model, **kwargs)`, `LLMEngine(model, **kwargs)` and the CLI's
+engine flags (`add_cli_args`) are all derived from its fields, with the help text kept beside each default."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from cogvlm2.image import DEFAULT_MAX_PIXELS
+
+KERNEL_BACKENDS = ("auto", "cpu", "reference")
+MM_ENCODER_TP_MODES = ("weights", "data")
+
+
+def _arg(default: Any, help: str, flag: str | None = None, cli: bool = True, **kwargs: Any) -> Any:
+    """A field whose metadata carries its CLI help (and flag name, when not derived from the field's name)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "cli": cli, **kwargs})
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = _arg(None, "checkpoint folder, .ckpt file or preset (default: demo)")
+    tokenizer: str | None = _arg(None, "tokenizer.model or tokenizer.json (default: the model's, else Llama-3's "
+                                       "from llama-models)")
+    config_yaml: str | None = _arg(None, "MindFormers-style model yaml", cli=False)  # generate's --config
+    block_size: int = _arg(16, "tokens per KV-cache block")
+    num_kv_blocks: int | None = _arg(None, "KV-cache blocks (default: from --kv-cache-memory-gb)")
+    kv_cache_memory_gb: float | None = _arg(None, "KV-cache budget per device in GiB (default 1)")
+    max_num_seqs: int = _arg(64, "most sequences in one step")
+    max_num_batched_tokens: int = _arg(2048, "most tokens in one step")
+    max_model_len: int | None = _arg(None, "context length (default: the model's max_position_embeddings)")
+    enable_prefix_caching: bool = _arg(True, "reuse the KV blocks of identical prompt prefixes")
+    enable_chunked_prefill: bool = _arg(True, "split long prefills over several steps")
+    seed: int = _arg(0, "seed of requests that set none", flag="--engine-seed")
+    max_image_pixels: int = _arg(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels")
+    encoder_cache_size: int = _arg(64, "images whose vision features are kept")
+    enforce_eager: bool = _arg(False, "no compiled decoder graphs (faster start-up, slower steps)")
+    kernels: str = _arg("auto", "hot-op implementations: CPU kernels (auto falls back to the references if not "
+                                "built), or the reference composites", choices=KERNEL_BACKENDS)
+    graph_max_tokens: int | None = _arg(None, "largest compiled token bucket (default: max_num_batched_tokens)")
+    tensor_parallel_size: int = _arg(1, "shard the model over N devices, one msrun worker each "
+                                        "(docs/tensor_parallel.md)")
+    mm_encoder_tp_mode: str = _arg("weights", "vision encoder under tensor parallelism: 'weights' shards it by "
+                                              "heads, 'data' replicates it and splits the images",
+                                   choices=MM_ENCODER_TP_MODES)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
+                     "max_image_pixels", "encoder_cache_size"):
+            _require(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
+                     f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("num_kv_blocks", "graph_max_tokens"):
+            value = getattr(self, name)
+            _require(value is None or (_is_int(value) and value >= 1),
+                     f"{name} must be a positive int, got {value!r}")
+        _require(self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0,
+                 f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        _require(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 2),
+                 f"max_model_len must be >= 2, got {self.max_model_len}")
+        _require(self.kernels in KERNEL_BACKENDS, f"kernels must be one of {KERNEL_BACKENDS}, got {self.kernels!r}")
+        _require(self.mm_encoder_tp_mode in MM_ENCODER_TP_MODES,
+                 f"mm_encoder_tp_mode must be one of {MM_ENCODER_TP_MODES}, got {self.mm_encoder_tp_mode!r}")
+
+    @property
+    def compiled_tokens(self) -> int:
+        return self.graph_max_tokens or self.max_num_batched_tokens
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _cli_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(EngineArgs) if f.metadata.get("cli", True)]
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineArgs field: --block-size, --enable-prefix-caching / --no-enable-prefix-caching, ..."""
+    for f in _cli_fields():
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata["help"]}
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _value_type(f)
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag_of(f), **kwargs)
+
+
+def _value_type(f: dataclasses.Field) -> type:
+    text = f.type if isinstance(f.type, str) else f.type.__name__
+    return float if "float" in text else int if "int" in text else str
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineArgs fields parsed by add_cli_args (all but `model`, which callers pass positionally)."""
+    return {f.name: getattr(args, f.name) for f in _cli_fields() if f.name != "model"}
