@@ -30,8 +30,7 @@ import yaml
 from mindspore import Tensor
 from mindspore import dtype as mstype
 
-from cogvlm2 import layers
-from kernels import reference
+from kernels import composites, reference
 
 BACKENDS = ("auto", "cpu", "reference")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "kernels"
@@ -186,12 +185,12 @@ class KernelSet:
 
     def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         """x [N, in] @ w^T (+ bias) for a weight from prepare_weight."""
-        return layers.linear(x, w, bias)
+        return composites.linear(x, w, bias)
 
     def prepare_weight(self, weight: np.ndarray) -> Tensor:
         """A projection weight [out, in] in the layout this backend's expert_linear and linear read (done once, at
         load time). The default: as it is."""
-        return layers.to_tensor(weight)
+        return composites.to_tensor(weight)
 
 
 class ReferenceKernels(KernelSet):
@@ -206,7 +205,7 @@ class ReferenceKernels(KernelSet):
     def rope(self, q, k, positions, cos_table, sin_table):
         idx = _i32(positions)
         cos, sin = cos_table[idx], sin_table[idx]
-        return reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin)
+        return composites.apply_rope(q, cos, sin), composites.apply_rope(k, cos, sin)
 
     def write_kv(self, cache, slot_mapping, values):
         reference.write_kv_cache(cache, _i32(slot_mapping), values)
@@ -215,7 +214,7 @@ class ReferenceKernels(KernelSet):
     def paged_attention(self, q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index, token_position,
                         block_tables, context_lens, block_size, rope=None):
         if k_new is None:
-            q, k_new, v_new = layers.split_qkv(q, key_cache.shape[1])
+            q, k_new, v_new = composites.split_qkv(q, key_cache.shape[1])
         if rope is not None:
             q, k_new = self.rope(q, k_new, *rope)
         meta = self._metadata(slot_mapping, seq_index, token_position, block_tables, context_lens, block_size,
@@ -225,7 +224,7 @@ class ReferenceKernels(KernelSet):
         return reference.paged_attention(q, key_cache, value_cache, meta)
 
     def expert_linear(self, x, num_language, wl, wv, bv):
-        return reference.expert_linear(x, num_language, wl, wv, bv)
+        return composites.expert_linear(x, num_language, wl, wv, bv)
 
     def _metadata(self, slot_mapping, seq_index, token_position, block_tables, context_lens, block_size,
                   num_heads, num_kv_heads) -> reference.PagedAttentionMetadata:
@@ -285,13 +284,13 @@ class CpuKernels(KernelSet):
     def prepare_weight(self, weight: np.ndarray) -> Tensor:
         from kernels.ops import PACKED_PANEL, pack_weight  # noqa: PLC0415  (loaded with the library)
         if self.prepacks_weights and weight.shape[0] % PACKED_PANEL == 0:
-            return layers.to_tensor(pack_weight(np.asarray(weight, np.float32)))
-        return layers.to_tensor(weight)
+            return composites.to_tensor(pack_weight(np.asarray(weight, np.float32)))
+        return composites.to_tensor(weight)
 
     def linear(self, x, w, bias=None):
         if w.ndim == 3:  # every row through "the vision expert" when there is a bias: the kernel adds it
             return self.expert_linear(x, 0 if bias is not None else x.shape[0], w, w, bias)
-        return layers.linear(x, w, bias)  # MindSpore's MatMul: faster than our unpacked GEMM at the lm_head's shape
+        return composites.linear(x, w, bias)  # MindSpore's MatMul: faster than our unpacked GEMM at the lm_head's shape
 
     def _precomputed_configs(self) -> dict[tuple, Tensor]:
         keys = [("rope", cls) for cls in ("decode", "prefill")]
@@ -319,7 +318,7 @@ class CpuKernels(KernelSet):
 
     def expert_linear(self, x, num_language, wl, wv, bv):
         if wl.ndim == 2 and self.params.get("expert_linear", shape_class(x.shape[0]))["gemm"] == GEMM_MINDSPORE:
-            return reference.expert_linear(x, num_language, wl, wv, bv)
+            return composites.expert_linear(x, num_language, wl, wv, bv)
         config = self._config("expert_linear", x.shape[0], int(num_language), int(bv is not None))
         return self.ops.expert_linear(x, wl, wv, self._dummy_float if bv is None else bv, config)
 
