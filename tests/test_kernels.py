@@ -437,17 +437,17 @@ def test_registry_falls_back_with_a_warning(monkeypatch):
     monkeypatch.delenv("COGVLM2_KERNELS", raising=False)
 
     def missing():
-        raise registry_ops.KernelLibraryError("no kernel library (test)")
+        raise library.KernelLibraryError("no kernel library (test)")
 
-    import kernels.ops as registry_ops
-    monkeypatch.setattr(registry_ops, "_library", None)
-    monkeypatch.setattr(registry_ops, "find_library", missing)
+    import kernels.library as library
+    monkeypatch.setattr(library, "_library", None)
+    monkeypatch.setattr(library, "find_library", missing)
     registry._kernels.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="no kernel library"):
             kernels = get_kernels("auto")
         assert kernels.backend == "reference"
-        with pytest.raises(registry_ops.KernelLibraryError):
+        with pytest.raises(library.KernelLibraryError):
             get_kernels("cpu")
     finally:
         registry._kernels.cache_clear()
