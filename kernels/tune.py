@@ -126,7 +126,7 @@ def _params_with(sku: str, op: str, candidate: dict[str, int]):
 
 def tune(ops: list[str], repeat: int, log: Callable[[str], None] = print) -> tuple[dict, dict]:
     """Returns (best parameters per op and class, measurements for the record)."""
-    from cogvlm2.runtime import configure_mindspore
+    from kernels.runtime import configure_mindspore
     configure_mindspore()
     from kernels.registry import DEFAULT_PARAMS, CpuKernels, detect_sku
 
