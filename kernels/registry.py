@@ -1,14 +1,5 @@
-"""One registry for the engine's hot ops: `get_kernels(backend)` returns a KernelSet with the same four functions on
-every backend, so the model never branches on where a kernel comes from.
-
-    rope(q, k, positions, cos_table, sin_table) -> (q, k)
-    write_kv(cache, slot_mapping, values)
-    paged_attention(q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index, token_position,
-                    block_tables, context_lens, block_size, rope=None) -> [N, H * d]
-        (writes the cache, then attends; rope=(positions, cos_table, sin_table) also rotates q and k_new first)
-    expert_linear(x, num_language, wl, wv, bv) -> y
-    linear(x, w, bias=None) -> y                        (x @ w^T + bias: the lm_head, the vision encoder)
-    prepare_weight(w [out, in] numpy) -> Tensor         (the layout expert_linear and linear read best)
+"""One registry for the engine's hot ops: `get_kernels(backend)` returns a kernels.interface.KernelSet (rope,
+write_kv, paged_attention, expert_linear, linear, prepare_weight) whichever backend serves it.
 
 Backends: "cpu" (the AOT kernels of kernels/cpu), "reference" (the MindSpore composites of kernels/reference.py),
 "auto" (cpu if its library loads, else reference with a warning). COGVLM2_KERNELS=cpu|reference forces one.
@@ -31,6 +22,7 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 
 from kernels import composites, reference
+from kernels.interface import KernelSet
 
 BACKENDS = ("auto", "cpu", "reference")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "kernels"
@@ -162,38 +154,19 @@ def pad_block_tables(block_tables: list[list[int]]) -> np.ndarray:
     return table
 
 
-class KernelSet:
+class BaseKernels:
+    """What the backends share: checkpoint-layout weights and MindSpore's MatMul for linear."""
     backend: str
     params: KernelParams
 
-    def rope(self, q: Tensor, k: Tensor, positions, cos_table: Tensor, sin_table: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def write_kv(self, cache: Tensor, slot_mapping, values: Tensor) -> Tensor | None:
-        raise NotImplementedError
-
-    def paged_attention(self, q: Tensor, k_new: Tensor | None, v_new: Tensor | None, key_cache: Tensor,
-                        value_cache: Tensor, slot_mapping, seq_index, token_position, block_tables, context_lens,
-                        block_size: int, rope: tuple | None = None) -> Tensor:
-        """Writes k_new/v_new at slot_mapping, then attends. rope=(positions, cos_table, sin_table) rotates q and
-        k_new first (by position id, which differs from token_position after an image): the fused form.
-        k_new = v_new = None: q is the layer's QKV projection [N, H + 2 KV, d] (q heads, k heads, v heads)."""
-        raise NotImplementedError
-
-    def expert_linear(self, x: Tensor, num_language: int, wl: Tensor, wv: Tensor, bv: Tensor | None) -> Tensor:
-        raise NotImplementedError
-
     def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-        """x [N, in] @ w^T (+ bias) for a weight from prepare_weight."""
         return composites.linear(x, w, bias)
 
     def prepare_weight(self, weight: np.ndarray) -> Tensor:
-        """A projection weight [out, in] in the layout this backend's expert_linear and linear read (done once, at
-        load time). The default: as it is."""
         return composites.to_tensor(weight)
 
 
-class ReferenceKernels(KernelSet):
+class ReferenceKernels(BaseKernels):
     """The composites. rope returns new tensors (the inputs are left as they were)."""
     backend = "reference"
 
@@ -242,7 +215,7 @@ class ReferenceKernels(KernelSet):
         return self._meta
 
 
-class CpuKernels(KernelSet):
+class CpuKernels(BaseKernels):
     """The AOT kernels. rope rotates q and k in place when they are contiguous (else contiguous copies of them)
     and returns the rotated tensors: use what it returns."""
     backend = "cpu"

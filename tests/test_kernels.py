@@ -1,6 +1,7 @@
 """Parity of the CPU kernels with the reference composites, in-place semantics, use inside jit, and the registry."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from mindspore import Parameter, Tensor, ops  # noqa: E402
 
 from cogvlm2.rope import BF16, default_inv_freq, rope_table  # noqa: E402
 from kernels import registry  # noqa: E402
+from kernels.interface import KernelSet  # noqa: E402
 from kernels.reference import make_paged_batch  # noqa: E402
 from kernels.registry import CpuKernels, ReferenceKernels, get_kernels, load_params, pad_block_tables  # noqa: E402
 
@@ -431,6 +433,24 @@ def test_registry_backends(monkeypatch):
     monkeypatch.setenv("COGVLM2_KERNELS", "gpu")
     with pytest.raises(ValueError):
         get_kernels()
+
+
+KERNEL_SET_OPS = ("rope", "write_kv", "paged_attention", "expert_linear", "linear", "prepare_weight")
+
+
+def test_kernel_set_protocol_names_the_model_s_ops():
+    ops_named = {name for name, value in vars(KernelSet).items() if inspect.isfunction(value) and name[0] != "_"}
+    assert ops_named == set(KERNEL_SET_OPS)
+
+
+@pytest.mark.parametrize("backend", [ReferenceKernels, CpuKernels])
+def test_backends_satisfy_the_kernel_set_protocol(backend):
+    """Each op with the protocol's parameters (names, order, defaults), so a call written against it works."""
+    for name in KERNEL_SET_OPS:
+        expected = [(p.name, p.default) for p in inspect.signature(getattr(KernelSet, name)).parameters.values()]
+        actual = [(p.name, p.default) for p in inspect.signature(getattr(backend, name)).parameters.values()]
+        assert actual == expected, f"{backend.__name__}.{name}"
+    assert isinstance(REF, KernelSet) and (CPU is None or isinstance(CPU, KernelSet))
 
 
 def test_registry_falls_back_with_a_warning(monkeypatch):
