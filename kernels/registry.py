@@ -3,136 +3,29 @@ write_kv, paged_attention, expert_linear, linear, prepare_weight) whichever back
 
 Backends: "cpu" (the AOT kernels of kernels/cpu), "reference" (the MindSpore composites of kernels/reference.py),
 "auto" (cpu if its library loads, else reference with a warning). COGVLM2_KERNELS=cpu|reference forces one.
-Tuned parameters (threads, tiles) come from configs/kernels/<sku>.yaml, else the defaults below.
+Tuned parameters (threads, tiles) come from kernels.sku.load_params: this SKU's table, else the built-in defaults.
 """
 from __future__ import annotations
 
-import copy
 import os
-import re
 import warnings
-from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from mindspore import Tensor
 from mindspore import dtype as mstype
 
 from kernels import composites, reference
 from kernels.interface import KernelSet
+from kernels.sku import GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, GEMM_OWN, GEMM_PREPACKED, KernelParams, load_params
 
 BACKENDS = ("auto", "cpu", "reference")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "kernels"
 DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" parameters, larger ones "prefill"
-
-# expert_linear's "gemm": 0 our GEMM (kernels/cpu/gemm.cc), 1 OpenBLAS's SGEMM (numpy's), 2 oneDNN's (MindSpore's
-# libdnnl), 3 MindSpore's MatMul (the composite), 4 our GEMM over weights prepacked at load time (kernels.ops.
-# pack_weight): whichever `cogvlm2 tune` measured fastest on this SKU. A library that is missing falls back to our
-# GEMM. Prepacking is a load-time layout, one per weight: the model prepacks when either class chose 4, and every
-# call on a prepacked weight runs the prepacked GEMM.
-GEMM_OWN, GEMM_OPENBLAS, GEMM_ONEDNN, GEMM_MINDSPORE, GEMM_PREPACKED = 0, 1, 2, 3, 4
-
-DEFAULT_PARAMS: dict[str, dict[str, dict[str, int]]] = {
-    "rope": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
-    "paged_attention": {
-        "decode": {"threads": 2, "query_tile": 1, "key_tile": 64, "parallel_min_work": 1 << 20},
-        "prefill": {"threads": 2, "query_tile": 8, "key_tile": 64, "parallel_min_work": 1 << 20},
-    },
-    "expert_linear": {"decode": {"threads": 2, "gemm": GEMM_PREPACKED, "k_block": 0, "n_block": 0},
-                      "prefill": {"threads": 2, "gemm": GEMM_PREPACKED, "k_block": 0, "n_block": 0}},
-}
 
 
 def shape_class(num_tokens: int) -> str:
     return "decode" if num_tokens <= DECODE_MAX_TOKENS else "prefill"
-
-
-@dataclass
-class KernelParams:
-    """Per op and shape class ("decode"/"prefill"), the kernel's tuning parameters."""
-    sku: str
-    source: str  # the yaml file they came from, or "defaults"
-    ops: dict[str, dict[str, dict[str, int]]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_PARAMS))
-
-    def get(self, op: str, cls: str) -> dict[str, int]:
-        return self.ops[op][cls]
-
-
-def detect_sku() -> str:
-    """kernels.sku.detect_sku when that module exists, else the same naming from /proc/cpuinfo."""
-    try:
-        from kernels.sku import detect_sku as detect  # noqa: PLC0415  (another module, possibly absent)
-        return detect()
-    except ImportError:
-        return fallback_sku()
-
-
-def fallback_sku() -> str:
-    """cpu-<vendor>-<model>-<isa>, e.g. cpu-amd-epyc-avx512."""
-    info = _cpuinfo()
-    vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(info.get("vendor_id", ""), "unknown")
-    model = _slug(info.get("model name", "unknown"))
-    if model.startswith(vendor + "-"):
-        model = model[len(vendor) + 1:]
-    flags = set(info.get("flags", "").split())
-    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
-    return f"cpu-{vendor}-{model}-{isa}"
-
-
-def _cpuinfo() -> dict[str, str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return {}
-    info: dict[str, str] = {}
-    for line in text.splitlines():
-        if ":" in line:
-            key, value = line.split(":", 1)
-            info.setdefault(key.strip(), value.strip())
-    return info
-
-
-def _slug(text: str) -> str:
-    text = re.sub(r"\(r\)|\(tm\)|processor|\d+-core|cpu @.*", "", text.lower())
-    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
-
-
-def config_path(sku: str) -> Path:
-    """Where `cogvlm2 tune` writes the table of `sku`: configs/kernels/<sku>.yaml."""
-    try:
-        from kernels.sku import tuned_table_path  # noqa: PLC0415
-        return tuned_table_path(sku)
-    except ImportError:
-        return CONFIG_DIR / f"{sku}.yaml"
-
-
-def table_path(sku: str) -> Path:
-    """The table the engine loads for `sku`: kernels.sku's lookup (the exact SKU, its family, default.yaml) when
-    that module exists, else configs/kernels/<sku>.yaml."""
-    try:
-        from kernels.sku import kernel_table_path  # noqa: PLC0415
-        return kernel_table_path(sku)
-    except ImportError:
-        return config_path(sku)
-
-
-def load_params(sku: str | None = None, path: str | Path | None = None) -> KernelParams:
-    """The table at `path`, else COGVLM2_KERNEL_CONFIG, else this SKU's table, else defaults. Entries missing from
-    a table keep their defaults."""
-    sku = sku or detect_sku()
-    path = Path(path or os.environ.get("COGVLM2_KERNEL_CONFIG") or table_path(sku))
-    params = KernelParams(sku, "defaults")
-    if not path.is_file():
-        return params
-    table = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for op, classes in (table.get("ops") or {}).items():
-        for cls, values in (classes or {}).items():
-            params.ops.setdefault(op, {}).setdefault(cls, {}).update({k: int(v) for k, v in values.items()})
-    params.source = str(path)
-    return params
 
 
 def _np(x: Any) -> np.ndarray:
