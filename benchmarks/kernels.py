@@ -30,9 +30,10 @@ configure_mindspore()
 
 from mindspore import Parameter, Tensor  # noqa: E402
 
-from cogvlm2.layers import linear  # noqa: E402
+from kernels.composites import linear  # noqa: E402
+from kernels.interface import KernelSet  # noqa: E402
 from kernels.reference import make_paged_batch  # noqa: E402
-from kernels.registry import KernelSet, get_kernels, pad_block_tables  # noqa: E402
+from kernels.registry import get_kernels, pad_block_tables  # noqa: E402
 
 
 @dataclass(frozen=True)

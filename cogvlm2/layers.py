@@ -1,32 +1,20 @@
-"""Small MindSpore building blocks shared by the vision encoder and the language model (fp32 on CPU)."""
+"""Small MindSpore building blocks of the vision encoder and the language model (fp32 on CPU).
+
+The math the kernels layer also needs (linear, split_qkv, softmax_attention, expert_linear, apply_rope, to_tensor)
+is defined in kernels/composites.py and re-exported here; what is left is the model's own."""
 from __future__ import annotations
 
-import numpy as np
 from mindspore import Tensor, ops
 
-_matmul_nt = ops.MatMul(transpose_b=True)
+from kernels.composites import apply_rope, expert_linear, linear, softmax_attention, split_qkv, to_tensor
 
-
-def to_tensor(array: np.ndarray) -> Tensor:
-    """Zero-copy on CPU: the Tensor shares the (contiguous, float32) numpy buffer."""
-    return Tensor.from_numpy(np.ascontiguousarray(array))
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [N, in] @ weight[out, in]^T (+ bias): weights stay in checkpoint layout, no transpose is materialised."""
-    y = _matmul_nt(x, weight)
-    return y if bias is None else y + bias
+__all__ = ["apply_rope", "expert_linear", "gelu_exact", "layer_norm", "linear", "rms_norm", "softmax_attention",
+           "split_qkv", "swiglu", "to_tensor"]
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     variance = ops.mean(x * x, -1, keep_dims=True)
     return x * ops.rsqrt(variance + eps) * weight
-
-
-def split_qkv(qkv: Tensor, num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The fused QKV projection [N, H + 2 KV, d] -> q [N, H, d], k [N, KV, d], v [N, KV, d]."""
-    heads = qkv.shape[1] - 2 * num_kv_heads
-    return qkv[:, :heads], qkv[:, heads:heads + num_kv_heads], qkv[:, heads + num_kv_heads:]
 
 
 def swiglu(gate_up: Tensor) -> Tensor:
@@ -41,29 +29,3 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
 
 def gelu_exact(x: Tensor) -> Tensor:
     return ops.gelu(x, approximate="none")
-
-
-def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """q [G, M, d], k/v [G, T, d] -> [G, M, d]; mask is additive, broadcastable to [G, M, T]."""
-    scores = ops.BatchMatMul(transpose_b=True)(q, k) * scale
-    if mask is not None:
-        scores = scores + mask
-    return ops.BatchMatMul()(ops.softmax(scores, axis=-1), v)
-
-
-def expert_linear(x: Tensor, num_language: int, language_w: Tensor, vision_w: Tensor,
-                  vision_b: Tensor | None = None) -> Tensor:
-    """x in routed order: rows [:num_language] through the language weights, the rest through the vision ones."""
-    n = x.shape[0]
-    if num_language == n:
-        return linear(x, language_w)
-    if num_language == 0:
-        return linear(x, vision_w, vision_b)
-    return ops.concat((linear(x[:num_language], language_w), linear(x[num_language:], vision_w, vision_b)), 0)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """NeoX rotate-half; x [N, heads, d], cos/sin [N, d]."""
-    half = x.shape[-1] // 2
-    rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,4 +1,4 @@
-"""MindSpore custom ops over the CPU kernel library (kernels/cpu/*.cc, built by setup.py).
+"""MindSpore custom ops over the CPU kernel library (kernels/cpu/*.cc, found and loaded by kernels/library.py).
 
 Each op is an `ops.Custom(func_type="aot")`, so it runs in PyNative and inside `mindspore.jit`. The in-place ops
 (rope, write_kv, and the cache write inside paged_attention) write through their input pointers and return a small
@@ -7,17 +7,14 @@ token; inside `jit`, keep a data dependency on what they return (the wrappers re
 """
 from __future__ import annotations
 
-import ctypes
-import glob
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
 from kernels import pyboost
+from kernels.library import load_library
 
 from mindspore.ops.primitive import constexpr
 
@@ -35,74 +32,6 @@ def _run_in_jit() -> bool:
     """True while mindspore.jit compiles the caller: jit hands a constexpr a function value as None (the check
     MindSpore uses internally)."""
     return _is_none(_no_op)
-
-LIBRARY_GLOB = str(Path(__file__).parent / "cpu" / "_cogvlm2_kernels*.so")
-
-
-class KernelLibraryError(RuntimeError):
-    pass
-
-
-def find_library() -> str:
-    """COGVLM2_KERNEL_LIBRARY, else the library built next to this file."""
-    if os.environ.get("COGVLM2_KERNEL_LIBRARY"):
-        return os.environ["COGVLM2_KERNEL_LIBRARY"]
-    paths = sorted(glob.glob(LIBRARY_GLOB))
-    if not paths:
-        raise KernelLibraryError(f"no kernel library matches {LIBRARY_GLOB}: build it with `pip install -e .` "
-                                 "(needs a C++17 compiler)")
-    return paths[-1]
-
-
-def find_blas() -> str | None:
-    """An OpenBLAS with an SGEMM: COGVLM2_BLAS, else the one inside the numpy (or scipy) wheel, else the system's.
-    numpy is imported first, so the wheel's libgfortran it depends on is already loaded."""
-    if os.environ.get("COGVLM2_BLAS"):
-        return os.environ["COGVLM2_BLAS"]
-    site = Path(np.__file__).parent.parent
-    for pattern in ("numpy.libs/libopenblas*.so*", "scipy.libs/libscipy_openblas*.so*"):
-        found = sorted(glob.glob(str(site / pattern)))
-        if found:
-            return found[0]
-    for name in ("libopenblas.so.0", "libopenblas.so", "libcblas.so.3", "libblas.so.3"):
-        try:
-            ctypes.CDLL(name)
-            return name
-        except OSError:
-            continue
-    return None
-
-
-def find_onednn() -> str | None:
-    """The oneDNN that ships inside the MindSpore wheel (mindspore/lib/libdnnl.so.3): dnnl_sgemm, single-threaded."""
-    found = sorted(glob.glob(str(Path(ms.__file__).parent / "lib" / "libdnnl.so*")))
-    return found[0] if found else None
-
-
-@dataclass(frozen=True)
-class Library:
-    path: str
-    blas: str | None    # an OpenBLAS with an SGEMM, or None
-    onednn: str | None  # oneDNN's dnnl_sgemm, or None; expert_linear falls back to the built-in GEMM
-
-
-_library: Library | None = None
-
-
-def load_library() -> Library:
-    """Opens the kernel library once and hands it the GEMM libraries. MindSpore dlopens the same file later, which
-    returns the same handle, so the GEMMs given here are the ones its kernels call."""
-    global _library
-    if _library is None:
-        path = find_library()
-        handle = ctypes.CDLL(path)
-        blas, onednn = find_blas(), find_onednn()
-        if blas is not None and handle.cogvlm2_load_blas(blas.encode()) != 0:
-            blas = None
-        if onednn is not None and handle.cogvlm2_load_onednn(onednn.encode()) != 0:
-            onednn = None
-        _library = Library(path, blas, onednn)
-    return _library
 
 
 def _custom(symbol: str, out_shape, out_dtype) -> ops.Custom:

@@ -41,8 +41,8 @@ def load(library_path: str, build: bool = False):
 
 
 def main() -> int:
-    from cogvlm2.runtime import configure_mindspore
-    from kernels.ops import load_library
+    from kernels.library import load_library
+    from kernels.runtime import configure_mindspore
     configure_mindspore()
     print(f"building the eager-dispatch extension into {BUILD_DIR} (about 30 s the first time)", flush=True)
     module = load(load_library().path, build=True)

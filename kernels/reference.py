@@ -2,8 +2,7 @@
 
 - write_kv_cache: K/V of this step's tokens into the paged cache by slot_mapping, in place.
 - paged_attention: attention of a flat varlen batch (decodes + prefill chunks) over the paged cache, GQA, causal.
-The rotary and expert-routed projection composites live with the model (cogvlm2.language_model.apply_rope and
-expert_linear) and are re-exported here.
+The rotary and expert-routed projection composites are the leaf math of kernels/composites.py.
 """
 from __future__ import annotations
 
@@ -12,8 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Parameter, Tensor, ops
 
-from cogvlm2.layers import apply_rope, expert_linear  # noqa: F401  (re-exported references)
-from cogvlm2.layers import softmax_attention
+from kernels.composites import softmax_attention
 
 _NEG_INF = np.float32(-np.inf)
 

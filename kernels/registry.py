@@ -1,147 +1,31 @@
-"""One registry for the engine's hot ops: `get_kernels(backend)` returns a KernelSet with the same four functions on
-every backend, so the model never branches on where a kernel comes from.
-
-    rope(q, k, positions, cos_table, sin_table) -> (q, k)
-    write_kv(cache, slot_mapping, values)
-    paged_attention(q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index, token_position,
-                    block_tables, context_lens, block_size, rope=None) -> [N, H * d]
-        (writes the cache, then attends; rope=(positions, cos_table, sin_table) also rotates q and k_new first)
-    expert_linear(x, num_language, wl, wv, bv) -> y
-    linear(x, w, bias=None) -> y                        (x @ w^T + bias: the lm_head, the vision encoder)
-    prepare_weight(w [out, in] numpy) -> Tensor         (the layout expert_linear and linear read best)
+"""One registry for the engine's hot ops: `get_kernels(backend)` returns a kernels.interface.KernelSet (rope,
+write_kv, paged_attention, expert_linear, linear, prepare_weight) whichever backend serves it.
 
 Backends: "cpu" (the AOT kernels of kernels/cpu), "reference" (the MindSpore composites of kernels/reference.py),
 "auto" (cpu if its library loads, else reference with a warning). COGVLM2_KERNELS=cpu|reference forces one.
-Tuned parameters (threads, tiles) come from configs/kernels/<sku>.yaml, else the defaults below.
+Tuned parameters (threads, tiles) come from kernels.sku.load_params: this SKU's table, else the built-in defaults.
 """
 from __future__ import annotations
 
-import copy
 import os
-import re
 import warnings
-from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from mindspore import Tensor
 from mindspore import dtype as mstype
 
-from cogvlm2 import layers
-from kernels import reference
+from kernels import composites, reference
+from kernels.interface import KernelSet
+from kernels.sku import GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, GEMM_OWN, GEMM_PREPACKED, KernelParams, load_params
 
 BACKENDS = ("auto", "cpu", "reference")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "kernels"
 DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" parameters, larger ones "prefill"
-
-# expert_linear's "gemm": 0 our GEMM (kernels/cpu/gemm.cc), 1 OpenBLAS's SGEMM (numpy's), 2 oneDNN's (MindSpore's
-# libdnnl), 3 MindSpore's MatMul (the composite), 4 our GEMM over weights prepacked at load time (kernels.ops.
-# pack_weight): whichever `cogvlm2 tune` measured fastest on this SKU. A library that is missing falls back to our
-# GEMM. Prepacking is a load-time layout, one per weight: the model prepacks when either class chose 4, and every
-# call on a prepacked weight runs the prepacked GEMM.
-GEMM_OWN, GEMM_OPENBLAS, GEMM_ONEDNN, GEMM_MINDSPORE, GEMM_PREPACKED = 0, 1, 2, 3, 4
-
-DEFAULT_PARAMS: dict[str, dict[str, dict[str, int]]] = {
-    "rope": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
-    "paged_attention": {
-        "decode": {"threads": 2, "query_tile": 1, "key_tile": 64, "parallel_min_work": 1 << 20},
-        "prefill": {"threads": 2, "query_tile": 8, "key_tile": 64, "parallel_min_work": 1 << 20},
-    },
-    "expert_linear": {"decode": {"threads": 2, "gemm": GEMM_PREPACKED, "k_block": 0, "n_block": 0},
-                      "prefill": {"threads": 2, "gemm": GEMM_PREPACKED, "k_block": 0, "n_block": 0}},
-}
 
 
 def shape_class(num_tokens: int) -> str:
     return "decode" if num_tokens <= DECODE_MAX_TOKENS else "prefill"
-
-
-@dataclass
-class KernelParams:
-    """Per op and shape class ("decode"/"prefill"), the kernel's tuning parameters."""
-    sku: str
-    source: str  # the yaml file they came from, or "defaults"
-    ops: dict[str, dict[str, dict[str, int]]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_PARAMS))
-
-    def get(self, op: str, cls: str) -> dict[str, int]:
-        return self.ops[op][cls]
-
-
-def detect_sku() -> str:
-    """kernels.sku.detect_sku when that module exists, else the same naming from /proc/cpuinfo."""
-    try:
-        from kernels.sku import detect_sku as detect  # noqa: PLC0415  (another module, possibly absent)
-        return detect()
-    except ImportError:
-        return fallback_sku()
-
-
-def fallback_sku() -> str:
-    """cpu-<vendor>-<model>-<isa>, e.g. cpu-amd-epyc-avx512."""
-    info = _cpuinfo()
-    vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(info.get("vendor_id", ""), "unknown")
-    model = _slug(info.get("model name", "unknown"))
-    if model.startswith(vendor + "-"):
-        model = model[len(vendor) + 1:]
-    flags = set(info.get("flags", "").split())
-    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
-    return f"cpu-{vendor}-{model}-{isa}"
-
-
-def _cpuinfo() -> dict[str, str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return {}
-    info: dict[str, str] = {}
-    for line in text.splitlines():
-        if ":" in line:
-            key, value = line.split(":", 1)
-            info.setdefault(key.strip(), value.strip())
-    return info
-
-
-def _slug(text: str) -> str:
-    text = re.sub(r"\(r\)|\(tm\)|processor|\d+-core|cpu @.*", "", text.lower())
-    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
-
-
-def config_path(sku: str) -> Path:
-    """Where `cogvlm2 tune` writes the table of `sku`: configs/kernels/<sku>.yaml."""
-    try:
-        from kernels.sku import tuned_table_path  # noqa: PLC0415
-        return tuned_table_path(sku)
-    except ImportError:
-        return CONFIG_DIR / f"{sku}.yaml"
-
-
-def table_path(sku: str) -> Path:
-    """The table the engine loads for `sku`: kernels.sku's lookup (the exact SKU, its family, default.yaml) when
-    that module exists, else configs/kernels/<sku>.yaml."""
-    try:
-        from kernels.sku import kernel_table_path  # noqa: PLC0415
-        return kernel_table_path(sku)
-    except ImportError:
-        return config_path(sku)
-
-
-def load_params(sku: str | None = None, path: str | Path | None = None) -> KernelParams:
-    """The table at `path`, else COGVLM2_KERNEL_CONFIG, else this SKU's table, else defaults. Entries missing from
-    a table keep their defaults."""
-    sku = sku or detect_sku()
-    path = Path(path or os.environ.get("COGVLM2_KERNEL_CONFIG") or table_path(sku))
-    params = KernelParams(sku, "defaults")
-    if not path.is_file():
-        return params
-    table = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for op, classes in (table.get("ops") or {}).items():
-        for cls, values in (classes or {}).items():
-            params.ops.setdefault(op, {}).setdefault(cls, {}).update({k: int(v) for k, v in values.items()})
-    params.source = str(path)
-    return params
 
 
 def _np(x: Any) -> np.ndarray:
@@ -163,38 +47,19 @@ def pad_block_tables(block_tables: list[list[int]]) -> np.ndarray:
     return table
 
 
-class KernelSet:
+class BaseKernels:
+    """What the backends share: checkpoint-layout weights and MindSpore's MatMul for linear."""
     backend: str
     params: KernelParams
 
-    def rope(self, q: Tensor, k: Tensor, positions, cos_table: Tensor, sin_table: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def write_kv(self, cache: Tensor, slot_mapping, values: Tensor) -> Tensor | None:
-        raise NotImplementedError
-
-    def paged_attention(self, q: Tensor, k_new: Tensor | None, v_new: Tensor | None, key_cache: Tensor,
-                        value_cache: Tensor, slot_mapping, seq_index, token_position, block_tables, context_lens,
-                        block_size: int, rope: tuple | None = None) -> Tensor:
-        """Writes k_new/v_new at slot_mapping, then attends. rope=(positions, cos_table, sin_table) rotates q and
-        k_new first (by position id, which differs from token_position after an image): the fused form.
-        k_new = v_new = None: q is the layer's QKV projection [N, H + 2 KV, d] (q heads, k heads, v heads)."""
-        raise NotImplementedError
-
-    def expert_linear(self, x: Tensor, num_language: int, wl: Tensor, wv: Tensor, bv: Tensor | None) -> Tensor:
-        raise NotImplementedError
-
     def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-        """x [N, in] @ w^T (+ bias) for a weight from prepare_weight."""
-        return layers.linear(x, w, bias)
+        return composites.linear(x, w, bias)
 
     def prepare_weight(self, weight: np.ndarray) -> Tensor:
-        """A projection weight [out, in] in the layout this backend's expert_linear and linear read (done once, at
-        load time). The default: as it is."""
-        return layers.to_tensor(weight)
+        return composites.to_tensor(weight)
 
 
-class ReferenceKernels(KernelSet):
+class ReferenceKernels(BaseKernels):
     """The composites. rope returns new tensors (the inputs are left as they were)."""
     backend = "reference"
 
@@ -206,7 +71,7 @@ class ReferenceKernels(KernelSet):
     def rope(self, q, k, positions, cos_table, sin_table):
         idx = _i32(positions)
         cos, sin = cos_table[idx], sin_table[idx]
-        return reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin)
+        return composites.apply_rope(q, cos, sin), composites.apply_rope(k, cos, sin)
 
     def write_kv(self, cache, slot_mapping, values):
         reference.write_kv_cache(cache, _i32(slot_mapping), values)
@@ -215,7 +80,7 @@ class ReferenceKernels(KernelSet):
     def paged_attention(self, q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index, token_position,
                         block_tables, context_lens, block_size, rope=None):
         if k_new is None:
-            q, k_new, v_new = layers.split_qkv(q, key_cache.shape[1])
+            q, k_new, v_new = composites.split_qkv(q, key_cache.shape[1])
         if rope is not None:
             q, k_new = self.rope(q, k_new, *rope)
         meta = self._metadata(slot_mapping, seq_index, token_position, block_tables, context_lens, block_size,
@@ -225,7 +90,7 @@ class ReferenceKernels(KernelSet):
         return reference.paged_attention(q, key_cache, value_cache, meta)
 
     def expert_linear(self, x, num_language, wl, wv, bv):
-        return reference.expert_linear(x, num_language, wl, wv, bv)
+        return composites.expert_linear(x, num_language, wl, wv, bv)
 
     def _metadata(self, slot_mapping, seq_index, token_position, block_tables, context_lens, block_size,
                   num_heads, num_kv_heads) -> reference.PagedAttentionMetadata:
@@ -243,7 +108,7 @@ class ReferenceKernels(KernelSet):
         return self._meta
 
 
-class CpuKernels(KernelSet):
+class CpuKernels(BaseKernels):
     """The AOT kernels. rope rotates q and k in place when they are contiguous (else contiguous copies of them)
     and returns the rotated tensors: use what it returns."""
     backend = "cpu"
@@ -285,13 +150,13 @@ class CpuKernels(KernelSet):
     def prepare_weight(self, weight: np.ndarray) -> Tensor:
         from kernels.ops import PACKED_PANEL, pack_weight  # noqa: PLC0415  (loaded with the library)
         if self.prepacks_weights and weight.shape[0] % PACKED_PANEL == 0:
-            return layers.to_tensor(pack_weight(np.asarray(weight, np.float32)))
-        return layers.to_tensor(weight)
+            return composites.to_tensor(pack_weight(np.asarray(weight, np.float32)))
+        return composites.to_tensor(weight)
 
     def linear(self, x, w, bias=None):
         if w.ndim == 3:  # every row through "the vision expert" when there is a bias: the kernel adds it
             return self.expert_linear(x, 0 if bias is not None else x.shape[0], w, w, bias)
-        return layers.linear(x, w, bias)  # MindSpore's MatMul: faster than our unpacked GEMM at the lm_head's shape
+        return composites.linear(x, w, bias)  # MindSpore's MatMul: faster than our unpacked GEMM at the lm_head's shape
 
     def _precomputed_configs(self) -> dict[tuple, Tensor]:
         keys = [("rope", cls) for cls in ("decode", "prefill")]
@@ -319,7 +184,7 @@ class CpuKernels(KernelSet):
 
     def expert_linear(self, x, num_language, wl, wv, bv):
         if wl.ndim == 2 and self.params.get("expert_linear", shape_class(x.shape[0]))["gemm"] == GEMM_MINDSPORE:
-            return reference.expert_linear(x, num_language, wl, wv, bv)
+            return composites.expert_linear(x, num_language, wl, wv, bv)
         config = self._config("expert_linear", x.shape[0], int(num_language), int(bv is not None))
         return self.ops.expert_linear(x, wl, wv, self._dummy_float if bv is None else bv, config)
 

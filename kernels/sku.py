@@ -10,7 +10,9 @@ The SKU id names a tuned table, configs/kernels/<sku>.yaml, so it is stable acro
 ``COGVLM2_SKU`` overrides detection (for tests and for forcing a table).
 
 Table lookup falls back from the exact SKU to its family (``cpu-avx512``, ``ascend-910b``) and then to
-``default.yaml``; with no file at all, ``load_kernel_table`` returns the built-in defaults.
+``default.yaml``; with no file at all, ``load_kernel_table`` returns the built-in defaults. ``COGVLM2_KERNEL_CONFIG``
+names a table file to load instead of the lookup. ``load_params`` is the same table as the kernels read it.
+This is the only SKU detection and the only table loader of the project.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import glob
 import os
 import platform
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -28,10 +30,29 @@ import yaml
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "kernels"
 SKU_ENV = "COGVLM2_SKU"
 CONFIGS_ENV = "COGVLM2_KERNEL_CONFIGS"
+TABLE_ENV = "COGVLM2_KERNEL_CONFIG"
 
-# Built-in table: what the engine uses when no tuned table exists. Op entries ({op: {param: value}}) are
-# written by kernels/tune.py; an op missing here keeps the kernel's compiled-in defaults.
-DEFAULT_KERNEL_TABLE: dict = {"version": 1, "sku": None, "ops": {}}
+# expert_linear's "gemm": 0 our GEMM (kernels/cpu/gemm.cc), 1 OpenBLAS's SGEMM (numpy's), 2 oneDNN's (MindSpore's
+# libdnnl), 3 MindSpore's MatMul (the composite), 4 our GEMM over weights prepacked at load time (kernels.ops.
+# pack_weight): whichever `cogvlm2 tune` measured fastest on this SKU. A library that is missing falls back to our
+# GEMM. Prepacking is a load-time layout, one per weight: the model prepacks when either class chose 4, and every
+# call on a prepacked weight runs the prepacked GEMM.
+GEMM_OWN, GEMM_OPENBLAS, GEMM_ONEDNN, GEMM_MINDSPORE, GEMM_PREPACKED = 0, 1, 2, 3, 4
+
+# Per op and shape class ("decode" or "prefill", by a call's token count: kernels.registry.shape_class), the
+# kernel's tuning parameters where no table sets them. kernels/tune.py writes tables of the same shape.
+DEFAULT_PARAMS: dict[str, dict[str, dict[str, int]]] = {
+    "rope": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
+    "paged_attention": {
+        "decode": {"threads": 2, "query_tile": 1, "key_tile": 64, "parallel_min_work": 1 << 20},
+        "prefill": {"threads": 2, "query_tile": 8, "key_tile": 64, "parallel_min_work": 1 << 20},
+    },
+    "expert_linear": {"decode": {"threads": 2, "gemm": GEMM_PREPACKED, "k_block": 0, "n_block": 0},
+                      "prefill": {"threads": 2, "gemm": GEMM_PREPACKED, "k_block": 0, "n_block": 0}},
+}
+
+# Built-in table: what the engine uses when no tuned table exists (a table's entries are merged over it).
+DEFAULT_KERNEL_TABLE: dict = {"version": 1, "sku": None, "ops": DEFAULT_PARAMS}
 
 # ISA features worth reporting (the /proc/cpuinfo spelling; ARM's "asimd" is reported as "neon").
 KNOWN_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -261,11 +282,13 @@ def kernel_table_path(sku: str | None = None, configs_dir: Path | str | None = N
     return next((path for path in candidates if path.is_file()), candidates[-1])
 
 
-def load_kernel_table(sku: str | None = None, configs_dir: Path | str | None = None) -> dict:
-    """The tuned table for `sku`, merged over the built-in defaults; the defaults alone when no file exists.
-    The result carries 'sku' (the SKU asked for) and 'source' (the file read, or None)."""
+def load_kernel_table(sku: str | None = None, configs_dir: Path | str | None = None,
+                      path: Path | str | None = None) -> dict:
+    """The table at `path`, else $COGVLM2_KERNEL_CONFIG, else the lookup's table for `sku` (default: this device),
+    merged over the built-in defaults; the defaults alone when that file does not exist. The result carries 'sku'
+    (the SKU asked for) and 'source' (the file read, or None)."""
     sku = sku or detect_sku()
-    path = kernel_table_path(sku, configs_dir)
+    path = Path(path or os.environ.get(TABLE_ENV) or kernel_table_path(sku, configs_dir))
     table = copy.deepcopy(DEFAULT_KERNEL_TABLE)
     source = None
     if path.is_file():
@@ -280,8 +303,31 @@ def load_kernel_table(sku: str | None = None, configs_dir: Path | str | None = N
 
 
 def _merge(base: dict, override: dict) -> dict:
+    """`override` over `base`, recursively; a key left empty in the table (None) keeps its default."""
     merged = dict(base)
     for key, value in override.items():
+        if value is None:
+            continue
         merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
             else value
     return merged
+
+
+@dataclass
+class KernelParams:
+    """The table's ops as the kernels read them: per op and shape class ("decode"/"prefill"), int parameters."""
+    sku: str
+    source: str  # the yaml file they came from, or "defaults"
+    ops: dict[str, dict[str, dict[str, int]]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_PARAMS))
+
+    def get(self, op: str, cls: str) -> dict[str, int]:
+        return self.ops[op][cls]
+
+
+def load_params(sku: str | None = None, path: Path | str | None = None,
+                configs_dir: Path | str | None = None) -> KernelParams:
+    """load_kernel_table(sku, configs_dir, path) as KernelParams."""
+    table = load_kernel_table(sku, configs_dir, path)
+    ops = {op: {cls: {name: int(value) for name, value in values.items()} for cls, values in classes.items()}
+           for op, classes in table["ops"].items()}
+    return KernelParams(table["sku"], table["source"] or "defaults", ops)

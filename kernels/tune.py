@@ -118,7 +118,7 @@ class Workload:
 
 def _params_with(sku: str, op: str, candidate: dict[str, int]):
     """Default parameters with `candidate` for op in both classes (a shape near the boundary must use it too)."""
-    from kernels.registry import KernelParams
+    from kernels.sku import KernelParams
     params = KernelParams(sku, "tune")
     params.ops[op] = {cls: dict(candidate) for cls in SHAPES}
     return params
@@ -126,9 +126,10 @@ def _params_with(sku: str, op: str, candidate: dict[str, int]):
 
 def tune(ops: list[str], repeat: int, log: Callable[[str], None] = print) -> tuple[dict, dict]:
     """Returns (best parameters per op and class, measurements for the record)."""
-    from cogvlm2.runtime import configure_mindspore
+    from kernels.runtime import configure_mindspore
     configure_mindspore()
-    from kernels.registry import DEFAULT_PARAMS, CpuKernels, detect_sku
+    from kernels.registry import CpuKernels
+    from kernels.sku import DEFAULT_PARAMS, detect_sku
 
     sku = detect_sku()
     rng = np.random.default_rng(0)
@@ -164,7 +165,7 @@ def tune(ops: list[str], repeat: int, log: Callable[[str], None] = print) -> tup
 def write_table(path: Path, sku: str, chosen: dict, record: dict, ops: list[str]) -> None:
     import yaml
 
-    from kernels.registry import load_params
+    from kernels.sku import load_params
     existing = load_params(sku=sku, path=path) if path.is_file() else None
     table_ops = copy.deepcopy(existing.ops) if existing else {}
     for op in ops:
@@ -189,13 +190,13 @@ def _existing_measurements(path: Path) -> dict:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from kernels.registry import config_path, detect_sku
+    from kernels.sku import detect_sku, tuned_table_path
     ops = args.ops.split(",") if args.ops else list(OPS)
     unknown = set(ops) - set(OPS)
     if unknown:
         raise SystemExit(f"unknown ops {sorted(unknown)}: choose from {OPS}")
     sku = detect_sku()
-    out = Path(args.out) if args.out else config_path(sku)
+    out = Path(args.out) if args.out else tuned_table_path(sku)
     print(f"tuning {', '.join(ops)} on {sku} -> {out}")
     chosen, record = tune(ops, args.repeat)
     write_table(out, sku, chosen, record, ops)

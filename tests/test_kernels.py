@@ -1,6 +1,7 @@
 """Parity of the CPU kernels with the reference composites, in-place semantics, use inside jit, and the registry."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,11 @@ import mindspore as ms  # noqa: E402
 from mindspore import Parameter, Tensor, ops  # noqa: E402
 
 from cogvlm2.rope import BF16, default_inv_freq, rope_table  # noqa: E402
-from kernels import registry  # noqa: E402
+from kernels import registry, sku  # noqa: E402
+from kernels.interface import KernelSet  # noqa: E402
 from kernels.reference import make_paged_batch  # noqa: E402
-from kernels.registry import CpuKernels, ReferenceKernels, get_kernels, load_params, pad_block_tables  # noqa: E402
+from kernels.registry import CpuKernels, ReferenceKernels, get_kernels, pad_block_tables  # noqa: E402
+from kernels.sku import load_params  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RTOL = 1e-5
@@ -319,7 +322,7 @@ def test_expert_linear(gemm, n, num_language, bias):
 @pytest.mark.parametrize("k_block", [0, 64])
 @pytest.mark.parametrize("bias", [True, False])
 def test_expert_linear_prepacked(n, num_language, out, inner, k_block, bias):
-    kernels = CpuKernels(expert_params(registry.GEMM_PREPACKED, k_block, 0))
+    kernels = CpuKernels(expert_params(sku.GEMM_PREPACKED, k_block, 0))
     rng = np.random.default_rng(n + out + inner)
     x, wl, wv, bv = normal(rng, n, inner), normal(rng, out, inner), normal(rng, out, inner), normal(rng, out)
     packed_l, packed_v = kernels.prepare_weight(wl), kernels.prepare_weight(wv)
@@ -344,7 +347,7 @@ def test_pack_weight_round_trip_and_its_limit():
 @needs_cpu
 def test_prepare_weight_layouts():
     """Prepacked where the table says so and the rows allow; plain otherwise, and plain on the reference backend."""
-    packing = CpuKernels(expert_params(registry.GEMM_PREPACKED, 0, 0))
+    packing = CpuKernels(expert_params(sku.GEMM_PREPACKED, 0, 0))
     plain = CpuKernels(expert_params(0, 0, 0))
     w = np.ones((64, 8), np.float32)
     assert packing.prepacks_weights and not plain.prepacks_weights
@@ -433,21 +436,39 @@ def test_registry_backends(monkeypatch):
         get_kernels()
 
 
+KERNEL_SET_OPS = ("rope", "write_kv", "paged_attention", "expert_linear", "linear", "prepare_weight")
+
+
+def test_kernel_set_protocol_names_the_model_s_ops():
+    ops_named = {name for name, value in vars(KernelSet).items() if inspect.isfunction(value) and name[0] != "_"}
+    assert ops_named == set(KERNEL_SET_OPS)
+
+
+@pytest.mark.parametrize("backend", [ReferenceKernels, CpuKernels])
+def test_backends_satisfy_the_kernel_set_protocol(backend):
+    """Each op with the protocol's parameters (names, order, defaults), so a call written against it works."""
+    for name in KERNEL_SET_OPS:
+        expected = [(p.name, p.default) for p in inspect.signature(getattr(KernelSet, name)).parameters.values()]
+        actual = [(p.name, p.default) for p in inspect.signature(getattr(backend, name)).parameters.values()]
+        assert actual == expected, f"{backend.__name__}.{name}"
+    assert isinstance(REF, KernelSet) and (CPU is None or isinstance(CPU, KernelSet))
+
+
 def test_registry_falls_back_with_a_warning(monkeypatch):
     monkeypatch.delenv("COGVLM2_KERNELS", raising=False)
 
     def missing():
-        raise registry_ops.KernelLibraryError("no kernel library (test)")
+        raise library.KernelLibraryError("no kernel library (test)")
 
-    import kernels.ops as registry_ops
-    monkeypatch.setattr(registry_ops, "_library", None)
-    monkeypatch.setattr(registry_ops, "find_library", missing)
+    import kernels.library as library
+    monkeypatch.setattr(library, "_library", None)
+    monkeypatch.setattr(library, "find_library", missing)
     registry._kernels.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="no kernel library"):
             kernels = get_kernels("auto")
         assert kernels.backend == "reference"
-        with pytest.raises(registry_ops.KernelLibraryError):
+        with pytest.raises(library.KernelLibraryError):
             get_kernels("cpu")
     finally:
         registry._kernels.cache_clear()
@@ -458,25 +479,31 @@ def test_params_from_yaml(tmp_path):
     table.write_text("sku: test\nops:\n  paged_attention:\n    decode: {key_tile: 32}\n", encoding="utf-8")
     params = load_params(sku="test", path=table)
     assert params.get("paged_attention", "decode")["key_tile"] == 32
-    assert params.get("paged_attention", "decode")["threads"] == registry.DEFAULT_PARAMS["paged_attention"][
+    assert params.get("paged_attention", "decode")["threads"] == sku.DEFAULT_PARAMS["paged_attention"][
         "decode"]["threads"]
     assert params.source == str(table)
     assert load_params(sku="no-such-sku").source == "defaults"
 
 
 def test_this_machine_has_a_table():
-    sku = registry.detect_sku()
-    assert sku.startswith("cpu-") or sku.startswith("ascend")
+    sku_id = sku.detect_sku()
+    assert sku_id.startswith("cpu-") or sku_id.startswith("ascend")
     params = load_params()
-    assert params.sku == sku
-    if not registry.table_path(sku).is_file():
-        pytest.skip(f"no tuned table for {sku} (run `cogvlm2 tune`)")
-    assert params.source == str(registry.table_path(sku))
+    assert params.sku == sku_id
+    if not sku.kernel_table_path(sku_id).is_file():
+        pytest.skip(f"no tuned table for {sku_id} (run `cogvlm2 tune`)")
+    assert params.source == str(sku.kernel_table_path(sku_id))
 
 
-def test_fallback_sku_format():
-    parts = registry.fallback_sku().split("-")
-    assert parts[0] == "cpu" and len(parts) >= 4 and parts[-1] in ("avx512", "avx2", "sse")
+def test_detected_sku_format(monkeypatch):
+    """cpu-<vendor>-<model>-<isa tier> on this CPU host: the id the registry's table is named by."""
+    monkeypatch.delenv(sku.SKU_ENV, raising=False)
+    sku.detect_sku_info.cache_clear()
+    try:
+        parts = sku.detect_sku().split("-")
+    finally:
+        sku.detect_sku_info.cache_clear()
+    assert parts[0] == "cpu" and len(parts) >= 4 and parts[-1] in {tier for _, tier in sku.ISA_TIERS} | {"generic"}
 
 
 def test_reference_metadata_cache_follows_content():
@@ -507,7 +534,7 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "SHAPES", {"decode": [small], "prefill": [small]})
     monkeypatch.setattr(tune, "CANDIDATES", {
         "rope": {c: [{"threads": 1}, {"threads": 2}] for c in ("decode", "prefill")},
-        "paged_attention": {c: [dict(registry.DEFAULT_PARAMS["paged_attention"][c]),
+        "paged_attention": {c: [dict(sku.DEFAULT_PARAMS["paged_attention"][c]),
                                 {"threads": 1, "query_tile": 2, "key_tile": 16, "parallel_min_work": 0}]
                             for c in ("decode", "prefill")},
         "expert_linear": {c: [{"threads": 1, "gemm": g, "k_block": 0, "n_block": 0} for g in range(5)]

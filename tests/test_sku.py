@@ -1,6 +1,7 @@
 """SKU detection and kernel-table lookup (kernels/sku.py)."""
 from __future__ import annotations
 
+import copy
 import re
 import subprocess
 import sys
@@ -92,6 +93,7 @@ CPU revision\t: 0
 def fresh_detection(monkeypatch):
     monkeypatch.delenv(sku.SKU_ENV, raising=False)
     monkeypatch.delenv(sku.CONFIGS_ENV, raising=False)
+    monkeypatch.delenv(sku.TABLE_ENV, raising=False)
     sku.detect_sku_info.cache_clear()
     yield
     sku.detect_sku_info.cache_clear()
@@ -227,22 +229,49 @@ def test_table_lookup_order(tmp_path):
         ["ascend-910b1.yaml", "ascend-910b.yaml", "default.yaml"]
 
 
+def test_default_params_cover_every_op_and_class():
+    assert set(sku.DEFAULT_PARAMS) == {"rope", "paged_attention", "expert_linear"}
+    assert all(set(classes) == {"decode", "prefill"} for classes in sku.DEFAULT_PARAMS.values())
+    assert sku.DEFAULT_KERNEL_TABLE == {"version": 1, "sku": None, "ops": sku.DEFAULT_PARAMS}
+
+
 def test_load_kernel_table_defaults_and_merge(tmp_path):
+    defaults = copy.deepcopy(sku.DEFAULT_KERNEL_TABLE)
     table = sku.load_kernel_table("cpu-amd-epyc-avx512", tmp_path)
-    assert table == {"version": 1, "sku": "cpu-amd-epyc-avx512", "ops": {}, "source": None}
-    write_table(tmp_path, "cpu-avx512", {"paged_attention": {"kv_tile": 64}})
+    assert table == {"version": 1, "sku": "cpu-amd-epyc-avx512", "ops": sku.DEFAULT_PARAMS, "source": None}
+    write_table(tmp_path, "cpu-avx512", {"paged_attention": {"decode": {"key_tile": 32}, "prefill": None},
+                                         "rope": None, "new_op": {"decode": {"threads": 1}}})
     table = sku.load_kernel_table("cpu-amd-epyc-avx512", tmp_path)
-    assert table["ops"] == {"paged_attention": {"kv_tile": 64}}
+    expected = copy.deepcopy(sku.DEFAULT_PARAMS)
+    expected["paged_attention"]["decode"]["key_tile"] = 32  # the rest, and entries left empty, keep their defaults
+    expected["new_op"] = {"decode": {"threads": 1}}
+    assert table["ops"] == expected
     assert table["source"] == str(tmp_path / "cpu-avx512.yaml") and table["version"] == 1
     # the defaults are never mutated by a load
-    assert sku.DEFAULT_KERNEL_TABLE["ops"] == {}
+    assert sku.DEFAULT_KERNEL_TABLE == defaults
 
 
 def test_load_kernel_table_uses_this_device_and_env_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(sku.CONFIGS_ENV, str(tmp_path))
-    write_table(tmp_path, sku.detect_sku(), {"rope": {"threads": 2}})
+    write_table(tmp_path, sku.detect_sku(), {"rope": {"decode": {"threads": 2}}})
     table = sku.load_kernel_table()
-    assert table["sku"] == sku.detect_sku() and table["ops"]["rope"] == {"threads": 2}
+    assert table["sku"] == sku.detect_sku()
+    assert table["ops"]["rope"] == {"decode": {"threads": 2}, "prefill": sku.DEFAULT_PARAMS["rope"]["prefill"]}
+
+
+def test_table_file_from_the_argument_or_the_environment(tmp_path, monkeypatch):
+    write_table(tmp_path, "default", {"rope": {"decode": {"threads": 4}}})
+    forced = write_table(tmp_path, "forced", {"rope": {"decode": {"threads": "3"}}})
+    monkeypatch.setenv(sku.TABLE_ENV, str(forced))
+    params = sku.load_params("cpu-x-avx2", configs_dir=tmp_path)
+    assert params.source == str(forced) and params.get("rope", "decode") == {"threads": 3}  # read as ints
+    other = write_table(tmp_path, "other", {})
+    assert sku.load_kernel_table("cpu-x-avx2", tmp_path, path=other)["source"] == str(other)  # the argument wins
+    monkeypatch.delenv(sku.TABLE_ENV)
+    params = sku.load_params("cpu-x-avx2", configs_dir=tmp_path)
+    assert params.source == str(tmp_path / "default.yaml") and params.get("rope", "decode") == {"threads": 4}
+    missing = sku.load_params("cpu-x-avx2", path=tmp_path / "missing.yaml")
+    assert missing.source == "defaults" and missing.ops == sku.DEFAULT_PARAMS and missing.sku == "cpu-x-avx2"
 
 
 def test_bad_table_is_an_error(tmp_path):

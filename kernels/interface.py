@@ -1,0 +1,41 @@
+"""What the model needs from a kernel set: the engine's hot ops, the same on every backend (kernels.registry builds
+the concrete ones), so the model never branches on where a kernel comes from."""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from mindspore import Tensor
+
+
+@runtime_checkable
+class KernelSet(Protocol):
+    def rope(self, q: Tensor, k: Tensor, positions, cos_table: Tensor, sin_table: Tensor) -> tuple[Tensor, Tensor]:
+        """q [N, H, d] and k [N, KV, d] rotated (NeoX rotate-half) by the table rows at `positions`. A backend may
+        rotate in place: use the returned tensors."""
+        ...
+
+    def write_kv(self, cache: Tensor, slot_mapping, values: Tensor) -> Tensor | None:
+        """values [N, KV, d] into cache [num_slots, KV, d] at slot_mapping [N], in place."""
+        ...
+
+    def paged_attention(self, q: Tensor, k_new: Tensor | None, v_new: Tensor | None, key_cache: Tensor,
+                        value_cache: Tensor, slot_mapping, seq_index, token_position, block_tables, context_lens,
+                        block_size: int, rope: tuple | None = None) -> Tensor:
+        """Writes k_new/v_new at slot_mapping, then attends -> [N, H * d]. rope=(positions, cos_table, sin_table)
+        rotates q and k_new first (by position id, which differs from token_position after an image): the fused
+        form. k_new = v_new = None: q is the layer's QKV projection [N, H + 2 KV, d] (q heads, k heads, v heads)."""
+        ...
+
+    def expert_linear(self, x: Tensor, num_language: int, wl: Tensor, wv: Tensor, bv: Tensor | None) -> Tensor:
+        """x in routed order: rows [:num_language] @ wl^T, the rest @ wv^T + bv (weights from prepare_weight)."""
+        ...
+
+    def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x [N, in] @ w^T (+ bias) for a weight from prepare_weight: the lm_head, the vision encoder."""
+        ...
+
+    def prepare_weight(self, weight: np.ndarray) -> Tensor:
+        """A projection weight [out, in] in the layout this backend's expert_linear and linear read (done once, at
+        load time)."""
+        ...
