@@ -26,5 +26,21 @@ class ImageError(InputError):
     """An image cannot be read, is empty, too large, or of an unsupported type."""
 
 
+class ImageNotFoundError(ImageError):
+    """An image path names no file (missing, or not a regular file)."""
+
+
+class UnreadableImageError(ImageError):
+    """An image's file or data cannot be read or decoded: empty, not an image, truncated or corrupt."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than allowed (max_pixels, or PIL's decompression-bomb guard)."""
+
+
+class UnsupportedImageError(ImageError):
+    """An image was passed as an unsupported Python type, or as an array of the wrong shape or dtype."""
+
+
 class TemplateError(InputError):
     """Unknown prompt template."""
