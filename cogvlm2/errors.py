@@ -42,5 +42,17 @@ class UnsupportedImageError(ImageError):
     """An image was passed as an unsupported Python type, or as an array of the wrong shape or dtype."""
 
 
+class MessagesError(InputError):
+    """Chat messages do not form a conversation CogVLM2 can answer; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
+
+
+class TooManyImagesError(MessagesError):
+    """A conversation carries more than the one image CogVLM2 takes."""
+
+
 class TemplateError(InputError):
     """Unknown prompt template."""
