@@ -60,8 +60,8 @@ def _decode(fp: BinaryIO, source: str, max_pixels: int) -> Image.Image:
         img = Image.open(fp)  # reads the header only
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{source} has too many pixels (decompression bomb guard): {e}") from e
-    except Exception as e:  # UnidentifiedImageError mostly, but a format plugin may raise anything on odd data
-        raise UnreadableImageError(f"{source} is not a readable image: {e}") from e
+    except Exception as e:  # format plugins may raise any type; the text is mostly the file object's repr
+        raise UnreadableImageError(f"{source} is not a readable image ({type(e).__name__})") from e
     with img:
         return _from_pil(img, source, max_pixels)
 
