@@ -206,7 +206,7 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from engine.server import run_server  # lazy: only `serve` pays for FastAPI and uvicorn
+    from engine.entrypoints.api_server import run_server  # lazy: only `serve` pays for FastAPI and uvicorn
     return run_server(args, engine_kwargs(args))
 
 

@@ -41,6 +41,14 @@ def test_single_user_message_and_content_forms():
     assert conversation_from_messages([{"role": "user", "content": None}]) == Conversation("", [], None)
 
 
+def test_the_server_schemas_dumps_are_accepted():
+    from engine.entrypoints.protocol import ChatCompletionRequest
+    request = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "system", "content": "Be brief."}, user("How many shapes?", IMAGE), assistant("two"), user("Why?")]})
+    conversation = conversation_from_messages([message.model_dump() for message in request.messages])
+    assert conversation == Conversation("Why?", [("Be brief.\nHow many shapes?", "two")], IMAGE)
+
+
 BAD_CONVERSATIONS = {
     "no messages": ([], "messages", MessagesError),
     "only a system message": ([{"role": "system", "content": "Be brief."}], "messages", MessagesError),
