@@ -26,5 +26,33 @@ class ImageError(InputError):
     """An image cannot be read, is empty, too large, or of an unsupported type."""
 
 
+class ImageNotFoundError(ImageError):
+    """An image path names no file (missing, or not a regular file)."""
+
+
+class UnreadableImageError(ImageError):
+    """An image's file or data cannot be read or decoded: empty, not an image, truncated or corrupt."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than allowed (max_pixels, or PIL's decompression-bomb guard)."""
+
+
+class UnsupportedImageError(ImageError):
+    """An image was passed as an unsupported Python type, or as an array of the wrong shape or dtype."""
+
+
+class MessagesError(InputError):
+    """Chat messages do not form a conversation CogVLM2 can answer; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
+
+
+class TooManyImagesError(MessagesError):
+    """A conversation carries more than the one image CogVLM2 takes."""
+
+
 class TemplateError(InputError):
     """Unknown prompt template."""

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from cogvlm2.errors import ImageError
+from cogvlm2.errors import (ImageError, ImageNotFoundError, ImageTooLargeError, UnreadableImageError,
+                            UnsupportedImageError)
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -21,7 +22,8 @@ ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, 
 
 def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """An RGB PIL image from a path, encoded bytes, a PIL image or an HxWx3 uint8 array.
-    Raises ImageError naming the problem (missing, unreadable, truncated, empty, too large, unsupported)."""
+    Raises an ImageError subclass naming the problem: ImageNotFoundError, UnreadableImageError (unreadable,
+    truncated, corrupt, empty), ImageTooLargeError or UnsupportedImageError."""
     if not isinstance(max_pixels, int) or max_pixels <= 0:
         raise ImageError(f"max_pixels must be a positive int, got {max_pixels!r}")
     if isinstance(image, (str, os.PathLike)):
@@ -29,37 +31,37 @@ def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         if not data:
-            raise ImageError("image bytes are empty")
+            raise UnreadableImageError("image bytes are empty")
         return _decode(io.BytesIO(data), "image data", max_pixels)
     if isinstance(image, Image.Image):
         return _from_pil(image, "PIL image", max_pixels)
     if isinstance(image, np.ndarray):
         return _from_array(image, max_pixels)
-    raise ImageError(f"unsupported image type {type(image).__name__}: expected a path, bytes, a PIL.Image or an "
-                     f"HxWx3 uint8 numpy array")
+    raise UnsupportedImageError(f"unsupported image type {type(image).__name__}: expected a path, bytes, a PIL.Image "
+                                f"or an HxWx3 uint8 numpy array")
 
 
 def _load_path(path: Path, max_pixels: int) -> Image.Image:
     try:
         if not path.exists():
-            raise ImageError(f"image file not found: {path}")
+            raise ImageNotFoundError(f"image file not found: {path}")
         if not path.is_file():
-            raise ImageError(f"image path is not a file: {path}")
+            raise ImageNotFoundError(f"image path is not a file: {path}")
         if path.stat().st_size == 0:
-            raise ImageError(f"image file is empty: {path}")
+            raise UnreadableImageError(f"image file is empty: {path}")
         with open(path, "rb") as f:
             return _decode(f, f"image file {path}", max_pixels)
     except OSError as e:  # permission denied, name too long, ...
-        raise ImageError(f"image file cannot be read: {str(path)[:200]}: {e.strerror or e}") from e
+        raise UnreadableImageError(f"image file cannot be read: {str(path)[:200]}: {e.strerror or e}") from e
 
 
 def _decode(fp: BinaryIO, source: str, max_pixels: int) -> Image.Image:
     try:
         img = Image.open(fp)  # reads the header only
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{source} has too many pixels (decompression bomb guard): {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{source} is not a readable image: {e}") from e
+        raise ImageTooLargeError(f"{source} has too many pixels (decompression bomb guard): {e}") from e
+    except Exception as e:  # format plugins may raise any type; the text is mostly the file object's repr
+        raise UnreadableImageError(f"{source} is not a readable image ({type(e).__name__})") from e
     with img:
         return _from_pil(img, source, max_pixels)
 
@@ -70,27 +72,27 @@ def _from_pil(img: Image.Image, source: str, max_pixels: int) -> Image.Image:
         img.load()  # a full decode, so truncated or corrupt data fails here and not later
         return img.convert("RGB")
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{source} has too many pixels (decompression bomb guard): {e}") from e
+        raise ImageTooLargeError(f"{source} has too many pixels (decompression bomb guard): {e}") from e
     except Exception as e:  # PIL's decoders raise many types (OSError, SyntaxError, struct.error, ...)
-        raise ImageError(f"{source} is truncated or corrupt: {type(e).__name__}: {e}") from e
+        raise UnreadableImageError(f"{source} is truncated or corrupt: {type(e).__name__}: {e}") from e
 
 
 def _from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
     if array.size == 0:
-        raise ImageError(f"image array is empty (shape {array.shape})")
+        raise UnreadableImageError(f"image array is empty (shape {array.shape})")
     if array.ndim != 3 or array.shape[2] != 3:
-        raise ImageError(f"image array must have shape HxWx3, got shape {array.shape}")
+        raise UnsupportedImageError(f"image array must have shape HxWx3, got shape {array.shape}")
     if array.dtype != np.uint8:
-        raise ImageError(f"image array must have dtype uint8, got dtype {array.dtype}")
+        raise UnsupportedImageError(f"image array must have dtype uint8, got dtype {array.dtype}")
     _check_size(array.shape[1], array.shape[0], "image array", max_pixels)
     return Image.fromarray(np.ascontiguousarray(array))
 
 
 def _check_size(width: int, height: int, source: str, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
-        raise ImageError(f"{source} is empty ({width}x{height} pixels)")
+        raise UnreadableImageError(f"{source} is empty ({width}x{height} pixels)")
     if width * height > max_pixels:
-        raise ImageError(f"{source} is too large: {width}x{height} = {width * height} pixels, more than "
+        raise ImageTooLargeError(f"{source} is too large: {width}x{height} = {width * height} pixels, more than "
                          f"max_pixels={max_pixels}")
 
 

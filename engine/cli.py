@@ -14,6 +14,7 @@ from typing import Any
 
 from cogvlm2.errors import CogVLM2Error, InputError
 from engine.config import add_cli_args, engine_kwargs
+from engine.entrypoints.settings import DEFAULT_MAX_BODY_BYTES
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                  "ignore_eos", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty",
@@ -163,14 +164,14 @@ def _run_simple(args: argparse.Namespace, requests: list[dict[str, Any]]) -> int
 
 
 def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (see engine/server.py)")
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (see engine/entrypoints/)")
     add_cli_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on all but /health")
     p.add_argument("--allowed-local-media-path", default=None, help="folder that file:// image URLs may read")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
-    p.add_argument("--max-body-bytes", type=int, default=32 * 2 ** 20)
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--request-timeout", type=float, default=None, help="seconds; longer requests are aborted")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--disable-access-log", action="store_true")
@@ -178,7 +179,7 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from engine.server import run_server  # lazy: only `serve` pays for FastAPI and uvicorn
+    from engine.entrypoints.api_server import run_server  # lazy: only `serve` pays for FastAPI and uvicorn
     return run_server(args, engine_kwargs(args))
 
 

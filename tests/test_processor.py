@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from cogvlm2.config import CogVLM2Config
-from cogvlm2.errors import ConfigError, ImageError, InputError, TemplateError
-from cogvlm2.image import image_content_hash, load_image, preprocess_image
+from cogvlm2.errors import (ConfigError, ImageError, ImageNotFoundError, ImageTooLargeError, InputError, TemplateError,
+                            UnreadableImageError, UnsupportedImageError)
+from cogvlm2.image import DEFAULT_MAX_PIXELS, image_content_hash, load_image, preprocess_image
 from cogvlm2.processor import (CogVLM2Processor, ProcessedPrompt, build_position_ids, build_vision_expert_mask,
                                format_prompt)
 from cogvlm2.tokenizer import Llama3Tokenizer
@@ -220,6 +221,28 @@ def test_too_many_pixels_checked_before_decoding() -> None:
     with pytest.raises(ImageError, match="too large"):
         load_image(Image.new("RGB", (20, 20)), max_pixels=399)
     assert load_image(np.zeros((20, 20, 3), dtype=np.uint8), max_pixels=400).size == (20, 20)
+
+
+def test_each_image_problem_raises_its_own_image_error(tmp_path: Path) -> None:
+    too_large = [(png_claiming_size(8000, 8000), DEFAULT_MAX_PIXELS),  # over our limit, from the header
+                 (png_claiming_size(100_000, 100_000), DEFAULT_MAX_PIXELS),  # PIL's decompression-bomb guard
+                 (np.zeros((20, 20, 3), dtype=np.uint8), 399), (png_bytes(noise_image()), 100)]
+    for image, max_pixels in too_large:
+        with pytest.raises(ImageTooLargeError):
+            load_image(image, max_pixels)
+    (tmp_path / "text.png").write_bytes(b"this is plain text, not a picture")
+    not_images = [b"this is plain text, not a picture", tmp_path / "text.png", b"", png_bytes(noise_image())[:200]]
+    for image in not_images:
+        with pytest.raises(UnreadableImageError):
+            load_image(image)
+    for missing in (tmp_path / "missing.png", tmp_path):
+        with pytest.raises(ImageNotFoundError):
+            load_image(missing)
+    for unsupported in (42, np.zeros((4, 4), dtype=np.uint8), np.zeros((4, 4, 3), dtype=np.float32)):
+        with pytest.raises(UnsupportedImageError):
+            load_image(unsupported)
+    for error in (ImageTooLargeError, UnreadableImageError, ImageNotFoundError, UnsupportedImageError):
+        assert issubclass(error, ImageError)
 
 
 # ---- processor input errors ------------------------------------------------------------------------------------------

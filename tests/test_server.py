@@ -490,7 +490,8 @@ def test_sigterm_ends_open_streams_and_exits(tiny_server):
 # ---- in process ---------------------------------------------------------------------------------------------------
 def test_a_crashed_engine_answers_503_instead_of_hanging():
     from engine.async_llm import AsyncLLM
-    from engine.server import ServerSettings, build_app
+    from engine.entrypoints.api_server import build_app
+    from engine.entrypoints.settings import ServerSettings
 
     llm = AsyncLLM("tiny", max_model_len=256)
 

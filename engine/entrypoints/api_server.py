@@ -1,0 +1,135 @@
+"""The HTTP app: FastAPI routes over OpenAIServing, the API-key middleware, errors in OpenAI's shape, and
+`run_server` (uvicorn) for `cogvlm2 serve`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import sys
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.async_llm import AsyncLLM, EngineDeadError
+from engine.entrypoints.protocol import ApiError
+from engine.entrypoints.serving import OpenAIServing
+from engine.entrypoints.settings import ServerSettings
+from engine.metrics import ServingMetrics
+
+
+class ApiKeyMiddleware:
+    """`Authorization: Bearer KEY` on every path but /health, compared in constant time."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health" or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        error = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                         code="invalid_api_key")
+        await error.response()(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+        return hmac.compare_digest(given, self._expected)
+
+
+def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
+    metrics = ServingMetrics(llm.stats)
+    llm.add_step_listener(metrics.observe_step)
+    state = OpenAIServing(llm, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await llm.shutdown()
+
+    app = FastAPI(title="CogVLM2 OpenAI-compatible server", lifespan=lifespan)
+    app.state.server = state
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    _add_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await state.chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await state.completions(request)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return state.models()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        state.check_alive()
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, error: EngineDeadError) -> JSONResponse:
+        return ApiError(503, str(error), code="engine_unavailable").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return ApiError(error.status_code, str(error.detail), code="not_found" if error.status_code == 404
+                        else None).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(error).__name__}: {error}", code="internal_error").response()
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+class _Uvicorn(uvicorn.Server):
+    """Stops the engine at the first shutdown signal: in-flight requests then end at once (503, or an error event
+    in a stream) instead of holding the shutdown until uvicorn's graceful timeout."""
+
+    def __init__(self, config: uvicorn.Config, llm: AsyncLLM):
+        super().__init__(config)
+        self.llm = llm
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.llm.shutdown()))
+
+
+def run_server(args: argparse.Namespace, engine_args: dict[str, Any]) -> int:
+    settings = ServerSettings(
+        model_name=args.served_model_name or args.model or "demo", api_key=args.api_key,
+        allowed_local_media_path=args.allowed_local_media_path, max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout, max_image_pixels=args.max_image_pixels)
+    llm = AsyncLLM(args.model, **engine_args)
+    print(f"serving {settings.model_name!r} on http://{args.host}:{args.port} "
+          f"({llm.stats()['num_total_blocks']} KV blocks, max_model_len {llm.max_model_len})", file=sys.stderr)
+    config = uvicorn.Config(build_app(llm, settings), host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=not args.disable_access_log, timeout_graceful_shutdown=5)
+    _Uvicorn(config, llm).run()
+    return 0

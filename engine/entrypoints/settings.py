@@ -1,0 +1,30 @@
+"""The server's settings: the `cogvlm2 serve` flags that the HTTP layer (not the engine) reads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cogvlm2.image import DEFAULT_MAX_PIXELS
+
+DEFAULT_MAX_BODY_BYTES = 32 * 2 ** 20
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    allowed_local_media_path: Path | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_timeout: float | None = None
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.allowed_local_media_path is not None:
+            folder = Path(self.allowed_local_media_path).resolve()
+            if not folder.is_dir():
+                raise ValueError(f"--allowed-local-media-path {self.allowed_local_media_path} is not a folder")
+            self.allowed_local_media_path = folder
+        if self.max_body_bytes < 1:
+            raise ValueError(f"--max-body-bytes must be >= 1, got {self.max_body_bytes}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError(f"--request-timeout must be > 0, got {self.request_timeout}")
