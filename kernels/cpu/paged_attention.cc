@@ -190,6 +190,118 @@ int rotate_inputs(const Shapes& s, const float* q, const float* k, int64_t k_str
   return kOk;
 }
 
+// The sizes and options of one call, read from its checked parameters.
+struct Call {
+  Shapes s;
+  Config c;
+  bool fused, apply_rope;
+};
+
+// Arity, dtypes and ranks. fused: k_new and v_new are [1] placeholders, q is the QKV projection.
+int check_layout(const Args& a, bool& fused) {
+  if (a.nparam != 15) return kBadArity;
+  for (int i : {0, 1, 2, 3, 4, 11, 12, 14})
+    if (!a.is_f32(i)) return kBadDtype;
+  for (int i : {5, 6, 7, 8, 9, 10, 13})
+    if (!a.is_i32(i)) return kBadDtype;
+  fused = a.rank(1) == 1 && a.rank(2) == 1;
+  if (a.rank(0) != 3 || (!fused && (a.rank(1) != 3 || a.rank(2) != 3)) || a.rank(3) != 3 || a.rank(4) != 3 ||
+      a.rank(8) != 2 || a.numel(13) < 6)
+    return kBadShape;
+  return kOk;
+}
+
+// Sizes and config once the layout is checked, then every tensor's extent against them.
+int read_call(const Args& a, Call& call) {
+  const int64_t n = a.dim(0, 0), kv = a.dim(3, 1), d = a.dim(0, 2);
+  const int64_t heads = call.fused ? a.dim(0, 1) - 2 * kv : a.dim(0, 1);
+  if (heads <= 0) return kBadShape;
+  call.s = Shapes{n, heads, kv, d, a.dim(3, 0), a.dim(8, 0), a.dim(8, 1), a.dim(0, 1) * d};
+  const Shapes& s = call.s;
+  const int32_t* cfg = a.data<int32_t>(13);
+  call.c = Config{cfg[0], std::max(1, cfg[1]), cfg[2], cfg[3], cfg[4]};
+  call.apply_rope = cfg[5] != 0;
+  const int64_t row = s.kv * s.d;
+  if ((!call.fused && (a.numel(1) != s.n * row || a.numel(2) != s.n * row)) || a.dim(3, 2) != s.d ||
+      a.numel(4) != s.slots * row || a.numel(5) != s.n || a.numel(6) != s.n || a.numel(7) != s.n ||
+      a.numel(9) != s.seqs || a.numel(14) != s.n * s.heads * s.d)
+    return kBadShape;
+  if (call.apply_rope && (a.numel(10) != s.n || a.rank(11) != 2 || a.dim(11, 1) != s.d || a.rank(12) != 2 ||
+                          a.dim(12, 0) != a.dim(11, 0) || a.dim(12, 1) != s.d || s.d % 2 != 0))
+    return kBadShape;
+  return kOk;
+}
+
+// This step's q, k and v rows as the cache write and the attention read them; strides in floats per token.
+struct Inputs {
+  const float* q;
+  const float* k;
+  const float* v;
+  int64_t q_stride, k_stride, v_stride;  // k_stride 0 for the rotated copy: contiguous (write_rows' default)
+};
+
+int prepare_inputs(const Args& a, const Call& call, Rotated& rotated, Inputs& in) {
+  const Shapes& s = call.s;
+  const float* q = a.data<float>(0);
+  // k_new and v_new rows: inside the fused rows (token stride q_stride), else their own contiguous tensors
+  const float* k_new = call.fused ? q + s.heads * s.d : a.data<float>(1);
+  const float* v_new = call.fused ? q + (s.heads + s.kv) * s.d : a.data<float>(2);
+  const int64_t kv_stride = call.fused ? s.q_stride : s.kv * s.d;
+  in = Inputs{q, k_new, v_new, s.q_stride, kv_stride, kv_stride};
+  if (!call.apply_rope) return kOk;
+  if (int status = rotate_inputs(s, q, k_new, kv_stride, a.data<int32_t>(10), a.data<float>(11), a.data<float>(12),
+                                 a.dim(11, 0), rotated))
+    return status;
+  in.q = rotated.q.data();
+  in.q_stride = s.heads * s.d;
+  in.k = rotated.k.data();
+  in.k_stride = 0;
+  return kOk;
+}
+
+int write_caches(const Args& a, const Shapes& s, const Inputs& in) {
+  const int64_t row = s.kv * s.d;
+  const int32_t* slot_mapping = a.data<int32_t>(5);
+  if (int status = write_rows(a.data<float>(3), s.slots, row, in.k, slot_mapping, s.n, in.k_stride)) return status;
+  return write_rows(a.data<float>(4), s.slots, row, in.v, slot_mapping, s.n, in.v_stride);
+}
+
+// Query tiles of the whole batch, largest first: the atomic hand-out then balances the threads.
+std::vector<Tile> plan_tiles(const int32_t* seq_index, const int32_t* position, const Shapes& s, const Config& c,
+                             std::vector<int64_t>& order) {
+  // At most 128 query rows per KV head in a tile: the transposed scores keep them in 8 vector registers.
+  const int64_t query_tile = std::max<int64_t>(1, std::min<int64_t>(c.query_tile, 128 / (s.heads / s.kv)));
+  std::vector<Tile> tiles = make_tiles(seq_index, position, s, query_tile, order);
+  std::sort(tiles.begin(), tiles.end(),
+            [](const Tile& x, const Tile& y) { return x.keys * (x.end - x.begin) > y.keys * (y.end - y.begin); });
+  return tiles;
+}
+
+int thread_count(const std::vector<Tile>& tiles, const Shapes& s, const Config& c) {
+  int64_t work = 0;
+  for (const Tile& t : tiles) work += t.keys * (t.end - t.begin) * s.heads * s.d;
+  return work >= c.parallel_min_work ? static_cast<int>(c.threads) : 1;
+}
+
+void attend_all(const Args& a, const Call& call, const Inputs& in) {
+  const Shapes& s = call.s;
+  const int32_t* position = a.data<int32_t>(7);
+  const int32_t* block_tables = a.data<int32_t>(8);
+  std::vector<int64_t> order;
+  const std::vector<Tile> tiles = plan_tiles(a.data<int32_t>(6), position, s, call.c, order);
+  Shapes attend = s;
+  attend.q_stride = in.q_stride;
+  const float* key_cache = a.data<float>(3);
+  const float* value_cache = a.data<float>(4);
+  float* out = a.data<float>(14);
+  parallel_for(static_cast<int64_t>(tiles.size()), thread_count(tiles, s, call.c), [&](int64_t item) {
+    thread_local Scratch scratch;
+    const Tile& tile = tiles[item];
+    attend_tile(tile, attend, call.c, in.q, key_cache, value_cache, block_tables + tile.seq * s.max_blocks,
+                order.data(), position, out, scratch);
+  });
+}
+
 }  // namespace
 }  // namespace cogvlm2
 
@@ -204,73 +316,16 @@ int rotate_inputs(const Shapes& s, const float* q, const float* k, int64_t k_str
 COGVLM2_AOT(PagedAttention) {
   using namespace cogvlm2;
   Args a{nparam, params, ndims, shapes, dtypes};
-  if (nparam != 15) return kBadArity;
-  for (int i : {0, 1, 2, 3, 4, 11, 12, 14})
-    if (!a.is_f32(i)) return kBadDtype;
-  for (int i : {5, 6, 7, 8, 9, 10, 13})
-    if (!a.is_i32(i)) return kBadDtype;
-  const bool fused = a.rank(1) == 1 && a.rank(2) == 1;
-  if (a.rank(0) != 3 || (!fused && (a.rank(1) != 3 || a.rank(2) != 3)) || a.rank(3) != 3 || a.rank(4) != 3 ||
-      a.rank(8) != 2 || a.numel(13) < 6)
-    return kBadShape;
-  const int64_t n = a.dim(0, 0), kv = a.dim(3, 1), d = a.dim(0, 2);
-  const int64_t heads = fused ? a.dim(0, 1) - 2 * kv : a.dim(0, 1);
-  if (heads <= 0) return kBadShape;
-  const Shapes s{n, heads, kv, d, a.dim(3, 0), a.dim(8, 0), a.dim(8, 1), a.dim(0, 1) * d};
-  const int32_t* cfg = a.data<int32_t>(13);
-  const Config c{cfg[0], std::max(1, cfg[1]), cfg[2], cfg[3], cfg[4]};
-  const bool apply_rope = cfg[5] != 0;
-  const int64_t row = s.kv * s.d;
-  if ((!fused && (a.numel(1) != s.n * row || a.numel(2) != s.n * row)) || a.dim(3, 2) != s.d ||
-      a.numel(4) != s.slots * row || a.numel(5) != s.n || a.numel(6) != s.n || a.numel(7) != s.n ||
-      a.numel(9) != s.seqs || a.numel(14) != s.n * s.heads * s.d)
-    return kBadShape;
-  if (apply_rope && (a.numel(10) != s.n || a.rank(11) != 2 || a.dim(11, 1) != s.d || a.rank(12) != 2 ||
-                     a.dim(12, 0) != a.dim(11, 0) || a.dim(12, 1) != s.d || s.d % 2 != 0))
-    return kBadShape;
-  const int32_t* seq_index = a.data<int32_t>(6);
-  const int32_t* position = a.data<int32_t>(7);
-  const int32_t* block_tables = a.data<int32_t>(8);
-  const int32_t* context_lens = a.data<int32_t>(9);
-  if (int status = validate(s, c, seq_index, position, block_tables, context_lens)) return status;
-  const float* q = a.data<float>(0);
-  // k_new and v_new rows: inside the fused rows (token stride q_stride), else their own contiguous tensors
-  const float* k_new = fused ? q + s.heads * s.d : a.data<float>(1);
-  const float* v_new = fused ? q + (s.heads + s.kv) * s.d : a.data<float>(2);
-  const int64_t kv_stride = fused ? s.q_stride : row;
-  Shapes attend = s;
-  Rotated rotated;
-  if (apply_rope) {
-    if (int status = rotate_inputs(s, q, k_new, kv_stride, a.data<int32_t>(10), a.data<float>(11),
-                                   a.data<float>(12), a.dim(11, 0), rotated))
-      return status;
-    q = rotated.q.data();
-    attend.q_stride = s.heads * s.d;
-  }
-  float* key_cache = a.data<float>(3);
-  float* value_cache = a.data<float>(4);
-  const int32_t* slot_mapping = a.data<int32_t>(5);
-  if (int status = apply_rope ? write_rows(key_cache, s.slots, row, rotated.k.data(), slot_mapping, s.n)
-                              : write_rows(key_cache, s.slots, row, k_new, slot_mapping, s.n, kv_stride))
+  Call call{};
+  if (int status = check_layout(a, call.fused)) return status;
+  if (int status = read_call(a, call)) return status;
+  if (int status = validate(call.s, call.c, a.data<int32_t>(6), a.data<int32_t>(7), a.data<int32_t>(8),
+                            a.data<int32_t>(9)))
     return status;
-  if (int status = write_rows(value_cache, s.slots, row, v_new, slot_mapping, s.n, kv_stride)) return status;
-
-  std::vector<int64_t> order;
-  // At most 128 query rows per KV head in a tile: the transposed scores keep them in 8 vector registers.
-  const int64_t query_tile = std::max<int64_t>(1, std::min<int64_t>(c.query_tile, 128 / (s.heads / s.kv)));
-  std::vector<Tile> tiles = make_tiles(seq_index, position, s, query_tile, order);
-  // Largest items first: the atomic hand-out then balances the threads.
-  std::sort(tiles.begin(), tiles.end(),
-            [](const Tile& x, const Tile& y) { return x.keys * (x.end - x.begin) > y.keys * (y.end - y.begin); });
-  int64_t work = 0;
-  for (const Tile& t : tiles) work += t.keys * (t.end - t.begin) * s.heads * s.d;
-  const int threads = work >= c.parallel_min_work ? static_cast<int>(c.threads) : 1;
-  float* out = a.data<float>(14);
-  parallel_for(static_cast<int64_t>(tiles.size()), threads, [&](int64_t item) {
-    thread_local Scratch scratch;
-    const Tile& tile = tiles[item];
-    attend_tile(tile, attend, c, q, key_cache, value_cache, block_tables + tile.seq * s.max_blocks, order.data(),
-                position, out, scratch);
-  });
+  Rotated rotated;
+  Inputs in{};
+  if (int status = prepare_inputs(a, call, rotated, in)) return status;
+  if (int status = write_caches(a, call.s, in)) return status;
+  attend_all(a, call, in);
   return kOk;
 }

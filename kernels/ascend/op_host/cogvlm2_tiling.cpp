@@ -249,6 +249,96 @@ std::vector<uint32_t> PartitionByCost(const std::vector<uint64_t>& costs, uint32
     return begin;
 }
 
+uint32_t MaxQueryLen(const AttentionShape& shape) {  // at least 1
+    uint32_t maxQ = 1;
+    for (size_t i = 0; i < shape.seqLens.size(); ++i) {
+        maxQ = std::max<uint32_t>(maxQ, shape.queryStartLoc[i + 1] - shape.queryStartLoc[i]);
+    }
+    return maxQ;
+}
+
+// Phase A: the cache write takes at most an eighth of UB (at least one token).
+void TileCacheWrite(const AttentionShape& shape, uint32_t usable, AttentionTiling* t) {
+    uint32_t writeTokens = 1;
+    while (writeTokens < std::max(1u, t->numTokens) &&
+           CacheWriteUbBytes(shape.numKvHeads, shape.headDim, shape.dtypeBytes, writeTokens + 1) <= usable / 8) {
+        ++writeTokens;
+    }
+    t->writeTokensPerTile = writeTokens;
+    t->writeUbBytes = CacheWriteUbBytes(shape.numKvHeads, shape.headDim, shape.dtypeBytes, writeTokens);
+    t->writeTiles = CeilDiv(t->numTokens, writeTokens);
+}
+
+// The largest key chunk (a divisor of block_size, so a cached chunk never crosses a block) that leaves room for
+// at least one query token; 0 if even one key does not.
+uint32_t LargestKvTile(const AttentionShape& shape, uint32_t group, uint32_t budget) {
+    for (uint32_t k = std::min(shape.blockSize, kMaxKvTile); k >= 1; --k) {
+        if (shape.blockSize % k == 0 && AttentionUbBytes(shape.headDim, shape.dtypeBytes, group, 1, k) <= budget) {
+            return k;
+        }
+    }
+    return 0;
+}
+
+// As many query tokens as fit beside a chunk of kvTile keys.
+uint32_t LargestQTile(const AttentionShape& shape, uint32_t group, uint32_t kvTile, uint32_t budget) {
+    uint32_t qTile = 1;
+    const uint32_t qCap = std::min(MaxQueryLen(shape), kMaxQTile);
+    while (qTile < qCap && AttentionUbBytes(shape.headDim, shape.dtypeBytes, group, qTile + 1, kvTile) <= budget) {
+        ++qTile;
+    }
+    return qTile;
+}
+
+uint32_t WorkItemCount(const AttentionShape& shape, uint32_t qTile) {  // EnumerateWorkItems(...).size()
+    uint32_t n = 0;
+    for (size_t i = 0; i < shape.seqLens.size(); ++i) {
+        const uint32_t qLen = static_cast<uint32_t>(shape.queryStartLoc[i + 1] - shape.queryStartLoc[i]);
+        n += CeilDiv(qLen, qTile) * shape.numKvHeads;
+    }
+    return n;
+}
+
+// Phase B: key chunk and query tile within `budget`, the UB the cache write leaves.
+bool TileAttention(const AttentionShape& shape, uint32_t group, uint32_t cores, uint32_t budget, AttentionTiling* t) {
+    const uint32_t kvTile = LargestKvTile(shape, group, budget);
+    if (kvTile == 0) {
+        t->error = "one query token with one key does not fit the Unified Buffer";
+        return false;
+    }
+    uint32_t qTile = LargestQTile(shape, group, kvTile, budget);
+    // Prefill on many cores: shrink query tiles until every core has work (AssignWorkItems balances the costs).
+    while (qTile > 1 && WorkItemCount(shape, qTile) < cores) qTile = CeilDiv(qTile, 2);
+    t->qTile = qTile;
+    t->kvTile = kvTile;
+    t->attnUbBytes = AttentionUbBytes(shape.headDim, shape.dtypeBytes, group, qTile, kvTile);
+    t->ubBytes = t->writeUbBytes + t->attnUbBytes;
+    return true;
+}
+
+void AssignWorkItems(const AttentionShape& shape, uint32_t group, uint32_t cores, AttentionTiling* t) {
+    const std::vector<WorkItem> items = EnumerateWorkItems(shape, t->qTile);
+    t->numItems = static_cast<uint32_t>(items.size());
+    std::vector<uint64_t> costs;
+    costs.reserve(items.size());
+    for (const WorkItem& item : items) {
+        costs.push_back(WorkItemCost(item, group));
+        t->totalCost += costs.back();
+        t->maxItemCost = std::max(t->maxItemCost, costs.back());
+    }
+
+    t->usedCores = std::max(1u, std::min(cores, std::max(t->numItems, t->writeTiles)));
+    t->writeSplit = BalancedSplit(t->writeTiles, t->usedCores);
+    const uint32_t attnCores = std::max(1u, std::min(t->usedCores, t->numItems));
+    t->coreItemBegin = PartitionByCost(costs, attnCores, t->totalCost);
+    t->coreItemBegin.resize(t->usedCores + 1, t->numItems);  // cores past attnCores only write the cache
+    for (uint32_t c = 0; c < t->usedCores; ++c) {
+        uint64_t cost = 0;
+        for (uint32_t i = t->coreItemBegin[c]; i < t->coreItemBegin[c + 1]; ++i) cost += costs[i];
+        t->maxCoreCost = std::max(t->maxCoreCost, cost);
+    }
+}
+
 }  // namespace
 
 AttentionTiling ComputeAttentionTiling(const AttentionShape& shape, const HardwareSpec& hw) {
@@ -259,75 +349,10 @@ AttentionTiling ComputeAttentionTiling(const AttentionShape& shape, const Hardwa
     const uint32_t usable = UsableUb(hw);
     t.numSeqs = static_cast<uint32_t>(shape.seqLens.size());
     t.numTokens = static_cast<uint32_t>(shape.queryStartLoc.back());
-    uint32_t maxQ = 1;
-    for (size_t i = 0; i < shape.seqLens.size(); ++i) {
-        maxQ = std::max<uint32_t>(maxQ, shape.queryStartLoc[i + 1] - shape.queryStartLoc[i]);
-    }
-
-    // Phase A: the cache write takes at most an eighth of UB (at least one token).
-    uint32_t writeTokens = 1;
-    while (writeTokens < std::max(1u, t.numTokens) &&
-           CacheWriteUbBytes(shape.numKvHeads, shape.headDim, shape.dtypeBytes, writeTokens + 1) <= usable / 8) {
-        ++writeTokens;
-    }
-    t.writeTokensPerTile = writeTokens;
-    t.writeUbBytes = CacheWriteUbBytes(shape.numKvHeads, shape.headDim, shape.dtypeBytes, writeTokens);
-    t.writeTiles = CeilDiv(t.numTokens, writeTokens);
-
-    // Phase B: the largest key chunk (a divisor of block_size, so a cached chunk never crosses a block) that
-    // leaves room for at least one query token; then as many query tokens as fit.
+    TileCacheWrite(shape, usable, &t);
     const uint32_t attnBudget = usable > t.writeUbBytes ? usable - t.writeUbBytes : 0;
-    uint32_t kvTile = 0;
-    for (uint32_t k = std::min(shape.blockSize, kMaxKvTile); k >= 1; --k) {
-        if (shape.blockSize % k == 0 && AttentionUbBytes(shape.headDim, shape.dtypeBytes, group, 1, k) <= attnBudget) {
-            kvTile = k;
-            break;
-        }
-    }
-    if (kvTile == 0) {
-        t.error = "one query token with one key does not fit the Unified Buffer";
-        return t;
-    }
-    uint32_t qTile = 1;
-    const uint32_t qCap = std::min(maxQ, kMaxQTile);
-    while (qTile < qCap && AttentionUbBytes(shape.headDim, shape.dtypeBytes, group, qTile + 1, kvTile) <= attnBudget) {
-        ++qTile;
-    }
-    // Prefill on many cores: shrink query tiles until every core has work (costs are balanced below).
-    auto itemCount = [&](uint32_t q) {
-        uint32_t n = 0;
-        for (size_t i = 0; i < shape.seqLens.size(); ++i) {
-            const uint32_t qLen = static_cast<uint32_t>(shape.queryStartLoc[i + 1] - shape.queryStartLoc[i]);
-            n += CeilDiv(qLen, q) * shape.numKvHeads;
-        }
-        return n;
-    };
-    while (qTile > 1 && itemCount(qTile) < cores) qTile = CeilDiv(qTile, 2);
-    t.qTile = qTile;
-    t.kvTile = kvTile;
-    t.attnUbBytes = AttentionUbBytes(shape.headDim, shape.dtypeBytes, group, qTile, kvTile);
-    t.ubBytes = t.writeUbBytes + t.attnUbBytes;
-
-    const std::vector<WorkItem> items = EnumerateWorkItems(shape, qTile);
-    t.numItems = static_cast<uint32_t>(items.size());
-    std::vector<uint64_t> costs;
-    costs.reserve(items.size());
-    for (const WorkItem& item : items) {
-        costs.push_back(WorkItemCost(item, group));
-        t.totalCost += costs.back();
-        t.maxItemCost = std::max(t.maxItemCost, costs.back());
-    }
-
-    t.usedCores = std::max(1u, std::min(cores, std::max(t.numItems, t.writeTiles)));
-    t.writeSplit = BalancedSplit(t.writeTiles, t.usedCores);
-    const uint32_t attnCores = std::max(1u, std::min(t.usedCores, t.numItems));
-    t.coreItemBegin = PartitionByCost(costs, attnCores, t.totalCost);
-    t.coreItemBegin.resize(t.usedCores + 1, t.numItems);  // cores past attnCores only write the cache
-    for (uint32_t c = 0; c < t.usedCores; ++c) {
-        uint64_t cost = 0;
-        for (uint32_t i = t.coreItemBegin[c]; i < t.coreItemBegin[c + 1]; ++i) cost += costs[i];
-        t.maxCoreCost = std::max(t.maxCoreCost, cost);
-    }
+    if (!TileAttention(shape, group, cores, attnBudget, &t)) return t;
+    AssignWorkItems(shape, group, cores, &t);
     t.ok = true;
     return t;
 }
