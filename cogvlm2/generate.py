@@ -30,9 +30,9 @@ class ContiguousAttention:
         self.mask: Tensor | None = None
         self._cos_sin: tuple[Tensor, Tensor] | None = None
 
-    def begin_step(self, batch: TokenBatch, token_index: np.ndarray) -> None:
-        """`token_index`: sequence index of each token of the coming forward, in batch order."""
-        query_index = token_index[batch.order]
+    def begin_step(self, batch: TokenBatch, token_position: np.ndarray) -> None:
+        """`token_position`: each token's index in the sequence, in batch order."""
+        query_index = token_position[batch.order]
         self.cached_index = np.concatenate([self.cached_index, query_index])
         visible = self.cached_index[None, :] <= query_index[:, None]
         group = self.num_heads // self.num_kv_heads

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cogvlm2.image import DEFAULT_MAX_PIXELS
+from kernels.sku import BACKENDS as KERNEL_BACKENDS
 
-KERNEL_BACKENDS = ("auto", "cpu", "reference")
 MM_ENCODER_TP_MODES = ("weights", "data")
 
 

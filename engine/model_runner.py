@@ -15,7 +15,8 @@ from cogvlm2.model_source import ModelSource
 from cogvlm2.parallel import kv_heads_per_rank, load_shard
 from engine.batch import StepInputs, StepRequest
 from engine.timing import PhaseTimer
-from kernels.registry import KernelSet, get_kernels, pad_block_tables
+from kernels.interface import KernelSet
+from kernels.registry import get_kernels, pad_block_tables
 
 DEFAULT_KV_CACHE_GB = 1.0
 

@@ -38,10 +38,6 @@ def _custom(symbol: str, out_shape, out_dtype) -> ops.Custom:
     return ops.Custom(f"{load_library().path}:{symbol}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
-def int32_tensor(values) -> Tensor:
-    return Tensor.from_numpy(np.ascontiguousarray(np.asarray(values), np.int32))
-
-
 def _token_shape(*shapes):
     return (1,)
 

@@ -48,13 +48,13 @@ class PagedAttentionMetadata:
     restore_order: Tensor         # gather index putting [decode rows, prefill rows...] back in forward order
 
 
-def build_paged_metadata(token_seq_index: np.ndarray, token_position: np.ndarray, seq_block_tables: list[list[int]],
+def build_paged_metadata(seq_index: np.ndarray, token_position: np.ndarray, seq_block_tables: list[list[int]],
                          seq_context_lens: list[int], slot_mapping: np.ndarray, block_size: int, num_heads: int,
                          num_kv_heads: int) -> PagedAttentionMetadata:
-    """All arrays in forward order. token_seq_index: which sequence of the batch each token belongs to;
+    """All arrays in forward order. seq_index: which sequence of the batch each token belongs to;
     token_position: its index in that sequence; seq_context_lens: tokens visible to the sequence's last query."""
     group = num_heads // num_kv_heads
-    rows_by_seq = [np.nonzero(token_seq_index == s)[0] for s in range(len(seq_context_lens))]
+    rows_by_seq = [np.nonzero(seq_index == s)[0] for s in range(len(seq_context_lens))]
     decode_seqs = [s for s, rows in enumerate(rows_by_seq) if len(rows) == 1]
     prefill_seqs = [s for s, rows in enumerate(rows_by_seq) if len(rows) > 1]
     slots_of = lambda s: _context_slots(seq_block_tables[s], seq_context_lens[s], block_size)  # noqa: E731

@@ -18,9 +18,9 @@ from mindspore import dtype as mstype
 
 from kernels import composites, reference
 from kernels.interface import KernelSet
-from kernels.sku import GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, GEMM_OWN, GEMM_PREPACKED, KernelParams, load_params
+from kernels.sku import (BACKENDS, GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, GEMM_OWN, GEMM_PREPACKED, KernelParams,
+                         load_params)
 
-BACKENDS = ("auto", "cpu", "reference")
 DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" parameters, larger ones "prefill"
 
 

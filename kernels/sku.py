@@ -27,6 +27,9 @@ from pathlib import Path
 
 import yaml
 
+# Kernel backends a KernelSet comes from (kernels.registry): "auto" is cpu where its library loads, else reference.
+BACKENDS = ("auto", "cpu", "reference")
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "kernels"
 SKU_ENV = "COGVLM2_SKU"
 CONFIGS_ENV = "COGVLM2_KERNEL_CONFIGS"
