@@ -32,7 +32,7 @@ def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", dest="request_seed", type=int, default=None, help="seed of the requests here")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object per request")
     p.add_argument("--prompts-file", default=None, help="JSONL: one request per line, keys prompt, image, "
@@ -85,7 +85,7 @@ def _requests_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _default_sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "seed": args.seed, "ignore_eos": args.ignore_eos}
+            "top_k": args.top_k, "seed": args.request_seed, "ignore_eos": args.ignore_eos}
 
 
 def _read_prompts_file(path: str, args: argparse.Namespace) -> list[dict[str, Any]]:
