@@ -10,6 +10,7 @@ points, so both paths run the same kernel. It is compiled against MindSpore's he
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -25,19 +26,33 @@ def is_built() -> bool:
 
 def load(library_path: str, build: bool = False):
     """The extension module with its kernel library set, or None when it is not built (and build is False) or
-    does not load."""
+    does not load. Without `build` the built module is imported directly: MindSpore's builder takes a file lock
+    even when nothing is to be built, and a process killed while holding it (a tensor-parallel worker, say) would
+    leave every later start-up waiting on it."""
     if not build and not is_built():
         return None
     try:
-        from mindspore import ops
-        module = ops.CustomOpBuilder(NAME, [str(SOURCE)], backend="CPU", build_dir=str(BUILD_DIR),
-                                     cflags="-O2").load()
+        module = _build() if build else _import_built()
         module.set_library(library_path)
         return module
     except Exception as error:  # noqa: BLE001  (no compiler, no headers: the AOT ops still work)
         warnings.warn(f"cogvlm2 kernels: the pyboost extension is unavailable ({error}); eager calls use the AOT ops",
                       RuntimeWarning, stacklevel=2)
         return None
+
+
+def _build():
+    from mindspore import ops
+    return ops.CustomOpBuilder(NAME, [str(SOURCE)], backend="CPU", build_dir=str(BUILD_DIR), cflags="-O2").load()
+
+
+def _import_built():
+    import mindspore  # noqa: F401  (the extension links against MindSpore's libraries, loaded by this import)
+    path = next(BUILD_DIR.glob(f"{NAME}*.so"))
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> int:

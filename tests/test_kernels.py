@@ -273,6 +273,22 @@ def test_pyboost_extension_is_optional(tmp_path, monkeypatch):
     assert not pyboost.is_built() and pyboost.load("/nonexistent.so") is None
 
 
+@pytest.mark.skipif(CPU.ops.eager is None, reason="the pyboost extension is not built here")
+def test_pyboost_load_ignores_a_stale_build_lock(tmp_path, monkeypatch):
+    """A process killed while MindSpore's builder held its lock must not make later start-ups wait forever."""
+    import shutil
+    import threading
+    from kernels import pyboost
+    shutil.copytree(pyboost.BUILD_DIR, tmp_path / "build")
+    monkeypatch.setattr(pyboost, "BUILD_DIR", tmp_path / "build")
+    (tmp_path / "build" / "build.lock").write_bytes(b"")
+    loaded = []
+    worker = threading.Thread(target=lambda: loaded.append(pyboost.load(CPU.ops.library.path)), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert loaded and loaded[0] is not None
+
+
 @needs_cpu
 def test_rope_bf16_fixture_table():
     """The table rebuilt by cogvlm2.rope from a bf16 inv_freq is the published one; the kernel reads it as is."""
