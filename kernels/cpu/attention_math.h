@@ -1,9 +1,12 @@
 // Inner loops of paged attention: scores of a tile of query rows against a tile of keys, and the P @ V update.
 // AVX-512 versions keep the accumulators in registers; the portable versions are plain loops. K and V rows are of
-// the cache's element type T (kv_cache.h), widened to fp32 as they are loaded.
+// the cache's element type T (kv_cache.h), widened to fp32 as they are loaded or, where several passes read them,
+// once into a per-thread buffer.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "kv_cache.h"
 #include "vec_math.h"
@@ -57,24 +60,9 @@ inline __m512 load16(const Fp16* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// Up to kWidenChunk elements of a cache row as fp32: the row itself for float, else widened into buf.
-constexpr int64_t kWidenChunk = 64;
-
-inline const float* widened(const float* row, int64_t, float*) { return row; }
-
-template <typename T>
-const float* widened(const T* row, int64_t n, float* buf) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(buf + i, load16(row + i));
-  for (; i < n; ++i) buf[i] = to_f32(row[i]);
-  return buf;
-}
-
-// Keys go Keys at a time so that Keys * Chunks independent FMA chains hide the FMA latency. Each key element is
-// broadcast to all lanes: 16-bit rows are widened a chunk at a time first, so the broadcasts stay plain loads.
-template <int Chunks, int Keys, typename T>
-void score_rows_fixed(const float* qt, const T* const* key_rows, int64_t width, int64_t d, float* scores) {
-  alignas(64) float buffers[Keys][kWidenChunk];
+// Keys go Keys at a time so that Keys * Chunks independent FMA chains hide the FMA latency.
+template <int Chunks, int Keys>
+void score_rows_fixed(const float* qt, const float* const* key_rows, int64_t width, int64_t d, float* scores) {
   int64_t j = 0;
   for (; j + Keys <= width; j += Keys) {
     for (int u = 0; u < Keys; ++u)
@@ -82,23 +70,17 @@ void score_rows_fixed(const float* qt, const T* const* key_rows, int64_t width, 
     __m512 acc[Keys][Chunks];
     for (int u = 0; u < Keys; ++u)
       for (int c = 0; c < Chunks; ++c) acc[u][c] = _mm512_setzero_ps();
-    for (int64_t i0 = 0; i0 < d; i0 += kWidenChunk) {
-      const int64_t n = std::min(kWidenChunk, d - i0);
-      const float* key[Keys];
-      for (int u = 0; u < Keys; ++u) key[u] = widened(key_rows[j + u] + i0, n, buffers[u]);
-      for (int64_t i = 0; i < n; ++i) {
-        const float* row = qt + (i0 + i) * Chunks * 16;
-        for (int u = 0; u < Keys; ++u) {
-          const __m512 ki = _mm512_set1_ps(key[u][i]);
-          for (int c = 0; c < Chunks; ++c) acc[u][c] = _mm512_fmadd_ps(ki, _mm512_loadu_ps(row + 16 * c), acc[u][c]);
-        }
+    for (int64_t i = 0; i < d; ++i) {
+      const float* row = qt + i * Chunks * 16;
+      for (int u = 0; u < Keys; ++u) {
+        const __m512 ki = _mm512_set1_ps(key_rows[j + u][i]);
+        for (int c = 0; c < Chunks; ++c) acc[u][c] = _mm512_fmadd_ps(ki, _mm512_loadu_ps(row + 16 * c), acc[u][c]);
       }
     }
     for (int u = 0; u < Keys; ++u)
       for (int c = 0; c < Chunks; ++c) _mm512_storeu_ps(scores + ((j + u) * Chunks + c) * 16, acc[u][c]);
   }
-  if (Keys > 1 && j < width)
-    score_rows_fixed<Chunks, 1, T>(qt, key_rows + j, width - j, d, scores + j * Chunks * 16);
+  if (Keys > 1 && j < width) score_rows_fixed<Chunks, 1>(qt, key_rows + j, width - j, d, scores + j * Chunks * 16);
 }
 
 // For Lanes query rows at once (they share the V rows): out[l][d] = out[l] * correction[l] + sum_j p[j][l] * v[j],
@@ -124,10 +106,13 @@ void accumulate_pv_fixed(float* out, int64_t d, const float* correction, const f
     for (int c = 0; c < Chunks; ++c) _mm512_storeu_ps(out + l * d + 16 * c, acc[l][c]);
 }
 
+// Lanes per pass over the V rows: as many accumulators as the registers hold.
+constexpr int pv_lanes(int chunks) { return chunks >= 8 ? 2 : (chunks >= 4 ? 4 : 8); }
+
 template <int Chunks, typename T>
 void accumulate_pv_chunks(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
                           const T* const* v_rows, int64_t width, int64_t lanes) {
-  constexpr int kLanes = Chunks >= 8 ? 2 : (Chunks >= 4 ? 4 : 8);
+  constexpr int kLanes = pv_lanes(Chunks);
   int64_t l = 0;
   for (; l + kLanes <= lanes; l += kLanes)
     accumulate_pv_fixed<Chunks, kLanes, T>(out + l * d, d, correction + l, p + l, stride, v_rows, width);
@@ -136,18 +121,17 @@ void accumulate_pv_chunks(float* out, int64_t d, const float* correction, const 
 }
 
 // scores[j][rows16] = sum_i key_rows[j][i] * qt[i][rows16], rows16 a multiple of 16 up to 128.
-template <typename T>
-void score_rows(const float* qt, const T* const* key_rows, int64_t width, int64_t d, int64_t rows16,
-                float* scores) {
+inline void score_rows(const float* qt, const float* const* key_rows, int64_t width, int64_t d, int64_t rows16,
+                       float* scores) {
   switch (rows16 / 16) {
-    case 1: return score_rows_fixed<1, 8, T>(qt, key_rows, width, d, scores);
-    case 2: return score_rows_fixed<2, 4, T>(qt, key_rows, width, d, scores);
-    case 3: return score_rows_fixed<3, 2, T>(qt, key_rows, width, d, scores);
-    case 4: return score_rows_fixed<4, 2, T>(qt, key_rows, width, d, scores);
-    case 5: return score_rows_fixed<5, 1, T>(qt, key_rows, width, d, scores);
-    case 6: return score_rows_fixed<6, 1, T>(qt, key_rows, width, d, scores);
-    case 7: return score_rows_fixed<7, 1, T>(qt, key_rows, width, d, scores);
-    default: return score_rows_fixed<8, 1, T>(qt, key_rows, width, d, scores);
+    case 1: return score_rows_fixed<1, 8>(qt, key_rows, width, d, scores);
+    case 2: return score_rows_fixed<2, 4>(qt, key_rows, width, d, scores);
+    case 3: return score_rows_fixed<3, 2>(qt, key_rows, width, d, scores);
+    case 4: return score_rows_fixed<4, 2>(qt, key_rows, width, d, scores);
+    case 5: return score_rows_fixed<5, 1>(qt, key_rows, width, d, scores);
+    case 6: return score_rows_fixed<6, 1>(qt, key_rows, width, d, scores);
+    case 7: return score_rows_fixed<7, 1>(qt, key_rows, width, d, scores);
+    default: return score_rows_fixed<8, 1>(qt, key_rows, width, d, scores);
   }
 }
 
@@ -214,10 +198,10 @@ bool score_rows_dot(const float* q, int64_t rows, const T* const* key_rows, int6
   }
 }
 
-// out[lanes][d] = out * correction[lane] + P^T V over `width` keys; p laid out [key][stride].
+// accumulate_pv with the rows widened as they are loaded.
 template <typename T>
-void accumulate_pv(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
-                   const T* const* v_rows, int64_t width, int64_t lanes) {
+void accumulate_pv_direct(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
+                          const T* const* v_rows, int64_t width, int64_t lanes) {
   switch (d % 16 == 0 && d <= 128 ? d / 16 : 0) {
     case 1: return accumulate_pv_chunks<1, T>(out, d, correction, p, stride, v_rows, width, lanes);
     case 2: return accumulate_pv_chunks<2, T>(out, d, correction, p, stride, v_rows, width, lanes);
@@ -231,6 +215,16 @@ void accumulate_pv(float* out, int64_t d, const float* correction, const float* 
   accumulate_pv_loops(out, d, correction, p, stride, v_rows, width, lanes);
 }
 
+// The lanes one pass of accumulate_pv_direct over the rows serves.
+inline int64_t lanes_per_pass(int64_t d) { return d % 16 == 0 && d <= 128 ? pv_lanes(static_cast<int>(d / 16)) : 1; }
+
+template <typename T>
+void widen_row(const T* row, int64_t d, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) _mm512_storeu_ps(out + i, load16(row + i));
+  for (; i < d; ++i) out[i] = to_f32(row[i]);
+}
+
 #else  // portable
 
 template <typename T>
@@ -238,22 +232,61 @@ bool score_rows_dot(const float*, int64_t, const T* const*, int64_t, int64_t, in
   return false;
 }
 
-template <typename T>
-void score_rows(const float* qt, const T* const* key_rows, int64_t width, int64_t d, int64_t rows16,
-                float* scores) {
+inline void score_rows(const float* qt, const float* const* key_rows, int64_t width, int64_t d, int64_t rows16,
+                       float* scores) {
   for (int64_t j = 0; j < width; ++j) {
     float* sc = scores + j * rows16;
     for (int64_t r = 0; r < rows16; ++r) sc[r] = 0.f;
-    for (int64_t i = 0; i < d; ++i) axpy(sc, to_f32(key_rows[j][i]), qt + i * rows16, rows16);
+    for (int64_t i = 0; i < d; ++i) axpy(sc, key_rows[j][i], qt + i * rows16, rows16);
   }
 }
 
 template <typename T>
-void accumulate_pv(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
-                   const T* const* v_rows, int64_t width, int64_t lanes) {
+void accumulate_pv_direct(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
+                          const T* const* v_rows, int64_t width, int64_t lanes) {
   accumulate_pv_loops(out, d, correction, p, stride, v_rows, width, lanes);
 }
 
+inline int64_t lanes_per_pass(int64_t) { return 1; }
+
+template <typename T>
+void widen_row(const T* row, int64_t d, float* out) {
+  for (int64_t i = 0; i < d; ++i) out[i] = to_f32(row[i]);
+}
+
 #endif
+
+// The rows widened to fp32, in a buffer of this thread's (valid until its next call).
+template <typename T>
+const float* const* widen_rows(const T* const* rows, int64_t width, int64_t d) {
+  thread_local std::vector<float> buffer;
+  thread_local std::vector<const float*> widened;
+  buffer.resize(width * d);
+  widened.resize(width);
+  for (int64_t j = 0; j < width; ++j) {
+    widen_row(rows[j], d, buffer.data() + j * d);
+    widened[j] = buffer.data() + j * d;
+  }
+  return widened.data();
+}
+
+// The transposed scores broadcast every key element to all lanes, which a 16-bit row could only feed through a
+// scalar conversion per element: its rows are widened once, then scored as fp32 rows.
+template <typename T>
+void score_rows(const float* qt, const T* const* key_rows, int64_t width, int64_t d, int64_t rows16,
+                float* scores) {
+  score_rows(qt, widen_rows(key_rows, width, d), width, d, rows16, scores);
+}
+
+// out[lanes][d] = out * correction[lane] + P^T V over `width` keys; p laid out [key][stride]. 16-bit rows are
+// widened as they are loaded, or once up front when more than two passes over the lanes would each widen them
+// again (measured: at two passes, a decode's four rows at head_dim 128, widening as they load is faster).
+template <typename T>
+void accumulate_pv(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
+                   const T* const* v_rows, int64_t width, int64_t lanes) {
+  if (!std::is_same_v<T, float> && lanes > 2 * lanes_per_pass(d))
+    return accumulate_pv_direct(out, d, correction, p, stride, widen_rows(v_rows, width, d), width, lanes);
+  accumulate_pv_direct(out, d, correction, p, stride, v_rows, width, lanes);
+}
 
 }  // namespace cogvlm2
