@@ -813,3 +813,4 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     assert set(params.ops) == set(tune.OPS)
     assert params.get("expert_linear", "decode")["gemm"] in range(5)
     assert "measurements" in out.read_text(encoding="utf-8")
+    assert "best_by_cache_dtype" in out.read_text(encoding="utf-8")  # paged attention, timed per cache dtype
