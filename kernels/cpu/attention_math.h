@@ -264,6 +264,7 @@ const float* const* widen_rows(const T* const* rows, int64_t width, int64_t d) {
   buffer.resize(width * d);
   widened.resize(width);
   for (int64_t j = 0; j < width; ++j) {
+    if (j + kPrefetchKeys < width) prefetch_row(rows[j + kPrefetchKeys], d);
     widen_row(rows[j], d, buffer.data() + j * d);
     widened[j] = buffer.data() + j * d;
   }

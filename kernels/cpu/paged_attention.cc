@@ -155,6 +155,11 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
         w.key_rows[j] = keys + w.slots[j] * row_stride + g * d;
         w.value_rows[j] = values + w.slots[j] * row_stride + g * d;
       }
+      // the inner loops ask for rows kPrefetchKeys ahead: the first ones of each pass are asked for here
+      for (int64_t j = 0; j < std::min(width, kPrefetchKeys); ++j) {
+        prefetch_row(w.key_rows[j], d);
+        prefetch_row(w.value_rows[j], d);
+      }
       const Lanes lanes{count, stride, w.row_max.data() + g * stride, w.row_sum.data() + g * stride,
                         w.out.data() + g * stride * d};
       update_lanes(lanes, group, d, w.q.data() + g * stride * d, w.qt.data() + g * d * stride, visible.data(),
