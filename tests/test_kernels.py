@@ -671,6 +671,31 @@ def test_kernels_inside_jit():
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_paged_attention_inside_jit_with_16bit_caches(dtype):
+    """Inside jit the caches' dtype reaches the kernel too: the same outputs and cache bits as eagerly."""
+    rng = np.random.default_rng(6)
+    batch = make_paged_batch([20, 9], [6, 1], 4, rng, shuffle=True)
+    n, heads, kv, d = len(batch.seq_index), 4, 2, 16
+    qkv = Tensor(normal(rng, n, heads + 2 * kv, d))
+    key0, value0 = normal(rng, batch.num_slots, kv, d), normal(rng, batch.num_slots, kv, d)
+    i32 = lambda a: Tensor(np.asarray(a, np.int32))  # noqa: E731
+    meta = (i32(batch.slot_mapping), i32(batch.seq_index), i32(batch.token_position),
+            i32(pad_block_tables(batch.block_tables)), i32(batch.context_lens))
+
+    def step(qkv, key_cache, value_cache):
+        return CPU.paged_attention(qkv, None, None, key_cache, value_cache, *meta, batch.block_size)
+
+    results = []
+    for run in (step, ms.jit(step)):
+        caches = [cache_parameter(c, dtype, f"j{i}") for i, c in enumerate((key0, value0))]
+        out = run(qkv, *caches)
+        results.append((out.asnumpy(), cache_bits(caches[0]), cache_bits(caches[1])))
+    for eager, jitted in zip(*results):
+        np.testing.assert_array_equal(jitted, eager)
+
+
+@needs_cpu
 def test_write_kv_inside_jit_needs_its_token():
     cache = Parameter(Tensor(np.zeros((8, 1, 4), np.float32)), name="jit_cache", requires_grad=False)
     values = Tensor(np.ones((2, 1, 4), np.float32))
