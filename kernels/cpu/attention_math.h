@@ -162,20 +162,42 @@ __m512 dot_lanes(const __m512* key, const float* q) {
   return acc;
 }
 
+// dot(q[r], key_row) for r < rows <= 8 in lanes [0, rows), zeros in the other lanes (q [rows][16 * Chunks]).
+template <int Chunks, typename T>
+__m512 dot_rows(const float* q, int64_t rows, const T* key_row) {
+  __m512 key[Chunks];
+  for (int c = 0; c < Chunks; ++c) key[c] = load16(key_row + 16 * c);
+  __m512 acc[8];
+  for (int64_t r = 0; r < 8; ++r)
+    acc[r] = r < rows ? dot_lanes<Chunks>(key, q + r * 16 * Chunks) : _mm512_setzero_ps();
+  const __m512 low = reduce_add_4(acc[0], acc[1], acc[2], acc[3]);
+  const __m512 high = rows > 4 ? reduce_add_4(acc[4], acc[5], acc[6], acc[7]) : _mm512_setzero_ps();
+  const __m512i sums = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_maskz_permutex2var_ps(0x00ff, low, sums, high);
+}
+
 // One 16-lane score row per key: rows <= 8 dot products, zeros in the padding lanes (as in the transposed form).
 template <int Chunks, typename T>
 void score_rows_dot_fixed(const float* q, int64_t rows, const T* const* key_rows, int64_t width, float* scores) {
-  const __m512i sums = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
   for (int64_t j = 0; j < width; ++j) {
     if (j + kPrefetchKeys < width) prefetch_row(key_rows[j + kPrefetchKeys], 16 * Chunks);
-    __m512 key[Chunks];
-    for (int c = 0; c < Chunks; ++c) key[c] = load16(key_rows[j] + 16 * c);
-    __m512 acc[8];
-    for (int64_t r = 0; r < 8; ++r)
-      acc[r] = r < rows ? dot_lanes<Chunks>(key, q + r * 16 * Chunks) : _mm512_setzero_ps();
-    const __m512 low = reduce_add_4(acc[0], acc[1], acc[2], acc[3]);
-    const __m512 high = rows > 4 ? reduce_add_4(acc[4], acc[5], acc[6], acc[7]) : _mm512_setzero_ps();
-    _mm512_storeu_ps(scores + j * 16, _mm512_maskz_permutex2var_ps(0x00ff, low, sums, high));
+    _mm512_storeu_ps(scores + j * 16, dot_rows<Chunks>(q, rows, key_rows[j]));
+  }
+}
+
+// All KV heads of one key per score row: lanes [g * group, (g + 1) * group) from KV head g's K row, the slot
+// row's g-th; zeros from kv * group to stride.
+template <int Chunks, typename T>
+void score_heads_dot_fixed(const float* q, int64_t group, int64_t kv, const T* const* slot_rows, int64_t width,
+                           int64_t stride, float* scores) {
+  const int64_t d = 16 * Chunks;
+  const __mmask16 rows = static_cast<__mmask16>((1u << group) - 1);
+  for (int64_t j = 0; j < width; ++j) {
+    if (j + kPrefetchKeys < width) prefetch_row(slot_rows[j + kPrefetchKeys], kv * d);
+    float* out = scores + j * stride;
+    for (int64_t g = 0; g < kv; ++g)
+      _mm512_mask_storeu_ps(out + g * group, rows, dot_rows<Chunks>(q + g * group * d, group, slot_rows[j] + g * d));
+    for (int64_t lane = kv * group; lane < stride; ++lane) out[lane] = 0.f;
   }
 }
 
@@ -195,6 +217,26 @@ bool score_rows_dot(const float* q, int64_t rows, const T* const* key_rows, int6
     case 7: score_rows_dot_fixed<7, T>(q, rows, key_rows, width, scores); return true;
     case 8: score_rows_dot_fixed<8, T>(q, rows, key_rows, width, scores); return true;
     default: return false;
+  }
+}
+
+inline bool heads_dot_applies(int64_t group, int64_t d) { return group <= kDotMaxRows && d % 16 == 0 && d <= 128; }
+
+// scores[j][g * group + r] = dot(q[g * group + r], row g of slot_rows[j]) for the kv * group query rows of one token
+// (q [kv * group][d], scaled; slot_rows[j] the key's K rows of all KV heads, d apart), 0 for the padding lanes up
+// to stride. Only where heads_dot_applies(group, d).
+template <typename T>
+void score_heads_dot(const float* q, int64_t group, int64_t kv, const T* const* slot_rows, int64_t width,
+                     int64_t d, int64_t stride, float* scores) {
+  switch (d / 16) {
+    case 1: return score_heads_dot_fixed<1, T>(q, group, kv, slot_rows, width, stride, scores);
+    case 2: return score_heads_dot_fixed<2, T>(q, group, kv, slot_rows, width, stride, scores);
+    case 3: return score_heads_dot_fixed<3, T>(q, group, kv, slot_rows, width, stride, scores);
+    case 4: return score_heads_dot_fixed<4, T>(q, group, kv, slot_rows, width, stride, scores);
+    case 5: return score_heads_dot_fixed<5, T>(q, group, kv, slot_rows, width, stride, scores);
+    case 6: return score_heads_dot_fixed<6, T>(q, group, kv, slot_rows, width, stride, scores);
+    case 7: return score_heads_dot_fixed<7, T>(q, group, kv, slot_rows, width, stride, scores);
+    default: return score_heads_dot_fixed<8, T>(q, group, kv, slot_rows, width, stride, scores);
   }
 }
 
@@ -230,6 +272,20 @@ void widen_row(const T* row, int64_t d, float* out) {
 template <typename T>
 bool score_rows_dot(const float*, int64_t, const T* const*, int64_t, int64_t, int64_t, float*) {
   return false;
+}
+
+inline bool heads_dot_applies(int64_t, int64_t) { return true; }
+
+template <typename T>
+void score_heads_dot(const float* q, int64_t group, int64_t kv, const T* const* slot_rows, int64_t width,
+                     int64_t d, int64_t stride, float* scores) {
+  for (int64_t j = 0; j < width; ++j)
+    for (int64_t lane = 0; lane < stride; ++lane) {
+      float dot = 0.f;
+      for (int64_t i = 0; lane < kv * group && i < d; ++i)
+        dot += q[lane * d + i] * to_f32(slot_rows[j][(lane / group) * d + i]);
+      scores[j * stride + lane] = dot;
+    }
 }
 
 inline void score_rows(const float* qt, const float* const* key_rows, int64_t width, int64_t d, int64_t rows16,

@@ -67,19 +67,16 @@ struct Lanes {
   float* out;  // [stride][d]
 };
 
-// One KV head over one key tile: scores [key][stride] from the transposed queries (each key scores 16 lanes per
-// FMA, no horizontal sums; measured faster than one dot product per (lane, key) even for a single decode row),
-// then the online-softmax update across lanes and P @ V. Keys past a lane's position get probability 0; the
-// first key tile shows every lane key 0, so the running max is finite from then on.
-template <typename T>
-void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const float* q, const float* qt,
-                  const int64_t* visible, const T* const* key_rows, const T* const* value_rows, int64_t width,
-                  float* scores, float* correction) {
+// The online-softmax step over a key tile's scores [width][stride]: a lane whose token sees visible[lane /
+// lanes_per_token] of the tile's keys gets probability 0 past them; then the running max, the correction of the
+// earlier sums (left in `correction` for P @ V) and the sums. Returns the keys any lane sees. The first key tile
+// shows every lane key 0, so the running max is finite from then on.
+int64_t softmax_step(const Lanes& lanes, int64_t lanes_per_token, const int64_t* visible, int64_t width,
+                     float* scores, float* correction) {
   const int64_t stride = lanes.stride;
-  if (!score_rows_dot(q, lanes.count, key_rows, width, d, stride, scores))
-    score_rows(qt, key_rows, width, d, stride, scores);
   for (int64_t lane = 0; lane < lanes.count; ++lane)
-    for (int64_t j = std::max<int64_t>(visible[lane / group], 0); j < width; ++j) scores[j * stride + lane] = kNegInf;
+    for (int64_t j = std::max<int64_t>(visible[lane / lanes_per_token], 0); j < width; ++j)
+      scores[j * stride + lane] = kNegInf;
   column_max(scores, width, stride, correction);  // the tile's max per lane, for now
   for (int64_t lane = 0; lane < stride; ++lane) {
     const float new_max = std::max(lanes.max[lane], correction[lane]);
@@ -89,13 +86,43 @@ void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const float* q, 
   exp_shifted_rows(scores, lanes.max, width, stride);
   int64_t seen = 0;
   for (int64_t lane = 0; lane < lanes.count; ++lane) {
-    const int64_t lane_seen = std::max<int64_t>(visible[lane / group], 0);
+    const int64_t lane_seen = std::max<int64_t>(visible[lane / lanes_per_token], 0);
     for (int64_t j = lane_seen; j < width; ++j) scores[j * stride + lane] = 0.f;
     seen = std::max(seen, lane_seen);
   }
   for (int64_t lane = 0; lane < stride; ++lane) lanes.sum[lane] *= correction[lane];
   column_sum_into(scores, seen, stride, lanes.sum);
-  accumulate_pv(lanes.out, d, correction, scores, stride, value_rows, seen, lanes.count);
+  return seen;
+}
+
+// One KV head over one key tile: scores [key][stride] (few rows: a dot product per (row, key); else from the
+// transposed queries, 16 lanes per FMA), the softmax step and P @ V. Lane = token * group + h.
+template <typename T>
+void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const float* q, const float* qt,
+                  const int64_t* visible, const T* const* key_rows, const T* const* value_rows, int64_t width,
+                  float* scores, float* correction) {
+  if (!score_rows_dot(q, lanes.count, key_rows, width, d, lanes.stride, scores))
+    score_rows(qt, key_rows, width, d, lanes.stride, scores);
+  const int64_t seen = softmax_step(lanes, group, visible, width, scores, correction);
+  accumulate_pv(lanes.out, d, correction, scores, lanes.stride, value_rows, seen, lanes.count);
+}
+
+// The online-softmax state of `lanes` lanes (sums, running max, out rows of d) and a key tile's buffers.
+template <typename T>
+void reset_scratch(Scratch<T>& w, int64_t lanes, int64_t d, int64_t key_tile, int64_t score_stride) {
+  w.out.assign(lanes * d, 0.f);
+  w.row_max.assign(lanes, kNegInf);
+  w.row_sum.assign(lanes, 0.f);
+  w.scores.resize(key_tile * score_stride);
+  w.correction.resize(lanes);
+  w.slots.resize(key_tile);
+  w.key_rows.resize(key_tile);
+  w.value_rows.resize(key_tile);
+}
+
+void store_output(const float* acc, float sum, int64_t d, float* dst) {
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < d; ++i) dst[i] = acc[i] * inv;
 }
 
 // The tile's queries, scaled by 1/sqrt(d), per KV head g in lanes [g * stride, g * stride + count) (lane = token *
@@ -136,14 +163,7 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
   const int64_t group = s.heads / s.kv, d = s.d, tokens = tile.end - tile.begin, count = tokens * group;
   const int64_t stride = (count + 15) / 16 * 16, kt = c.key_tile, row_stride = s.kv * d;
   load_queries(tile, s, q, order, stride, w);
-  w.out.assign(s.kv * stride * d, 0.f);
-  w.row_max.assign(s.kv * stride, kNegInf);
-  w.row_sum.assign(s.kv * stride, 0.f);
-  w.scores.resize(kt * stride);
-  w.correction.resize(stride);
-  w.slots.resize(kt);
-  w.key_rows.resize(kt);
-  w.value_rows.resize(kt);
+  reset_scratch(w, s.kv * stride, d, kt, stride);
   std::vector<int64_t> visible(tokens);
   for (int64_t k0 = 0; k0 < tile.keys; k0 += kt) {
     const int64_t width = std::min(kt, tile.keys - k0);
@@ -169,10 +189,41 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t head = 0; head < s.heads; ++head) {
       const int64_t lane = (head / group) * stride + t * group + head % group;
-      const float inv = 1.f / w.row_sum[lane];
-      float* dst = out + (order[tile.begin + t] * s.heads + head) * d;
-      for (int64_t i = 0; i < d; ++i) dst[i] = w.out[lane * d + i] * inv;
+      store_output(w.out.data() + lane * d, w.row_sum[lane], d, out + (order[tile.begin + t] * s.heads + head) * d);
     }
+}
+
+// A one-token tile (a decode) with few heads per KV head: all heads in one lane set, lane = query head, so the
+// softmax runs on full vectors instead of a few lanes per KV head, and a key's K rows of all KV heads are read as
+// one contiguous slot row. The same per-lane arithmetic as attend_tile.
+template <typename T>
+void attend_decode(const Tile& tile, const Shapes& s, const Config& c, const float* q, const T* keys,
+                   const T* values, const int32_t* block_table, const int32_t* position, int64_t token, float* out,
+                   Scratch<T>& w) {
+  const int64_t group = s.heads / s.kv, d = s.d, stride = (s.heads + 15) / 16 * 16, kt = c.key_tile;
+  const int64_t row_stride = s.kv * d;
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  w.q.resize(s.heads * d);
+  for (int64_t i = 0; i < s.heads * d; ++i) w.q[i] = q[token * s.q_stride + i] * scale;
+  reset_scratch(w, stride, d, kt, stride);
+  const Lanes lanes{s.heads, stride, w.row_max.data(), w.row_sum.data(), w.out.data()};
+  for (int64_t k0 = 0; k0 < tile.keys; k0 += kt) {
+    const int64_t width = std::min(kt, tile.keys - k0);
+    const int64_t visible = std::min<int64_t>(width, position[token] + 1 - k0);
+    key_slots(block_table, c.block_size, k0, width, w.slots.data());
+    for (int64_t j = 0; j < width; ++j) w.key_rows[j] = keys + w.slots[j] * row_stride;
+    for (int64_t j = 0; j < std::min(width, kPrefetchKeys); ++j) prefetch_row(w.key_rows[j], row_stride);
+    score_heads_dot(w.q.data(), group, s.kv, w.key_rows.data(), width, d, stride, w.scores.data());
+    const int64_t seen = softmax_step(lanes, stride, &visible, width, w.scores.data(), w.correction.data());
+    for (int64_t g = 0; g < s.kv; ++g) {
+      for (int64_t j = 0; j < seen; ++j) w.value_rows[j] = values + w.slots[j] * row_stride + g * d;
+      for (int64_t j = 0; j < std::min(seen, kPrefetchKeys); ++j) prefetch_row(w.value_rows[j], d);
+      accumulate_pv(w.out.data() + g * group * d, d, w.correction.data() + g * group, w.scores.data() + g * group,
+                    stride, w.value_rows.data(), seen, group);
+    }
+  }
+  for (int64_t head = 0; head < s.heads; ++head)
+    store_output(w.out.data() + head * d, w.row_sum[head], d, out + (token * s.heads + head) * d);
 }
 
 int validate(const Shapes& s, const Config& c, const int32_t* seq_index, const int32_t* position,
@@ -330,8 +381,13 @@ void attend_all(const Args& a, const Call& call, const Inputs& in) {
   parallel_for(static_cast<int64_t>(tiles.size()), thread_count(tiles, s, call.c), [&](int64_t item) {
     thread_local Scratch<T> scratch;
     const Tile& tile = tiles[item];
-    attend_tile(tile, attend, call.c, in.q, key_cache, value_cache, block_tables + tile.seq * s.max_blocks,
-                order.data(), position, out, scratch);
+    const int32_t* block_table = block_tables + tile.seq * s.max_blocks;
+    if (tile.end - tile.begin == 1 && heads_dot_applies(s.heads / s.kv, s.d))
+      attend_decode(tile, attend, call.c, in.q, key_cache, value_cache, block_table, position, order[tile.begin],
+                    out, scratch);
+    else
+      attend_tile(tile, attend, call.c, in.q, key_cache, value_cache, block_table, order.data(), position, out,
+                  scratch);
   });
 }
 
