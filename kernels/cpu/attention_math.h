@@ -282,8 +282,8 @@ void score_heads_dot(const float* q, int64_t group, int64_t kv, const T* const* 
   for (int64_t j = 0; j < width; ++j)
     for (int64_t lane = 0; lane < stride; ++lane) {
       float dot = 0.f;
-      for (int64_t i = 0; lane < kv * group && i < d; ++i)
-        dot += q[lane * d + i] * to_f32(slot_rows[j][(lane / group) * d + i]);
+      if (lane < kv * group)
+        for (int64_t i = 0; i < d; ++i) dot += q[lane * d + i] * to_f32(slot_rows[j][(lane / group) * d + i]);
       scores[j * stride + lane] = dot;
     }
 }

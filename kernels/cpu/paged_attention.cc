@@ -125,13 +125,15 @@ void store_output(const float* acc, float sum, int64_t d, float* dst) {
   for (int64_t i = 0; i < d; ++i) dst[i] = acc[i] * inv;
 }
 
-// The tile's queries, scaled by 1/sqrt(d), per KV head g in lanes [g * stride, g * stride + count) (lane = token *
+float query_scale(int64_t d) { return 1.f / std::sqrt(static_cast<float>(d)); }
+
+// The tile's queries, scaled by query_scale(d), per KV head g in lanes [g * stride, g * stride + count) (lane = token *
 // group + h for query head g * group + h): w.q [kv][stride][d], and transposed, w.qt [kv][d][stride].
 template <typename T>
 void load_queries(const Tile& tile, const Shapes& s, const float* q, const int64_t* order, int64_t stride,
                   Scratch<T>& w) {
   const int64_t group = s.heads / s.kv, d = s.d;
-  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const float scale = query_scale(d);
   w.q.assign(s.kv * stride * d, 0.f);
   for (int64_t t = 0; t < tile.end - tile.begin; ++t)
     for (int64_t head = 0; head < s.heads; ++head) {
@@ -202,7 +204,7 @@ void attend_decode(const Tile& tile, const Shapes& s, const Config& c, const flo
                    Scratch<T>& w) {
   const int64_t group = s.heads / s.kv, d = s.d, stride = (s.heads + 15) / 16 * 16, kt = c.key_tile;
   const int64_t row_stride = s.kv * d;
-  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const float scale = query_scale(d);
   w.q.resize(s.heads * d);
   for (int64_t i = 0; i < s.heads * d; ++i) w.q[i] = q[token * s.q_stride + i] * scale;
   reset_scratch(w, stride, d, kt, stride);
