@@ -4,7 +4,9 @@
     python benchmarks/kernels.py [--json OUT] [--repeat N] [--only rope,paged_attention,...]
 
 Kernel and reference calls are interleaved and the minimum over `repeat` rounds is kept: on a shared 2-core
-machine the minimum is the figure least disturbed by other processes. Targets (issue 4) are checked in the same
+machine the minimum is the figure least disturbed by other processes. Paged attention over 16-bit KV caches
+(bfloat16, float16) is also timed against its float32 twin (the same batch and values) and against the reference
+composite over the same 16-bit caches. Targets (issue 4) are checked in the same
 run: rotary >= 10x, paged attention >= 3x at 32 decodes x 512 context, expert-routed projection over a mixed
 batch <= 1.1x a single dense GEMM over the same tokens (the same GEMM without routing; MindSpore's MatMul is
 printed beside it).
@@ -22,6 +24,7 @@ from typing import Callable
 # Run as a script, this file's folder comes first on sys.path and its name would shadow the `kernels` package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cogvlm2.runtime import configure_mindspore  # noqa: E402
@@ -49,6 +52,7 @@ class Model:
 BENCH = Model("bench", 1024, 16, 4, 64, 2816)
 COGVLM2_19B = Model("19b", 4096, 32, 8, 128, 14336)
 BLOCK_SIZE = 16
+HALF_CACHE_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 
 
 @dataclass
@@ -105,12 +109,20 @@ def bench_rope(cpu: KernelSet, ref: KernelSet, m: Model, case: str, n: int, repe
     return Result("rope", m.name, case, kernel_ms, ref_ms, target=">= 10x")
 
 
-def _paged_inputs(m: Model, lens: list[int], new: list[int], rng: np.random.Generator, shuffle: bool):
+def _caches(values: list[np.ndarray], dtype=np.float32) -> list[Parameter]:
+    return [Parameter(Tensor.from_numpy(np.ascontiguousarray(v.astype(dtype))), name=f"cache{i}",
+                      requires_grad=False) for i, v in enumerate(values)]
+
+
+def _paged_inputs(m: Model, lens: list[int], new: list[int], rng: np.random.Generator, shuffle: bool,
+                  dtypes: tuple = (np.float32,)):
+    """Inputs of one batch, with one pair of caches per dtype in `dtypes` holding the same values (rounded)."""
     batch = make_paged_batch(lens, new, BLOCK_SIZE, rng, shuffle=shuffle)
     n = len(batch.seq_index)
     shape = (batch.num_slots, m.kv_heads, m.head_dim)
-    caches = [Parameter(Tensor(rng.standard_normal(shape).astype(np.float32)), name=f"cache{i}",
-                        requires_grad=False) for i in range(2)]
+    values = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+    caches = [_caches(values, dtype) for dtype in dtypes]
+    caches = caches[0] if len(dtypes) == 1 else caches
     i32 = lambda a: Tensor.from_numpy(np.ascontiguousarray(a, np.int32))  # noqa: E731
     meta = (i32(batch.slot_mapping), i32(batch.seq_index), i32(batch.token_position),
             i32(pad_block_tables(batch.block_tables)), i32(batch.context_lens), BLOCK_SIZE)
@@ -125,6 +137,22 @@ def bench_paged_attention(cpu: KernelSet, ref: KernelSet, m: Model, case: str, l
     kernel_ms, ref_ms = time_pair(lambda: cpu.paged_attention(q, k, v, kc, vc, *meta),
                                   lambda: ref.paged_attention(q, k, v, kc, vc, *meta), repeat)
     return Result("paged_attention", m.name, case, kernel_ms, ref_ms, target=target)
+
+
+def bench_paged_cache_dtypes(cpu: KernelSet, ref: KernelSet, m: Model, case: str, lens: list[int], new: list[int],
+                             repeat: int, rng: np.random.Generator) -> list[Result]:
+    """Each 16-bit cache against its float32 twin (the kernel both times), then against the reference composite."""
+    dtypes = (np.float32, *HALF_CACHE_DTYPES.values())
+    (q, k, v), caches, meta = _paged_inputs(m, lens, new, rng, shuffle=True, dtypes=dtypes)
+    twin = lambda: cpu.paged_attention(q, k, v, *caches[0], *meta)  # noqa: E731
+    results = []
+    for name, pair in zip(HALF_CACHE_DTYPES, caches[1:]):
+        half = lambda pair=pair: cpu.paged_attention(q, k, v, *pair, *meta)  # noqa: E731
+        half_ms, twin_ms = time_pair(half, twin, repeat)
+        kernel_ms, ref_ms = time_pair(half, lambda pair=pair: ref.paged_attention(q, k, v, *pair, *meta), repeat)
+        results += [Result(f"paged_attn {name}", m.name, case, half_ms, twin_ms, reference="float32 cache kernel"),
+                    Result(f"paged_attn {name}", m.name, case, kernel_ms, ref_ms)]
+    return results
 
 
 def bench_fused_rope_attention(cpu: KernelSet, ref: KernelSet, m: Model, case: str, lens: list[int],
@@ -152,14 +180,23 @@ def bench_fused_rope_attention(cpu: KernelSet, ref: KernelSet, m: Model, case: s
 
 
 def bench_write_kv(cpu: KernelSet, ref: KernelSet, m: Model, case: str, n: int, repeat: int,
-                   rng: np.random.Generator) -> Result:
+                   rng: np.random.Generator) -> list[Result]:
+    """Into a float32 cache against the composite; into each 16-bit cache against its float32 twin and the
+    composite."""
     slots = 4096
-    cache = Parameter(_normal(rng, slots, m.kv_heads, m.head_dim), name="cache", requires_grad=False)
+    cache_values = rng.standard_normal((slots, m.kv_heads, m.head_dim)).astype(np.float32)
     values = _normal(rng, n, m.kv_heads, m.head_dim)
     slot_mapping = Tensor(rng.permutation(slots)[:n].astype(np.int32))
-    kernel_ms, ref_ms = time_pair(lambda: cpu.write_kv(cache, slot_mapping, values),
-                                  lambda: ref.write_kv(cache, slot_mapping, values) or cache, repeat)
-    return Result("write_kv", m.name, case, kernel_ms, ref_ms)
+    twin = _caches([cache_values])[0]
+    kernel = lambda cache: lambda: cpu.write_kv(cache, slot_mapping, values)  # noqa: E731
+    reference = lambda cache: lambda: ref.write_kv(cache, slot_mapping, values) or cache  # noqa: E731
+    results = [Result("write_kv", m.name, case, *time_pair(kernel(twin), reference(twin), repeat))]
+    for name, dtype in HALF_CACHE_DTYPES.items():
+        cache = _caches([cache_values], dtype)[0]
+        results += [Result(f"write_kv {name}", m.name, case, *time_pair(kernel(cache), kernel(twin), repeat),
+                           reference="float32 cache kernel"),
+                    Result(f"write_kv {name}", m.name, case, *time_pair(kernel(cache), reference(cache), repeat))]
+    return results
 
 
 def bench_expert_linear(cpu: KernelSet, ref: KernelSet, m: Model, case: str, n: int, num_language: int,
@@ -193,8 +230,8 @@ def run(repeat: int, only: set[str] | None) -> list[Result]:
             results.append(bench_rope(cpu, ref, m, f"decode {decode} tokens", decode, repeat, rng))
             results.append(bench_rope(cpu, ref, m, f"prefill {prefill} tokens", prefill, repeat, rng))
         if want("write_kv"):
-            results.append(bench_write_kv(cpu, ref, m, f"decode {decode} tokens", decode, repeat, rng))
-            results.append(bench_write_kv(cpu, ref, m, f"prefill {prefill} tokens", prefill, repeat, rng))
+            results += bench_write_kv(cpu, ref, m, f"decode {decode} tokens", decode, repeat, rng)
+            results += bench_write_kv(cpu, ref, m, f"prefill {prefill} tokens", prefill, repeat, rng)
         if want("paged_attention"):
             results.append(bench_paged_attention(cpu, ref, m, f"decode {decode} x 512 context", [512] * decode,
                                                  [1] * decode, repeat, rng,
@@ -208,6 +245,10 @@ def run(repeat: int, only: set[str] | None) -> list[Result]:
             for lens, new, case in (([128] * 8, [1] * 8, "decode 8 x 128 context"),
                                     ([512] * decode, [1] * decode, f"decode {decode} x 512 context")):
                 results += bench_fused_rope_attention(cpu, ref, m, case, lens, new, repeat, rng)
+            context = 512 if m is BENCH else 2048  # long enough for the KV bytes read to dominate
+            for lens, new, case in (([context] * decode, [1] * decode, f"decode {decode} x {context} context"),
+                                    (mixed_lens, mixed_new, f"mixed {decode // 2} decodes + chunk {prefill}")):
+                results += bench_paged_cache_dtypes(cpu, ref, m, case, lens, new, repeat, rng)
         if want("expert_linear"):
             qkv = (m.heads + 2 * m.kv_heads) * m.head_dim
             results += bench_expert_linear(cpu, ref, m, "qkv decode", decode, decode, qkv, m.hidden, True,

@@ -1,5 +1,6 @@
 """pytest-benchmark versions of benchmarks/kernels.py: each CPU kernel and its reference at the bench preset's
-decode and prefill shapes (launches are blocking, so each timed call includes the op's whole run).
+decode and prefill shapes, write_kv and paged attention over float32, bfloat16 and float16 caches (launches are
+blocking, so each timed call includes the op's whole run).
 
     .venv/bin/pytest benchmarks/test_kernel_bench.py --benchmark-group-by=param:case
 """
@@ -13,6 +14,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 if "kernels" in sys.modules and not hasattr(sys.modules["kernels"], "__path__"):
     del sys.modules["kernels"]
 
+import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -28,6 +30,7 @@ from kernels.registry import get_kernels, pad_block_tables  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, QKV = 16, 4, 64, 1024, (16 + 2 * 4) * 64
 BACKENDS = ["cpu", "reference"]
 CASES = {"decode": ([512] * 32, [1] * 32), "prefill": ([320], [256])}
+CACHE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def _normal(rng, *shape):
@@ -48,13 +51,15 @@ def case(request):
     lens, new = CASES[request.param]
     batch = make_paged_batch(lens, new, 16, rng, shuffle=True)
     n = len(batch.seq_index)
+    cache_values = [rng.standard_normal((batch.num_slots, KV_HEADS, HEAD_DIM)).astype(np.float32) for _ in range(2)]
     i32 = lambda a: Tensor.from_numpy(np.ascontiguousarray(a, np.int32))  # noqa: E731
     return {
         "name": request.param, "n": n,
         "q": _normal(rng, n, HEADS, HEAD_DIM), "k": _normal(rng, n, KV_HEADS, HEAD_DIM),
         "v": _normal(rng, n, KV_HEADS, HEAD_DIM),
-        "caches": [Parameter(_normal(rng, batch.num_slots, KV_HEADS, HEAD_DIM), name=f"bench_cache{i}",
-                             requires_grad=False) for i in range(2)],
+        # per cache dtype, a key and a value cache holding the same values (rounded)
+        "caches": {name: [Parameter(Tensor.from_numpy(c.astype(dtype)), name=f"bench_{name}{i}", requires_grad=False)
+                          for i, c in enumerate(cache_values)] for name, dtype in CACHE_DTYPES.items()},
         "meta": (i32(batch.slot_mapping), i32(batch.seq_index), i32(batch.token_position),
                  i32(pad_block_tables(batch.block_tables)), i32(batch.context_lens), 16),
         "positions": i32(batch.token_position),
@@ -70,17 +75,20 @@ def test_rope(benchmark, kernels, case, backend):
     benchmark(lambda: k.rope(case["q"], case["k"], case["positions"], case["cos"], case["sin"]))
 
 
+@pytest.mark.parametrize("cache_dtype", list(CACHE_DTYPES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_write_kv(benchmark, kernels, case, backend):
+def test_write_kv(benchmark, kernels, case, backend, cache_dtype):
     k = kernels[backend]
-    cache = case["caches"][0]
+    cache = case["caches"][cache_dtype][0]
     benchmark(lambda: k.write_kv(cache, case["meta"][0], case["k"]))
 
 
+@pytest.mark.parametrize("cache_dtype", list(CACHE_DTYPES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_paged_attention(benchmark, kernels, case, backend):
+def test_paged_attention(benchmark, kernels, case, backend, cache_dtype):
     k = kernels[backend]
-    benchmark(lambda: k.paged_attention(case["q"], case["k"], case["v"], *case["caches"], *case["meta"]))
+    caches = case["caches"][cache_dtype]
+    benchmark(lambda: k.paged_attention(case["q"], case["k"], case["v"], *caches, *case["meta"]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

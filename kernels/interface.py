@@ -16,15 +16,18 @@ class KernelSet(Protocol):
         ...
 
     def write_kv(self, cache: Tensor, slot_mapping, values: Tensor) -> Tensor | None:
-        """values [N, KV, d] into cache [num_slots, KV, d] at slot_mapping [N], in place."""
+        """values [N, KV, d] (fp32) into cache [num_slots, KV, d] at slot_mapping [N], in place. A cache holds
+        float32, bfloat16 or float16 (kernels.reference.CACHE_DTYPES), its tensor's dtype: 16-bit caches are
+        rounded to nearest even on write and read back widened to fp32."""
         ...
 
     def paged_attention(self, q: Tensor, k_new: Tensor | None, v_new: Tensor | None, key_cache: Tensor,
                         value_cache: Tensor, slot_mapping, seq_index, token_position, block_tables, context_lens,
                         block_size: int, rope: tuple | None = None) -> Tensor:
-        """Writes k_new/v_new at slot_mapping, then attends -> [N, H * d]. rope=(positions, cos_table, sin_table)
-        rotates q and k_new first (by position id, which differs from token_position after an image): the fused
-        form. k_new = v_new = None: q is the layer's QKV projection [N, H + 2 KV, d] (q heads, k heads, v heads)."""
+        """Writes k_new/v_new at slot_mapping (as write_kv does; both caches of one dtype), then attends -> [N, H * d]
+        fp32. rope=(positions, cos_table, sin_table) rotates q and k_new first (by position id, which differs from
+        token_position after an image): the fused form. k_new = v_new = None: q is the layer's QKV projection
+        [N, H + 2 KV, d] (q heads, k heads, v heads)."""
         ...
 
     def expert_linear(self, x: Tensor, num_language: int, wl: Tensor, wv: Tensor, bv: Tensor | None) -> Tensor:

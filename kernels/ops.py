@@ -111,13 +111,17 @@ class CpuOps:
         return ops.depend(q, done), ops.depend(k, done)
 
     def write_kv(self, cache: Tensor, slot_mapping: Tensor, values: Tensor) -> Tensor:
+        """values [N, KV, d] fp32 into cache [slots, KV, d] (float32, bfloat16 or float16: rounded to nearest even)
+        at slot_mapping, in place."""
         return self._write_kv(cache, slot_mapping, values)
 
     def paged_attention(self, q: Tensor, k_new: Tensor, v_new: Tensor, key_cache: Tensor, value_cache: Tensor,
                         slot_mapping: Tensor, seq_index: Tensor, token_position: Tensor, block_tables: Tensor,
                         context_lens: Tensor, rope_positions: Tensor, cos_table: Tensor, sin_table: Tensor,
                         config: Tensor) -> Tensor:
-        """config [block_size, threads, query_tile, key_tile, parallel_min_work, apply_rope] -> [N, H * d].
+        """config [block_size, threads, query_tile, key_tile, parallel_min_work, apply_rope] -> [N, H * d] fp32.
+        The caches are both float32, both bfloat16 or both float16: k_new/v_new (fp32) are rounded to nearest even
+        into them and read back widened to fp32; q and the output are fp32.
         With apply_rope, q and k_new are rotated by rope_positions inside the kernel (the inputs are left as
         they are; the cache gets the rotated K); without, the three rope inputs are ignored (any [1] tensors).
         Fused: q may be the QKV projection [N, H + 2 KV, d] with k_new and v_new any [1] tensors."""

@@ -3,6 +3,12 @@
 - write_kv_cache: K/V of this step's tokens into the paged cache by slot_mapping, in place.
 - paged_attention: attention of a flat varlen batch (decodes + prefill chunks) over the paged cache, GQA, causal.
 The rotary and expert-routed projection composites are the leaf math of kernels/composites.py.
+
+A KV cache holds float32, bfloat16 or float16 (CACHE_DTYPES; the cache tensor's dtype says which): fp32 values are
+rounded to nearest even on write (MindSpore's Cast) and widened to fp32 on read, so the attention math is fp32.
+MindSpore 2.10's CPU Gather and ScatterUpdate have no bfloat16 kernel: a bfloat16 cache is read by gathering its
+uint16 view, and written through that view by slice assignment (the one in-place write that reaches the cache's
+memory through a view), one slice per run of consecutive slots.
 """
 from __future__ import annotations
 
@@ -10,15 +16,56 @@ from dataclasses import dataclass
 
 import numpy as np
 from mindspore import Parameter, Tensor, ops
+from mindspore import dtype as mstype
 
 from kernels.composites import softmax_attention
 
 _NEG_INF = np.float32(-np.inf)
 
+CACHE_DTYPES = (mstype.float32, mstype.bfloat16, mstype.float16)
+
+
+def cache_dtype(key_cache: Tensor, value_cache: Tensor | None = None):
+    """The dtype of a call's caches: one of CACHE_DTYPES, the same for both (ValueError otherwise)."""
+    dtype = key_cache.dtype
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"KV cache dtype {dtype} is not one of {CACHE_DTYPES}")
+    if value_cache is not None and value_cache.dtype != dtype:
+        raise ValueError(f"the key cache is {dtype} but the value cache is {value_cache.dtype}: they must match")
+    return dtype
+
 
 def write_kv_cache(cache: Parameter, slot_mapping: Tensor, values: Tensor) -> None:
-    """cache [num_slots, kv_heads, head_dim]; slot_mapping [N] int32; values [N, kv_heads, head_dim]."""
-    ops.scatter_update(cache, slot_mapping, values)
+    """cache [num_slots, kv_heads, head_dim] (a CACHE_DTYPES dtype); slot_mapping [N] int32; values [N, kv_heads,
+    head_dim], rounded to the cache's dtype."""
+    dtype = cache_dtype(cache)
+    if values.dtype != dtype:
+        values = values.astype(dtype)
+    if dtype == mstype.bfloat16:
+        _write_bf16_rows(cache, slot_mapping, values)
+    else:
+        ops.scatter_update(cache, slot_mapping, values)
+
+
+def _write_bf16_rows(cache: Parameter, slot_mapping: Tensor, values: Tensor) -> None:
+    slots = slot_mapping.asnumpy() if isinstance(slot_mapping, Tensor) else np.asarray(slot_mapping)
+    order = np.argsort(slots, kind="stable")  # a repeated slot: the last token in forward order wins
+    sorted_slots = slots[order]
+    rows = ops.gather(values.view(mstype.uint16), _int_tensor(order), 0)
+    breaks = (np.flatnonzero(np.diff(sorted_slots) != 1) + 1).tolist()
+    target = cache.view(mstype.uint16)
+    for begin, end in zip([0] + breaks, breaks + [len(slots)]):
+        first = int(sorted_slots[begin])
+        target[first:first + end - begin] = rows[begin:end]
+
+
+def _gather_rows(cache: Tensor, slots: Tensor) -> Tensor:
+    """The cache's rows at slots, widened to fp32."""
+    if cache.dtype == mstype.float32:
+        return ops.gather(cache, slots, 0)
+    if cache.dtype == mstype.bfloat16:
+        return ops.gather(cache.view(mstype.uint16), slots, 0).view(mstype.bfloat16).astype(mstype.float32)
+    return ops.gather(cache, slots, 0).astype(mstype.float32)
 
 
 @dataclass
@@ -86,7 +133,7 @@ def build_paged_metadata(seq_index: np.ndarray, token_position: np.ndarray, seq_
 
 
 def paged_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, meta: PagedAttentionMetadata) -> Tensor:
-    """q [N, H, d] in forward order; caches [num_slots, KV, d] already holding this step's K/V -> [N, H * d]."""
+    """q [N, H, d] in forward order; caches [num_slots, KV, d] already holding this step's K/V -> [N, H * d] fp32."""
     n, num_heads, head_dim = q.shape
     num_kv = key_cache.shape[1]
     group = num_heads // num_kv
@@ -100,8 +147,8 @@ def paged_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, meta: Pag
         outputs.append(softmax_attention(qd, k, v, d.mask, scale).reshape(d.batch, num_heads * head_dim))
     for p in meta.prefills:
         qp = ops.gather(q, p.rows, 0).transpose(1, 0, 2).reshape(num_kv, group * p.num_queries, head_dim)
-        k = ops.gather(key_cache, p.context_slots, 0).transpose(1, 0, 2)
-        v = ops.gather(value_cache, p.context_slots, 0).transpose(1, 0, 2)
+        k = _gather_rows(key_cache, p.context_slots).transpose(1, 0, 2)
+        v = _gather_rows(value_cache, p.context_slots).transpose(1, 0, 2)
         out = softmax_attention(qp, k, v, p.mask, scale)
         outputs.append(out.reshape(num_heads, p.num_queries, head_dim).transpose(1, 0, 2)
                        .reshape(p.num_queries, num_heads * head_dim))
@@ -111,7 +158,7 @@ def paged_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, meta: Pag
 
 def _gather_batched(cache: Tensor, slots: Tensor, batch: int, max_len: int) -> Tensor:
     num_kv, head_dim = cache.shape[1], cache.shape[2]
-    gathered = ops.gather(cache, slots, 0).reshape(batch, max_len, num_kv, head_dim)
+    gathered = _gather_rows(cache, slots).reshape(batch, max_len, num_kv, head_dim)
     return gathered.transpose(0, 2, 1, 3).reshape(batch * num_kv, max_len, head_dim)
 
 

@@ -79,6 +79,7 @@ class ReferenceKernels(BaseKernels):
 
     def paged_attention(self, q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index, token_position,
                         block_tables, context_lens, block_size, rope=None):
+        reference.cache_dtype(key_cache, value_cache)
         if k_new is None:
             q, k_new, v_new = composites.split_qkv(q, key_cache.shape[1])
         if rope is not None:
@@ -167,10 +168,12 @@ class CpuKernels(BaseKernels):
         return self.ops.rope(q, k, _i32(positions), cos_table, sin_table, self._config("rope", q.shape[0]))
 
     def write_kv(self, cache, slot_mapping, values):
+        reference.cache_dtype(cache)
         return self.ops.write_kv(cache, _i32(slot_mapping), values)
 
     def paged_attention(self, q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index, token_position,
                         block_tables, context_lens, block_size, rope=None):
+        reference.cache_dtype(key_cache, value_cache)  # the kernel's status would not say which
         if isinstance(block_tables, list):
             block_tables = pad_block_tables(block_tables)
         config = self._config("paged_attention", q.shape[0], int(block_size), int(rope is not None))

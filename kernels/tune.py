@@ -3,6 +3,8 @@ shape classes on this device and writes configs/kernels/<sku>.yaml, the table th
 
 A candidate's score over a class is the mean over the class's shapes of time / best time of that shape, so that
 every shape counts equally whatever its size. Times are minima over repeated runs (the machine is shared).
+Paged attention is timed with each KV cache dtype (PAGED_CACHE_DTYPES), every (shape, dtype) one column of the
+score; the record also names the best candidate per dtype, to show whether the tiles should depend on it.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 OPS = ("rope", "paged_attention", "expert_linear")
+PAGED_CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,10 @@ def run_once(fn: Callable[[], object]) -> float:
 
 
 class Workload:
-    """Inputs of `op` for one shape, built once; `call(kernels)` runs the op (expert_linear: two projections)."""
+    """Inputs of `op` for one shape, built once; `call(kernels)` runs the op (expert_linear: two projections).
+    cache_dtype: paged attention's KV cache dtype."""
 
-    def __init__(self, op: str, shape: Shape, rng: np.random.Generator):
+    def __init__(self, op: str, shape: Shape, rng: np.random.Generator, cache_dtype: str = "float32"):
         from mindspore import Parameter, Tensor
 
         from kernels.reference import make_paged_batch
@@ -106,14 +110,34 @@ class Workload:
         if op == "rope":
             self.calls = [(q, k, positions, cos, sin)]
             return
-        caches = [Parameter(normal(batch.num_slots, s.kv_heads, s.head_dim), name=f"tune_cache{i}",
-                            requires_grad=False) for i in range(2)]
+        import ml_dtypes
+        dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[cache_dtype]
+        caches = [Parameter(Tensor.from_numpy(rng.standard_normal((batch.num_slots, s.kv_heads, s.head_dim))
+                                              .astype(np.float32).astype(dtype)),
+                            name=f"tune_cache{i}", requires_grad=False) for i in range(2)]
         self.calls = [(q, k, v, *caches, i32(batch.slot_mapping), i32(batch.seq_index), positions,
                        i32(pad_block_tables(batch.block_tables)), i32(batch.context_lens), 16)]
 
     def call(self, kernels):
         calls = self.prepacked_calls if self.op == "expert_linear" and kernels.prepacks_weights else self.calls
         return [getattr(kernels, self.op)(*args) for args in calls][-1]
+
+
+def _workloads(op: str, shapes: list[Shape], rng: np.random.Generator) -> dict[str, Workload]:
+    """The columns of a sweep by name: one per shape; for paged attention, one per shape and cache dtype."""
+    if op != "paged_attention":
+        return {s.name: Workload(op, s, rng) for s in shapes}
+    return {f"{s.name} [{dtype}]": Workload(op, s, rng, dtype) for s in shapes for dtype in PAGED_CACHE_DTYPES}
+
+
+def _best_by_cache_dtype(candidates: list[dict], names: list[str], times: np.ndarray) -> dict[str, dict]:
+    """For paged attention: the candidate a sweep over one cache dtype's columns alone would choose."""
+    best = {}
+    for dtype in PAGED_CACHE_DTYPES:
+        columns = [i for i, name in enumerate(names) if name.endswith(f"[{dtype}]")]
+        sub = times[:, columns]
+        best[dtype] = dict(candidates[int((sub / sub.min(axis=0)).mean(axis=1).argmin())])
+    return best
 
 
 def _params_with(sku: str, op: str, candidate: dict[str, int]):
@@ -137,12 +161,13 @@ def tune(ops: list[str], repeat: int, log: Callable[[str], None] = print) -> tup
     record: dict[str, dict] = {}
     for cls, shapes in SHAPES.items():
         for op in ops:
-            workloads = [Workload(op, shape, rng) for shape in shapes]
+            named = _workloads(op, shapes, rng)
+            names, workloads = list(named), list(named.values())
             candidates = CANDIDATES[op][cls]
             kernel_sets = [CpuKernels(_params_with(sku, op, candidate)) for candidate in candidates]
             # Round-robin over candidates, minimum per (candidate, shape): a burst of load from other processes
             # then hits every candidate alike instead of one of them.
-            times = np.full((len(candidates), len(shapes)), np.inf)
+            times = np.full((len(candidates), len(workloads)), np.inf)
             for _ in range(repeat + 1):  # the first round warms up
                 for c, kernels in enumerate(kernel_sets):
                     for i, workload in enumerate(workloads):
@@ -153,12 +178,15 @@ def tune(ops: list[str], repeat: int, log: Callable[[str], None] = print) -> tup
                 if DEFAULT_PARAMS[op][cls] in CANDIDATES[op][cls] else None
             chosen[op][cls] = dict(CANDIDATES[op][cls][best])
             record.setdefault(op, {})[cls] = {
-                "best_ms": {s.name: round(float(times[best, i]), 4) for i, s in enumerate(shapes)},
+                "best_ms": {name: round(float(times[best, i]), 4) for i, name in enumerate(names)},
                 "default_ms": None if default is None else
-                {s.name: round(float(times[default, i]), 4) for i, s in enumerate(shapes)},
+                {name: round(float(times[default, i]), 4) for i, name in enumerate(names)},
                 "candidates": len(CANDIDATES[op][cls]),
             }
             log(f"{op:16} {cls:8} best {chosen[op][cls]}  ms {record[op][cls]['best_ms']}")
+            if op == "paged_attention":
+                record[op][cls]["best_by_cache_dtype"] = _best_by_cache_dtype(candidates, names, times)
+                log(f"{'':16} {cls:8} best per cache dtype {record[op][cls]['best_by_cache_dtype']}")
     return chosen, record
 
 

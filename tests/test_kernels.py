@@ -1,9 +1,13 @@
 """Parity of the CPU kernels with the reference composites, in-place semantics, use inside jit, and the registry."""
 from __future__ import annotations
 
+import ctypes
 import inspect
+import shutil
+import subprocess
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -45,9 +49,24 @@ def normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- paged attention (with the cache write)
 
-def run_paged(kernels, q, k, v, key0, value0, batch, as_tensors: bool = False):
-    key_cache = Parameter(Tensor(key0.copy()), name="key_cache", requires_grad=False)
-    value_cache = Parameter(Tensor(value0.copy()), name="value_cache", requires_grad=False)
+CACHE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def cache_parameter(values: np.ndarray, dtype: str = "float32", name: str = "cache") -> Parameter:
+    """A KV cache of `dtype` holding values (rounded to it by numpy / ml_dtypes: to nearest even)."""
+    array = np.ascontiguousarray(values.astype(CACHE_DTYPES[dtype]))
+    return Parameter(Tensor.from_numpy(array), name=name, requires_grad=False)
+
+
+def cache_bits(cache) -> np.ndarray:
+    """A cache's contents as unsigned integers of its width, for bitwise comparisons."""
+    array = cache.asnumpy() if isinstance(cache, Tensor) else cache
+    return array.view({2: np.uint16, 4: np.uint32}[array.dtype.itemsize])
+
+
+def run_paged(kernels, q, k, v, key0, value0, batch, as_tensors: bool = False, dtype: str = "float32"):
+    key_cache = cache_parameter(key0, dtype, "key_cache")
+    value_cache = cache_parameter(value0, dtype, "value_cache")
     tables = pad_block_tables(batch.block_tables) if as_tensors else batch.block_tables
     out = kernels.paged_attention(Tensor(q), Tensor(k), Tensor(v), key_cache, value_cache, batch.slot_mapping,
                                   batch.seq_index, batch.token_position, tables, batch.context_lens,
@@ -56,18 +75,18 @@ def run_paged(kernels, q, k, v, key0, value0, batch, as_tensors: bool = False):
 
 
 def check_paged(heads_per_kv: int, kv_heads: int, head_dim: int, block_size: int, context_lens: list[int],
-                new_tokens: list[int], shuffle: bool, seed: int = 0) -> None:
+                new_tokens: list[int], shuffle: bool, seed: int = 0, dtype: str = "float32") -> None:
     rng = np.random.default_rng(seed)
     batch = make_paged_batch(context_lens, new_tokens, block_size, rng, shuffle=shuffle)
     n, heads = len(batch.seq_index), heads_per_kv * kv_heads
     q, k, v = normal(rng, n, heads, head_dim), normal(rng, n, kv_heads, head_dim), normal(rng, n, kv_heads, head_dim)
     key0 = normal(rng, batch.num_slots, kv_heads, head_dim)
     value0 = normal(rng, batch.num_slots, kv_heads, head_dim)
-    out, keys, values = run_paged(CPU, q, k, v, key0, value0, batch, as_tensors=True)
-    ref_out, ref_keys, ref_values = run_paged(REF, q, k, v, key0, value0, batch)
+    out, keys, values = run_paged(CPU, q, k, v, key0, value0, batch, as_tensors=True, dtype=dtype)
+    ref_out, ref_keys, ref_values = run_paged(REF, q, k, v, key0, value0, batch, dtype=dtype)
     assert out.shape == (n, heads * head_dim)
-    np.testing.assert_array_equal(keys, ref_keys)
-    np.testing.assert_array_equal(values, ref_values)
+    np.testing.assert_array_equal(cache_bits(keys), cache_bits(ref_keys))
+    np.testing.assert_array_equal(cache_bits(values), cache_bits(ref_values))
     assert_close(out, ref_out)
 
 
@@ -95,13 +114,15 @@ def test_paged_attention_batch_shapes(context_lens, new_tokens, shuffle):
 
 
 @needs_cpu
-def test_paged_attention_long_context():
-    check_paged(4, 2, 128, 16, [2048, 700], [1, 45], shuffle=True)
+@pytest.mark.parametrize("dtype", list(CACHE_DTYPES))
+def test_paged_attention_long_context(dtype):
+    check_paged(4, 2, 128, 16, [2048, 700], [1, 45], shuffle=True, dtype=dtype)
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype", list(CACHE_DTYPES))
 @pytest.mark.parametrize("query_tile,key_tile", [(1, 16), (3, 40), (16, 128), (64, 32)])
-def test_paged_attention_tiles(query_tile, key_tile):
+def test_paged_attention_tiles(query_tile, key_tile, dtype):
     params = load_params(path="/nonexistent")
     for cls in ("decode", "prefill"):
         params.ops["paged_attention"][cls].update(query_tile=query_tile, key_tile=key_tile, threads=2,
@@ -109,7 +130,7 @@ def test_paged_attention_tiles(query_tile, key_tile):
     global CPU
     saved, CPU = CPU, CpuKernels(params)
     try:
-        check_paged(3, 2, 64, 4, [70, 9, 100], [70, 1, 37], shuffle=True)
+        check_paged(3, 2, 64, 4, [70, 9, 100], [70, 1, 37], shuffle=True, dtype=dtype)
     finally:
         CPU = saved
 
@@ -185,6 +206,249 @@ def test_paged_attention_rejects_bad_metadata():
     with pytest.raises(RuntimeError):
         run_paged(CPU, normal(rng, 8, 2, 8), normal(rng, 8, 1, 8), normal(rng, 8, 1, 8),
                   normal(rng, batch.num_slots, 1, 8), normal(rng, batch.num_slots, 1, 8), batch, as_tensors=True)
+
+
+# ---------------------------------------------------------------- 16-bit KV caches
+
+# (context_lens, new_tokens, shuffle): the chunk from position 203 starts mid-block for block sizes 4, 16 and 128
+CACHE_BATCHES = {
+    "decode": ([5, 130, 257, 2], [1, 1, 1, 1], False),
+    "chunk-mid-block": ([260], [57], False),
+    "mixed": ([40, 260, 9], [1, 57, 1], False),
+    "mixed-shuffled": ([40, 260, 9, 131], [1, 57, 1, 6], True),
+}
+
+
+def paged_call(kernels, qkv: np.ndarray, kv: int, caches, batch, rope, fused: bool) -> np.ndarray:
+    """paged_attention of the fused projection qkv [N, H + 2 KV, d] as one tensor (fused) or as q, k and v."""
+    heads = qkv.shape[1] - 2 * kv
+    meta = (batch.slot_mapping, batch.seq_index, batch.token_position, pad_block_tables(batch.block_tables),
+            batch.context_lens, batch.block_size)
+    if fused:
+        return kernels.paged_attention(Tensor(qkv.copy()), None, None, *caches, *meta, rope=rope).asnumpy()
+    q, k, v = (Tensor(np.ascontiguousarray(part)) for part in
+               (qkv[:, :heads], qkv[:, heads:heads + kv], qkv[:, heads + kv:]))
+    return kernels.paged_attention(q, k, v, *caches, *meta, rope=rope).asnumpy()
+
+
+def check_cache_dtype(dtype: str, batch, heads: int, kv: int, d: int, fused: bool, rope: bool, seed: int) -> None:
+    """Kernel vs reference: the same cache bits (this step's rows rounded to nearest even), outputs within fp32
+    rounding; without rotary, the written rows are also numpy's / ml_dtypes' rounding of k and v."""
+    rng = np.random.default_rng(seed)
+    n = len(batch.seq_index)
+    qkv = normal(rng, n, heads + 2 * kv, d)
+    key0, value0 = normal(rng, batch.num_slots, kv, d), normal(rng, batch.num_slots, kv, d)
+    rope_args = None
+    if rope:
+        cos, sin = rope_table(default_inv_freq(d, 10000.0), 512)
+        rope_args = (Tensor(rng.integers(0, 512, n).astype(np.int32)), Tensor(cos), Tensor(sin))
+    results = []
+    for kernels in (CPU, REF):
+        caches = [cache_parameter(c, dtype, f"c{i}") for i, c in enumerate((key0, value0))]
+        out = paged_call(kernels, qkv, kv, caches, batch, rope_args, fused)
+        keys, values = caches[0].asnumpy(), caches[1].asnumpy()
+        assert keys.dtype.name == values.dtype.name == dtype  # written in place, in the cache's dtype
+        results.append((out, cache_bits(keys), cache_bits(values)))
+    (out, keys, values), (ref_out, ref_keys, ref_values) = results
+    np.testing.assert_array_equal(keys, ref_keys)
+    np.testing.assert_array_equal(values, ref_values)
+    assert_close(out, ref_out)
+    rounded = cache_bits(qkv.astype(CACHE_DTYPES[dtype]))
+    np.testing.assert_array_equal(values[batch.slot_mapping], rounded[:, heads + kv:])
+    if not rope:
+        np.testing.assert_array_equal(keys[batch.slot_mapping], rounded[:, heads:heads + kv])
+    untouched = np.setdiff1d(np.arange(batch.num_slots), batch.slot_mapping)
+    np.testing.assert_array_equal(values[untouched], cache_bits(value0.astype(CACHE_DTYPES[dtype]))[untouched])
+
+
+@needs_cpu
+@pytest.mark.parametrize("rope", [False, True], ids=["no-rope", "rope"])
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused-qkv"])
+@pytest.mark.parametrize("kind", list(CACHE_BATCHES))
+@pytest.mark.parametrize("block_size", [4, 16, 128])
+@pytest.mark.parametrize("dtype", list(CACHE_DTYPES))
+def test_paged_attention_cache_dtypes(dtype, block_size, kind, fused, rope):
+    lens, new, shuffle = CACHE_BATCHES[kind]
+    batch = make_paged_batch(lens, new, block_size, np.random.default_rng(block_size), shuffle=shuffle)
+    check_cache_dtype(dtype, batch, 8, 2, 64, fused, rope, seed=block_size + 2 * fused + rope)
+
+
+@needs_cpu
+@pytest.mark.parametrize("heads_per_kv,head_dim", [(1, 128), (3, 112), (4, 40), (12, 64)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_paged_attention_cache_dtypes_head_shapes(dtype, heads_per_kv, head_dim):
+    """The other inner loops: one query row per KV head, a decode's 12 rows (transposed scores), a head_dim off
+    the 16-lane vectors (the plain loops)."""
+    lens, new, _ = CACHE_BATCHES["mixed-shuffled"]
+    batch = make_paged_batch(lens, new, 16, np.random.default_rng(head_dim), shuffle=True)
+    check_cache_dtype(dtype, batch, heads_per_kv * 2, 2, head_dim, fused=True, rope=True, seed=heads_per_kv)
+
+
+def rounding_cases() -> np.ndarray:
+    """fp32 values whose rounding to bfloat16 or float16 is easy to get wrong (ties each way and their neighbours,
+    subnormals, overflow to infinity, infinities, NaNs whose payload could carry into the exponent, signed zeros),
+    then random bit patterns."""
+    bf16 = [0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x00018000, 0x00008000, 0x00000001, 0x807FFFFF,
+            0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF]
+    fp16 = [0x3F801000, 0x3F803000, 0x3F801001, 0x3F800FFF, 0x33000000, 0x33000001, 0x33800000, 0x33C00000,
+            0x387FC000, 0x387FE000, 0x387FF000, 0x38800000, 0x477FE000, 0x477FEFFF, 0x477FF000, 0x477FF001,
+            0x501502F9]
+    special = [0x00000000, 0x7F800000, 0x7FC00000, 0x7F800001, 0x7FFFFFFF, 0x7FA00000]
+    patterns = np.array(bf16 + fp16 + special, np.uint32)
+    patterns = np.concatenate([patterns, patterns | 0x80000000])
+    random = np.random.default_rng(7).integers(0, 2 ** 32, 4000, dtype=np.uint64).astype(np.uint32)
+    return np.concatenate([patterns, random]).view(np.float32)
+
+
+def assert_rounded(cache: np.ndarray, values: np.ndarray) -> None:
+    """cache holds values rounded to nearest even to its dtype by numpy / ml_dtypes (a NaN as some NaN)."""
+    with np.errstate(all="ignore"):
+        expected = values.astype(CACHE_DTYPES[cache.dtype.name])
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(np.isnan(cache.astype(np.float32)), nan)
+    np.testing.assert_array_equal(cache_bits(cache)[~nan], cache_bits(expected)[~nan])
+
+
+def rounding_rows(width: int) -> np.ndarray:
+    cases = rounding_cases()
+    rows = -(-cases.size // width)
+    return np.resize(cases, rows * width).reshape(rows, 1, width)
+
+
+@pytest.mark.parametrize("path", ["write_kv", "paged_attention"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_cache_write_rounds_to_nearest_even(backend, dtype, path):
+    """A written entry is numpy's / ml_dtypes' round-to-nearest-even of the fp32 value: rows of 24 (a 16-lane
+    vector and a scalar tail)."""
+    if backend == "cpu" and CPU is None:
+        pytest.skip("CPU kernel library not built")
+    kernels = CPU if backend == "cpu" else REF
+    values = rounding_rows(24)
+    n = values.shape[0]
+    batch = make_paged_batch([n], [n], 16, np.random.default_rng(2))
+    caches = [cache_parameter(np.zeros((batch.num_slots, 1, 24), np.float32), dtype, f"r{i}") for i in range(2)]
+    if path == "write_kv":
+        kernels.write_kv(caches[0], Tensor(batch.slot_mapping), Tensor(values))
+        kernels.write_kv(caches[1], Tensor(batch.slot_mapping), Tensor(values))
+    else:
+        with np.errstate(all="ignore"):
+            kernels.paged_attention(Tensor(values), Tensor(values), Tensor(values), *caches, batch.slot_mapping,
+                                    batch.seq_index, batch.token_position, pad_block_tables(batch.block_tables),
+                                    batch.context_lens, batch.block_size)
+    for cache in caches:
+        assert_rounded(cache.asnumpy()[batch.slot_mapping], values)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_cache_dtypes_must_match_and_be_known(backend):
+    if backend == "cpu" and CPU is None:
+        pytest.skip("CPU kernel library not built")
+    kernels = CPU if backend == "cpu" else REF
+    rng = np.random.default_rng(0)
+    batch = make_paged_batch([8], [8], 4, rng)
+    q, k, v = normal(rng, 8, 2, 8), normal(rng, 8, 1, 8), normal(rng, 8, 1, 8)
+    cache = normal(rng, batch.num_slots, 1, 8)
+    mixed = (cache_parameter(cache, "bfloat16", "kb"), cache_parameter(cache, "float16", "vh"))
+    args = (batch.slot_mapping, batch.seq_index, batch.token_position, pad_block_tables(batch.block_tables),
+            batch.context_lens, 4)
+    with pytest.raises(ValueError, match="value cache is Float16"):
+        kernels.paged_attention(Tensor(q), Tensor(k), Tensor(v), *mixed, *args)
+    doubles = [Parameter(Tensor(cache.astype(np.float64)), name=f"d{i}", requires_grad=False) for i in range(2)]
+    with pytest.raises(ValueError, match="not one of"):
+        kernels.paged_attention(Tensor(q), Tensor(k), Tensor(v), *doubles, *args)
+    with pytest.raises(ValueError, match="not one of"):
+        kernels.write_kv(doubles[0], Tensor(batch.slot_mapping), Tensor(k))
+
+
+@needs_cpu
+def test_paged_attention_kernel_status_for_mixed_caches():
+    """Past the Python check, the kernel itself refuses caches of two dtypes (kCacheDtypeMismatch)."""
+    rng = np.random.default_rng(0)
+    batch = make_paged_batch([8], [8], 4, rng)
+    cache = normal(rng, batch.num_slots, 1, 8)
+    i32 = lambda a: Tensor(np.asarray(a, np.int32))  # noqa: E731
+    dummy = Tensor(np.zeros(1, np.float32))
+    with pytest.raises(RuntimeError):
+        CPU.ops.paged_attention(Tensor(normal(rng, 8, 2, 8)), Tensor(normal(rng, 8, 1, 8)),
+                                Tensor(normal(rng, 8, 1, 8)), cache_parameter(cache, "bfloat16", "kb"),
+                                cache_parameter(cache, "float16", "vh"), i32(batch.slot_mapping),
+                                i32(batch.seq_index), i32(batch.token_position),
+                                i32(pad_block_tables(batch.block_tables)), i32(batch.context_lens),
+                                i32([0]), dummy, dummy, CPU._config("paged_attention", 8, 4, 0))
+
+
+# The portable build: the attention kernels compiled for baseline x86-64 (no AVX-512, no F16C) and called
+# through the AOT convention directly (ctypes), against the library built for this machine.
+
+AOT_DTYPES = {np.dtype(np.float32): b"float32", np.dtype(np.int32): b"int32",
+              np.dtype(ml_dtypes.bfloat16): b"bfloat16", np.dtype(np.float16): b"float16"}
+KERNEL_SOURCES = Path(__file__).resolve().parents[1] / "kernels" / "cpu"
+
+
+def call_aot(library: ctypes.CDLL, symbol: str, arrays: list[np.ndarray]) -> int:
+    """Calls an AOT entry point as MindSpore does: inputs then outputs, their ranks, shapes and dtype names."""
+    n = len(arrays)
+    shapes = [(ctypes.c_int64 * max(a.ndim, 1))(*a.shape) for a in arrays]
+    return getattr(library, symbol)(
+        n, (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays]), (ctypes.c_int * n)(*[a.ndim for a in arrays]),
+        (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shapes]),
+        (ctypes.c_char_p * n)(*[AOT_DTYPES[a.dtype] for a in arrays]), None, None)
+
+
+@pytest.fixture(scope="module")
+def portable_library(tmp_path_factory) -> ctypes.CDLL:
+    cxx = shutil.which("g++")
+    if cxx is None or CPU is None or ms.get_context("device_target") != "CPU" or not hasattr(np, "float16"):
+        pytest.skip("needs g++ and the CPU kernel library")
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable build is checked on x86-64")
+    out = tmp_path_factory.mktemp("portable") / "portable_attention.so"
+    sources = [str(KERNEL_SOURCES / name) for name in ("rope.cc", "kv_cache.cc", "paged_attention.cc")]
+    build = subprocess.run([cxx, "-O2", "-std=c++17", "-march=x86-64", "-fopenmp-simd", "-pthread", "-shared",
+                            "-fPIC", *sources, "-o", str(out)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    return ctypes.CDLL(str(out))
+
+
+def aot_paged_arrays(rng, dtype: str, heads: int, kv: int, d: int, batch) -> list[np.ndarray]:
+    n = len(batch.seq_index)
+    cos, sin = rope_table(default_inv_freq(d, 10000.0), 512)
+    caches = [normal(rng, batch.num_slots, kv, d).astype(CACHE_DTYPES[dtype]) for _ in range(2)]
+    config = np.array([batch.block_size, 2, 4, 32, 0, 1], np.int32)
+    return [normal(rng, n, heads, d), normal(rng, n, kv, d), normal(rng, n, kv, d), *caches, batch.slot_mapping,
+            batch.seq_index, batch.token_position, pad_block_tables(batch.block_tables), batch.context_lens,
+            rng.integers(0, 512, n).astype(np.int32), cos, sin, config, np.zeros((n, heads * d), np.float32)]
+
+
+@needs_cpu
+@pytest.mark.parametrize("head_dim", [64, 40])
+@pytest.mark.parametrize("dtype", list(CACHE_DTYPES))
+def test_portable_paged_attention_matches_the_native_build(portable_library, dtype, head_dim):
+    from kernels.library import load_library
+    native = ctypes.CDLL(load_library().path)
+    lens, new, _ = CACHE_BATCHES["mixed-shuffled"]
+    batch = make_paged_batch(lens, new, 16, np.random.default_rng(5), shuffle=True)
+    inputs = aot_paged_arrays(np.random.default_rng(head_dim), dtype, 8, 2, head_dim, batch)
+    results = []
+    for library in (native, portable_library):
+        arrays = [a.copy() for a in inputs]
+        assert call_aot(library, "PagedAttention", arrays) == 0
+        results.append(arrays)
+    native_out, portable_out = results
+    np.testing.assert_array_equal(cache_bits(portable_out[3]), cache_bits(native_out[3]))
+    np.testing.assert_array_equal(cache_bits(portable_out[4]), cache_bits(native_out[4]))
+    assert_close(portable_out[14], native_out[14])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_portable_cache_write_rounds_to_nearest_even(portable_library, dtype):
+    values = rounding_rows(24)
+    cache = np.zeros((values.shape[0] + 3, 1, 24), CACHE_DTYPES[dtype])
+    slots = np.arange(values.shape[0], dtype=np.int32)
+    assert call_aot(portable_library, "WriteKVCache", [cache, slots, values, np.zeros(1, np.int32)]) == 0
+    assert_rounded(cache[slots], values)
 
 
 # ---------------------------------------------------------------- KV-cache write
@@ -423,6 +687,31 @@ def test_kernels_inside_jit():
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_paged_attention_inside_jit_with_16bit_caches(dtype):
+    """Inside jit the caches' dtype reaches the kernel too: the same outputs and cache bits as eagerly."""
+    rng = np.random.default_rng(6)
+    batch = make_paged_batch([20, 9], [6, 1], 4, rng, shuffle=True)
+    n, heads, kv, d = len(batch.seq_index), 4, 2, 16
+    qkv = Tensor(normal(rng, n, heads + 2 * kv, d))
+    key0, value0 = normal(rng, batch.num_slots, kv, d), normal(rng, batch.num_slots, kv, d)
+    i32 = lambda a: Tensor(np.asarray(a, np.int32))  # noqa: E731
+    meta = (i32(batch.slot_mapping), i32(batch.seq_index), i32(batch.token_position),
+            i32(pad_block_tables(batch.block_tables)), i32(batch.context_lens))
+
+    def step(qkv, key_cache, value_cache):
+        return CPU.paged_attention(qkv, None, None, key_cache, value_cache, *meta, batch.block_size)
+
+    results = []
+    for run in (step, ms.jit(step)):
+        caches = [cache_parameter(c, dtype, f"j{i}") for i, c in enumerate((key0, value0))]
+        out = run(qkv, *caches)
+        results.append((out.asnumpy(), cache_bits(caches[0]), cache_bits(caches[1])))
+    for eager, jitted in zip(*results):
+        np.testing.assert_array_equal(jitted, eager)
+
+
+@needs_cpu
 def test_write_kv_inside_jit_needs_its_token():
     cache = Parameter(Tensor(np.zeros((8, 1, 4), np.float32)), name="jit_cache", requires_grad=False)
     values = Tensor(np.ones((2, 1, 4), np.float32))
@@ -565,3 +854,4 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     assert set(params.ops) == set(tune.OPS)
     assert params.get("expert_linear", "decode")["gemm"] in range(5)
     assert "measurements" in out.read_text(encoding="utf-8")
+    assert "best_by_cache_dtype" in out.read_text(encoding="utf-8")  # paged attention, timed per cache dtype

@@ -1,9 +1,14 @@
 // Inner loops of paged attention: scores of a tile of query rows against a tile of keys, and the P @ V update.
-// AVX-512 versions keep the accumulators in registers; the portable versions are plain loops.
+// AVX-512 versions keep the accumulators in registers; the portable versions are plain loops. K and V rows are of
+// the cache's element type T (kv_cache.h), widened to fp32 as they are loaded or, where several passes read them,
+// once into a per-thread buffer.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
+#include "kv_cache.h"
 #include "vec_math.h"
 
 #ifdef __AVX512F__
@@ -16,14 +21,44 @@ namespace cogvlm2 {
 // prefetchers follow poorly: the loops over keys ask for the row this many keys ahead.
 constexpr int64_t kPrefetchKeys = 16;
 
-inline void prefetch_row(const float* row, int64_t d) {
-  for (int64_t i = 0; i < d; i += 16) __builtin_prefetch(row + i, 0, 3);
+template <typename T>
+void prefetch_row(const T* row, int64_t d) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t i = 0; i < d * static_cast<int64_t>(sizeof(T)); i += 64) __builtin_prefetch(bytes + i, 0, 3);
+}
+
+// y[0, n) += alpha * x (x widened to fp32).
+template <typename T>
+void axpy_widened(float* y, float alpha, const T* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * to_f32(x[i]);
+}
+
+// accumulate_pv for any d, as plain loops.
+template <typename T>
+void accumulate_pv_loops(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
+                         const T* const* v_rows, int64_t width, int64_t lanes) {
+  for (int64_t l = 0; l < lanes; ++l) {
+    float* o = out + l * d;
+    for (int64_t i = 0; i < d; ++i) o[i] *= correction[l];
+    for (int64_t j = 0; j < width; ++j) axpy_widened(o, p[j * stride + l], v_rows[j], d);
+  }
 }
 
 // Scores use the queries transposed once per tile, qt[d][rows16], so each key scores 16 query rows per FMA and
 // the softmax runs across rows in vector registers: scores are laid out [key][rows16].
 
 #ifdef __AVX512F__
+
+// 16 cache elements widened to fp32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const Bf16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load16(const Fp16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 
 // Keys go Keys at a time so that Keys * Chunks independent FMA chains hide the FMA latency.
 template <int Chunks, int Keys>
@@ -50,9 +85,9 @@ void score_rows_fixed(const float* qt, const float* const* key_rows, int64_t wid
 
 // For Lanes query rows at once (they share the V rows): out[l][d] = out[l] * correction[l] + sum_j p[j][l] * v[j],
 // p laid out [key][stride]. Each V chunk is loaded once for all lanes; Lanes * Chunks independent FMA chains.
-template <int Chunks, int Lanes>
+template <int Chunks, int Lanes, typename T>
 void accumulate_pv_fixed(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
-                         const float* const* v_rows, int64_t width) {
+                         const T* const* v_rows, int64_t width) {
   __m512 acc[Lanes][Chunks];
   for (int l = 0; l < Lanes; ++l) {
     const __m512 corr = _mm512_set1_ps(correction[l]);
@@ -60,10 +95,10 @@ void accumulate_pv_fixed(float* out, int64_t d, const float* correction, const f
   }
   for (int64_t j = 0; j < width; ++j) {
     if (j + kPrefetchKeys < width) prefetch_row(v_rows[j + kPrefetchKeys], 16 * Chunks);
-    const float* v = v_rows[j];
+    const T* v = v_rows[j];
     const float* pj = p + j * stride;
     for (int c = 0; c < Chunks; ++c) {
-      const __m512 vc = _mm512_loadu_ps(v + 16 * c);
+      const __m512 vc = load16(v + 16 * c);
       for (int l = 0; l < Lanes; ++l) acc[l][c] = _mm512_fmadd_ps(_mm512_set1_ps(pj[l]), vc, acc[l][c]);
     }
   }
@@ -71,14 +106,18 @@ void accumulate_pv_fixed(float* out, int64_t d, const float* correction, const f
     for (int c = 0; c < Chunks; ++c) _mm512_storeu_ps(out + l * d + 16 * c, acc[l][c]);
 }
 
-template <int Chunks>
+// Lanes per pass over the V rows: as many accumulators as the registers hold.
+constexpr int pv_lanes(int chunks) { return chunks >= 8 ? 2 : (chunks >= 4 ? 4 : 8); }
+
+template <int Chunks, typename T>
 void accumulate_pv_chunks(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
-                          const float* const* v_rows, int64_t width, int64_t lanes) {
-  constexpr int kLanes = Chunks >= 8 ? 2 : (Chunks >= 4 ? 4 : 8);
+                          const T* const* v_rows, int64_t width, int64_t lanes) {
+  constexpr int kLanes = pv_lanes(Chunks);
   int64_t l = 0;
   for (; l + kLanes <= lanes; l += kLanes)
-    accumulate_pv_fixed<Chunks, kLanes>(out + l * d, d, correction + l, p + l, stride, v_rows, width);
-  for (; l < lanes; ++l) accumulate_pv_fixed<Chunks, 1>(out + l * d, d, correction + l, p + l, stride, v_rows, width);
+    accumulate_pv_fixed<Chunks, kLanes, T>(out + l * d, d, correction + l, p + l, stride, v_rows, width);
+  for (; l < lanes; ++l)
+    accumulate_pv_fixed<Chunks, 1, T>(out + l * d, d, correction + l, p + l, stride, v_rows, width);
 }
 
 // scores[j][rows16] = sum_i key_rows[j][i] * qt[i][rows16], rows16 a multiple of 16 up to 128.
@@ -101,66 +140,152 @@ inline void score_rows(const float* qt, const float* const* key_rows, int64_t wi
 // handful are used (measured: 4 rows of 16, the bench decode shape, spend ~75% of the score FMAs on padding).
 constexpr int64_t kDotMaxRows = 8;
 
+// The sums of four vectors, each added in _mm512_reduce_add_ps's order (so to the same values), in lanes 0, 4, 8
+// and 12: a transposed reduction, cheaper than four horizontal ones.
+inline __m512 reduce_add_4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // lane i + lane i+8, two vectors per add
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
+  // lane i + lane i+4: 128-bit block r now holds vector r's four partial sums
+  const __m512 quads = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 pairs = _mm512_add_ps(quads, _mm512_permute_ps(quads, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm512_add_ps(pairs, _mm512_permute_ps(pairs, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+
 template <int Chunks>
-void score_rows_dot_fixed(const float* q, int64_t rows, const float* const* key_rows, int64_t width, int64_t stride,
-                          float* scores) {
+__m512 dot_lanes(const __m512* key, const float* q) {
+  __m512 acc = _mm512_mul_ps(key[0], _mm512_loadu_ps(q));
+  for (int c = 1; c < Chunks; ++c) acc = _mm512_fmadd_ps(key[c], _mm512_loadu_ps(q + 16 * c), acc);
+  return acc;
+}
+
+// dot(q[r], key_row) for r < rows <= 8 in lanes [0, rows), zeros in the other lanes (q [rows][16 * Chunks]).
+template <int Chunks, typename T>
+__m512 dot_rows(const float* q, int64_t rows, const T* key_row) {
+  __m512 key[Chunks];
+  for (int c = 0; c < Chunks; ++c) key[c] = load16(key_row + 16 * c);
+  __m512 acc[8];
+  for (int64_t r = 0; r < 8; ++r)
+    acc[r] = r < rows ? dot_lanes<Chunks>(key, q + r * 16 * Chunks) : _mm512_setzero_ps();
+  const __m512 low = reduce_add_4(acc[0], acc[1], acc[2], acc[3]);
+  const __m512 high = rows > 4 ? reduce_add_4(acc[4], acc[5], acc[6], acc[7]) : _mm512_setzero_ps();
+  const __m512i sums = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_maskz_permutex2var_ps(0x00ff, low, sums, high);
+}
+
+// One 16-lane score row per key: rows <= 8 dot products, zeros in the padding lanes (as in the transposed form).
+template <int Chunks, typename T>
+void score_rows_dot_fixed(const float* q, int64_t rows, const T* const* key_rows, int64_t width, float* scores) {
   for (int64_t j = 0; j < width; ++j) {
     if (j + kPrefetchKeys < width) prefetch_row(key_rows[j + kPrefetchKeys], 16 * Chunks);
-    __m512 key[Chunks];
-    for (int c = 0; c < Chunks; ++c) key[c] = _mm512_loadu_ps(key_rows[j] + 16 * c);
-    float* out = scores + j * stride;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* qr = q + r * 16 * Chunks;
-      __m512 acc = _mm512_mul_ps(key[0], _mm512_loadu_ps(qr));
-      for (int c = 1; c < Chunks; ++c) acc = _mm512_fmadd_ps(key[c], _mm512_loadu_ps(qr + 16 * c), acc);
-      out[r] = _mm512_reduce_add_ps(acc);
-    }
-    for (int64_t r = rows; r < stride; ++r) out[r] = 0.f;  // padding lanes score 0, as in the transposed form
+    _mm512_storeu_ps(scores + j * 16, dot_rows<Chunks>(q, rows, key_rows[j]));
   }
 }
 
-// scores[j][r] = dot(q[r], key_rows[j]) for r < rows (q [rows][d], scaled), 0 for the padding lanes up to stride.
-// Returns false (nothing done) where the transposed form is the one to use.
-inline bool score_rows_dot(const float* q, int64_t rows, const float* const* key_rows, int64_t width, int64_t d,
+// All KV heads of one key per score row: lanes [g * group, (g + 1) * group) from KV head g's K row, the slot
+// row's g-th; zeros from kv * group to stride.
+template <int Chunks, typename T>
+void score_heads_dot_fixed(const float* q, int64_t group, int64_t kv, const T* const* slot_rows, int64_t width,
                            int64_t stride, float* scores) {
-  if (rows > kDotMaxRows) return false;
+  const int64_t d = 16 * Chunks;
+  const __mmask16 rows = static_cast<__mmask16>((1u << group) - 1);
+  for (int64_t j = 0; j < width; ++j) {
+    if (j + kPrefetchKeys < width) prefetch_row(slot_rows[j + kPrefetchKeys], kv * d);
+    float* out = scores + j * stride;
+    for (int64_t g = 0; g < kv; ++g)
+      _mm512_mask_storeu_ps(out + g * group, rows, dot_rows<Chunks>(q + g * group * d, group, slot_rows[j] + g * d));
+    for (int64_t lane = kv * group; lane < stride; ++lane) out[lane] = 0.f;
+  }
+}
+
+// scores[j][r] = dot(q[r], key_rows[j]) for r < rows (q [rows][d], scaled), 0 for the padding lanes up to stride
+// (16 for these few rows). Returns false (nothing done) where the transposed form is the one to use.
+template <typename T>
+bool score_rows_dot(const float* q, int64_t rows, const T* const* key_rows, int64_t width, int64_t d,
+                    int64_t stride, float* scores) {
+  if (rows > kDotMaxRows || stride != 16) return false;
   switch (d % 16 == 0 && d <= 128 ? d / 16 : 0) {
-    case 1: score_rows_dot_fixed<1>(q, rows, key_rows, width, stride, scores); return true;
-    case 2: score_rows_dot_fixed<2>(q, rows, key_rows, width, stride, scores); return true;
-    case 3: score_rows_dot_fixed<3>(q, rows, key_rows, width, stride, scores); return true;
-    case 4: score_rows_dot_fixed<4>(q, rows, key_rows, width, stride, scores); return true;
-    case 5: score_rows_dot_fixed<5>(q, rows, key_rows, width, stride, scores); return true;
-    case 6: score_rows_dot_fixed<6>(q, rows, key_rows, width, stride, scores); return true;
-    case 7: score_rows_dot_fixed<7>(q, rows, key_rows, width, stride, scores); return true;
-    case 8: score_rows_dot_fixed<8>(q, rows, key_rows, width, stride, scores); return true;
+    case 1: score_rows_dot_fixed<1, T>(q, rows, key_rows, width, scores); return true;
+    case 2: score_rows_dot_fixed<2, T>(q, rows, key_rows, width, scores); return true;
+    case 3: score_rows_dot_fixed<3, T>(q, rows, key_rows, width, scores); return true;
+    case 4: score_rows_dot_fixed<4, T>(q, rows, key_rows, width, scores); return true;
+    case 5: score_rows_dot_fixed<5, T>(q, rows, key_rows, width, scores); return true;
+    case 6: score_rows_dot_fixed<6, T>(q, rows, key_rows, width, scores); return true;
+    case 7: score_rows_dot_fixed<7, T>(q, rows, key_rows, width, scores); return true;
+    case 8: score_rows_dot_fixed<8, T>(q, rows, key_rows, width, scores); return true;
     default: return false;
   }
 }
 
-// out[lanes][d] = out * correction[lane] + P^T V over `width` keys; p laid out [key][stride].
-inline void accumulate_pv(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
-                          const float* const* v_rows, int64_t width, int64_t lanes) {
+inline bool heads_dot_applies(int64_t group, int64_t d) { return group <= kDotMaxRows && d % 16 == 0 && d <= 128; }
+
+// scores[j][g * group + r] = dot(q[g * group + r], row g of slot_rows[j]) for the kv * group query rows of one token
+// (q [kv * group][d], scaled; slot_rows[j] the key's K rows of all KV heads, d apart), 0 for the padding lanes up
+// to stride. Only where heads_dot_applies(group, d).
+template <typename T>
+void score_heads_dot(const float* q, int64_t group, int64_t kv, const T* const* slot_rows, int64_t width,
+                     int64_t d, int64_t stride, float* scores) {
+  switch (d / 16) {
+    case 1: return score_heads_dot_fixed<1, T>(q, group, kv, slot_rows, width, stride, scores);
+    case 2: return score_heads_dot_fixed<2, T>(q, group, kv, slot_rows, width, stride, scores);
+    case 3: return score_heads_dot_fixed<3, T>(q, group, kv, slot_rows, width, stride, scores);
+    case 4: return score_heads_dot_fixed<4, T>(q, group, kv, slot_rows, width, stride, scores);
+    case 5: return score_heads_dot_fixed<5, T>(q, group, kv, slot_rows, width, stride, scores);
+    case 6: return score_heads_dot_fixed<6, T>(q, group, kv, slot_rows, width, stride, scores);
+    case 7: return score_heads_dot_fixed<7, T>(q, group, kv, slot_rows, width, stride, scores);
+    default: return score_heads_dot_fixed<8, T>(q, group, kv, slot_rows, width, stride, scores);
+  }
+}
+
+// accumulate_pv with the rows widened as they are loaded.
+template <typename T>
+void accumulate_pv_direct(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
+                          const T* const* v_rows, int64_t width, int64_t lanes) {
   switch (d % 16 == 0 && d <= 128 ? d / 16 : 0) {
-    case 1: return accumulate_pv_chunks<1>(out, d, correction, p, stride, v_rows, width, lanes);
-    case 2: return accumulate_pv_chunks<2>(out, d, correction, p, stride, v_rows, width, lanes);
-    case 3: return accumulate_pv_chunks<3>(out, d, correction, p, stride, v_rows, width, lanes);
-    case 4: return accumulate_pv_chunks<4>(out, d, correction, p, stride, v_rows, width, lanes);
-    case 5: return accumulate_pv_chunks<5>(out, d, correction, p, stride, v_rows, width, lanes);
-    case 6: return accumulate_pv_chunks<6>(out, d, correction, p, stride, v_rows, width, lanes);
-    case 7: return accumulate_pv_chunks<7>(out, d, correction, p, stride, v_rows, width, lanes);
-    case 8: return accumulate_pv_chunks<8>(out, d, correction, p, stride, v_rows, width, lanes);
+    case 1: return accumulate_pv_chunks<1, T>(out, d, correction, p, stride, v_rows, width, lanes);
+    case 2: return accumulate_pv_chunks<2, T>(out, d, correction, p, stride, v_rows, width, lanes);
+    case 3: return accumulate_pv_chunks<3, T>(out, d, correction, p, stride, v_rows, width, lanes);
+    case 4: return accumulate_pv_chunks<4, T>(out, d, correction, p, stride, v_rows, width, lanes);
+    case 5: return accumulate_pv_chunks<5, T>(out, d, correction, p, stride, v_rows, width, lanes);
+    case 6: return accumulate_pv_chunks<6, T>(out, d, correction, p, stride, v_rows, width, lanes);
+    case 7: return accumulate_pv_chunks<7, T>(out, d, correction, p, stride, v_rows, width, lanes);
+    case 8: return accumulate_pv_chunks<8, T>(out, d, correction, p, stride, v_rows, width, lanes);
   }
-  for (int64_t l = 0; l < lanes; ++l) {
-    float* o = out + l * d;
-    for (int64_t i = 0; i < d; ++i) o[i] *= correction[l];
-    for (int64_t j = 0; j < width; ++j) axpy(o, p[j * stride + l], v_rows[j], d);
-  }
+  accumulate_pv_loops(out, d, correction, p, stride, v_rows, width, lanes);
+}
+
+// The lanes one pass of accumulate_pv_direct over the rows serves.
+inline int64_t lanes_per_pass(int64_t d) { return d % 16 == 0 && d <= 128 ? pv_lanes(static_cast<int>(d / 16)) : 1; }
+
+template <typename T>
+void widen_row(const T* row, int64_t d, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) _mm512_storeu_ps(out + i, load16(row + i));
+  for (; i < d; ++i) out[i] = to_f32(row[i]);
 }
 
 #else  // portable
 
-inline bool score_rows_dot(const float*, int64_t, const float* const*, int64_t, int64_t, int64_t, float*) {
+template <typename T>
+bool score_rows_dot(const float*, int64_t, const T* const*, int64_t, int64_t, int64_t, float*) {
   return false;
+}
+
+inline bool heads_dot_applies(int64_t, int64_t) { return true; }
+
+template <typename T>
+void score_heads_dot(const float* q, int64_t group, int64_t kv, const T* const* slot_rows, int64_t width,
+                     int64_t d, int64_t stride, float* scores) {
+  for (int64_t j = 0; j < width; ++j)
+    for (int64_t lane = 0; lane < stride; ++lane) {
+      float dot = 0.f;
+      if (lane < kv * group)
+        for (int64_t i = 0; i < d; ++i) dot += q[lane * d + i] * to_f32(slot_rows[j][(lane / group) * d + i]);
+      scores[j * stride + lane] = dot;
+    }
 }
 
 inline void score_rows(const float* qt, const float* const* key_rows, int64_t width, int64_t d, int64_t rows16,
@@ -172,15 +297,53 @@ inline void score_rows(const float* qt, const float* const* key_rows, int64_t wi
   }
 }
 
-inline void accumulate_pv(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
-                          const float* const* v_rows, int64_t width, int64_t lanes) {
-  for (int64_t l = 0; l < lanes; ++l) {
-    float* o = out + l * d;
-    for (int64_t i = 0; i < d; ++i) o[i] *= correction[l];
-    for (int64_t j = 0; j < width; ++j) axpy(o, p[j * stride + l], v_rows[j], d);
-  }
+template <typename T>
+void accumulate_pv_direct(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
+                          const T* const* v_rows, int64_t width, int64_t lanes) {
+  accumulate_pv_loops(out, d, correction, p, stride, v_rows, width, lanes);
+}
+
+inline int64_t lanes_per_pass(int64_t) { return 1; }
+
+template <typename T>
+void widen_row(const T* row, int64_t d, float* out) {
+  for (int64_t i = 0; i < d; ++i) out[i] = to_f32(row[i]);
 }
 
 #endif
+
+// The rows widened to fp32, in a buffer of this thread's (valid until its next call).
+template <typename T>
+const float* const* widen_rows(const T* const* rows, int64_t width, int64_t d) {
+  thread_local std::vector<float> buffer;
+  thread_local std::vector<const float*> widened;
+  buffer.resize(width * d);
+  widened.resize(width);
+  for (int64_t j = 0; j < width; ++j) {
+    if (j + kPrefetchKeys < width) prefetch_row(rows[j + kPrefetchKeys], d);
+    widen_row(rows[j], d, buffer.data() + j * d);
+    widened[j] = buffer.data() + j * d;
+  }
+  return widened.data();
+}
+
+// The transposed scores broadcast every key element to all lanes, which a 16-bit row could only feed through a
+// scalar conversion per element: its rows are widened once, then scored as fp32 rows.
+template <typename T>
+void score_rows(const float* qt, const T* const* key_rows, int64_t width, int64_t d, int64_t rows16,
+                float* scores) {
+  score_rows(qt, widen_rows(key_rows, width, d), width, d, rows16, scores);
+}
+
+// out[lanes][d] = out * correction[lane] + P^T V over `width` keys; p laid out [key][stride]. 16-bit rows are
+// widened as they are loaded, or once up front when more than two passes over the lanes would each widen them
+// again (measured: at two passes, a decode's four rows at head_dim 128, widening as they load is faster).
+template <typename T>
+void accumulate_pv(float* out, int64_t d, const float* correction, const float* p, int64_t stride,
+                   const T* const* v_rows, int64_t width, int64_t lanes) {
+  if (!std::is_same_v<T, float> && lanes > 2 * lanes_per_pass(d))
+    return accumulate_pv_direct(out, d, correction, p, stride, widen_rows(v_rows, width, d), width, lanes);
+  accumulate_pv_direct(out, d, correction, p, stride, v_rows, width, lanes);
+}
 
 }  // namespace cogvlm2

@@ -15,7 +15,9 @@
 
 namespace cogvlm2 {
 
-enum Status : int { kOk = 0, kBadArity = 1, kBadDtype = 2, kBadShape = 3, kBadIndex = 4, kNoBlas = 5 };
+// kCacheDtypeMismatch: a call's key and value caches hold different dtypes.
+enum Status : int { kOk = 0, kBadArity = 1, kBadDtype = 2, kBadShape = 3, kBadIndex = 4, kNoBlas = 5,
+                    kCacheDtypeMismatch = 6 };
 
 struct Args {
   int nparam;
@@ -36,6 +38,8 @@ struct Args {
   bool is(int i, const char* dtype) const { return std::strcmp(dtypes[i], dtype) == 0; }
   bool is_f32(int i) const { return is(i, "float32") || is(i, "float"); }
   bool is_i32(int i) const { return is(i, "int32") || is(i, "int"); }
+  bool is_bf16(int i) const { return is(i, "bfloat16"); }
+  bool is_f16(int i) const { return is(i, "float16") || is(i, "half"); }
 };
 
 // Runs body(item) for item in [0, count) on `threads` threads (the caller is one of them). Items are handed out

@@ -4,7 +4,8 @@
 // its position in that sequence, and attends causally to positions [0, position] of its sequence, read through the
 // sequence's block table straight from the cache (no gathered K/V). Queries of one sequence are grouped into tiles
 // of consecutive positions so that each K/V row fetched serves tile x (heads per KV head) query rows; the softmax is
-// computed online over key tiles.
+// computed online over key tiles. The caches hold float32, bfloat16 or float16 (kv_cache.h): K/V rows are widened
+// to fp32 as they are read, so a 16-bit cache halves the bytes that bound decode attention at long contexts.
 
 #include <cmath>
 #include <limits>
@@ -49,9 +50,11 @@ std::vector<Tile> make_tiles(const int32_t* seq_index, const int32_t* position, 
   return tiles;
 }
 
+template <typename T>
 struct Scratch {
   std::vector<float> q, qt, out, scores, row_max, row_sum, correction;
-  std::vector<const float*> key_rows, value_rows;
+  std::vector<int64_t> slots;
+  std::vector<const T*> key_rows, value_rows;
 };
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -64,18 +67,16 @@ struct Lanes {
   float* out;  // [stride][d]
 };
 
-// One KV head over one key tile: scores [key][stride] from the transposed queries (each key scores 16 lanes per
-// FMA, no horizontal sums; measured faster than one dot product per (lane, key) even for a single decode row),
-// then the online-softmax update across lanes and P @ V. Keys past a lane's position get probability 0; the
-// first key tile shows every lane key 0, so the running max is finite from then on.
-void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const float* q, const float* qt,
-                  const int64_t* visible, const float* const* key_rows, const float* const* value_rows,
-                  int64_t width, float* scores, float* correction) {
+// The online-softmax step over a key tile's scores [width][stride]: a lane whose token sees visible[lane /
+// lanes_per_token] of the tile's keys gets probability 0 past them; then the running max, the correction of the
+// earlier sums (left in `correction` for P @ V) and the sums. Returns the keys any lane sees. The first key tile
+// shows every lane key 0, so the running max is finite from then on.
+int64_t softmax_step(const Lanes& lanes, int64_t lanes_per_token, const int64_t* visible, int64_t width,
+                     float* scores, float* correction) {
   const int64_t stride = lanes.stride;
-  if (!score_rows_dot(q, lanes.count, key_rows, width, d, stride, scores))
-    score_rows(qt, key_rows, width, d, stride, scores);
   for (int64_t lane = 0; lane < lanes.count; ++lane)
-    for (int64_t j = std::max<int64_t>(visible[lane / group], 0); j < width; ++j) scores[j * stride + lane] = kNegInf;
+    for (int64_t j = std::max<int64_t>(visible[lane / lanes_per_token], 0); j < width; ++j)
+      scores[j * stride + lane] = kNegInf;
   column_max(scores, width, stride, correction);  // the tile's max per lane, for now
   for (int64_t lane = 0; lane < stride; ++lane) {
     const float new_max = std::max(lanes.max[lane], correction[lane]);
@@ -85,26 +86,56 @@ void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const float* q, 
   exp_shifted_rows(scores, lanes.max, width, stride);
   int64_t seen = 0;
   for (int64_t lane = 0; lane < lanes.count; ++lane) {
-    const int64_t lane_seen = std::max<int64_t>(visible[lane / group], 0);
+    const int64_t lane_seen = std::max<int64_t>(visible[lane / lanes_per_token], 0);
     for (int64_t j = lane_seen; j < width; ++j) scores[j * stride + lane] = 0.f;
     seen = std::max(seen, lane_seen);
   }
   for (int64_t lane = 0; lane < stride; ++lane) lanes.sum[lane] *= correction[lane];
   column_sum_into(scores, seen, stride, lanes.sum);
-  accumulate_pv(lanes.out, d, correction, scores, stride, value_rows, seen, lanes.count);
+  return seen;
 }
 
-// One query tile (consecutive positions of one sequence), all heads. Per key tile and KV head, the K/V rows are
-// fetched once for all the tile's query rows of that head's group.
-void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float* q, const float* keys,
-                 const float* values, const int32_t* block_table, const int64_t* order, const int32_t* position,
-                 float* out, Scratch& w) {
-  const int64_t group = s.heads / s.kv, d = s.d, tokens = tile.end - tile.begin, count = tokens * group;
-  const int64_t stride = (count + 15) / 16 * 16, kt = c.key_tile, row_stride = s.kv * d;
-  const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  // Per KV head g: lanes [g * stride, g * stride + count), lane = token * group + h, query head g * group + h.
+// One KV head over one key tile: scores [key][stride] (few rows: a dot product per (row, key); else from the
+// transposed queries, 16 lanes per FMA), the softmax step and P @ V. Lane = token * group + h.
+template <typename T>
+void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const float* q, const float* qt,
+                  const int64_t* visible, const T* const* key_rows, const T* const* value_rows, int64_t width,
+                  float* scores, float* correction) {
+  if (!score_rows_dot(q, lanes.count, key_rows, width, d, lanes.stride, scores))
+    score_rows(qt, key_rows, width, d, lanes.stride, scores);
+  const int64_t seen = softmax_step(lanes, group, visible, width, scores, correction);
+  accumulate_pv(lanes.out, d, correction, scores, lanes.stride, value_rows, seen, lanes.count);
+}
+
+// The online-softmax state of `lanes` lanes (sums, running max, out rows of d) and a key tile's buffers.
+template <typename T>
+void reset_scratch(Scratch<T>& w, int64_t lanes, int64_t d, int64_t key_tile, int64_t score_stride) {
+  w.out.assign(lanes * d, 0.f);
+  w.row_max.assign(lanes, kNegInf);
+  w.row_sum.assign(lanes, 0.f);
+  w.scores.resize(key_tile * score_stride);
+  w.correction.resize(lanes);
+  w.slots.resize(key_tile);
+  w.key_rows.resize(key_tile);
+  w.value_rows.resize(key_tile);
+}
+
+void store_output(const float* acc, float sum, int64_t d, float* dst) {
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < d; ++i) dst[i] = acc[i] * inv;
+}
+
+float query_scale(int64_t d) { return 1.f / std::sqrt(static_cast<float>(d)); }
+
+// The tile's queries, scaled by query_scale(d), per KV head g in lanes [g * stride, g * stride + count) (lane = token *
+// group + h for query head g * group + h): w.q [kv][stride][d], and transposed, w.qt [kv][d][stride].
+template <typename T>
+void load_queries(const Tile& tile, const Shapes& s, const float* q, const int64_t* order, int64_t stride,
+                  Scratch<T>& w) {
+  const int64_t group = s.heads / s.kv, d = s.d;
+  const float scale = query_scale(d);
   w.q.assign(s.kv * stride * d, 0.f);
-  for (int64_t t = 0; t < tokens; ++t)
+  for (int64_t t = 0; t < tile.end - tile.begin; ++t)
     for (int64_t head = 0; head < s.heads; ++head) {
       const float* src = q + order[tile.begin + t] * s.q_stride + head * d;
       float* dst = w.q.data() + ((head / group) * stride + t * group + head % group) * d;
@@ -114,24 +145,42 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
   for (int64_t g = 0; g < s.kv; ++g)
     for (int64_t lane = 0; lane < stride; ++lane)
       for (int64_t i = 0; i < d; ++i) w.qt[(g * d + i) * stride + lane] = w.q[(g * stride + lane) * d + i];
-  w.out.assign(s.kv * stride * d, 0.f);
-  w.row_max.assign(s.kv * stride, kNegInf);
-  w.row_sum.assign(s.kv * stride, 0.f);
-  w.scores.resize(kt * stride);
-  w.correction.resize(stride);
-  w.key_rows.resize(kt);
-  w.value_rows.resize(kt);
+}
+
+// Cache rows of keys [k0, k0 + width) through the sequence's block table.
+void key_slots(const int32_t* block_table, int64_t block_size, int64_t k0, int64_t width, int64_t* slots) {
+  int64_t block = k0 / block_size, offset = k0 % block_size;
+  for (int64_t j = 0; j < width; ++j) {
+    slots[j] = static_cast<int64_t>(block_table[block]) * block_size + offset;
+    if (++offset == block_size) offset = 0, ++block;
+  }
+}
+
+// One query tile (consecutive positions of one sequence), all heads. Per key tile and KV head, the K/V rows are
+// fetched once for all the tile's query rows of that head's group.
+template <typename T>
+void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float* q, const T* keys, const T* values,
+                 const int32_t* block_table, const int64_t* order, const int32_t* position, float* out,
+                 Scratch<T>& w) {
+  const int64_t group = s.heads / s.kv, d = s.d, tokens = tile.end - tile.begin, count = tokens * group;
+  const int64_t stride = (count + 15) / 16 * 16, kt = c.key_tile, row_stride = s.kv * d;
+  load_queries(tile, s, q, order, stride, w);
+  reset_scratch(w, s.kv * stride, d, kt, stride);
   std::vector<int64_t> visible(tokens);
   for (int64_t k0 = 0; k0 < tile.keys; k0 += kt) {
     const int64_t width = std::min(kt, tile.keys - k0);
     for (int64_t t = 0; t < tokens; ++t)
       visible[t] = std::min<int64_t>(width, position[order[tile.begin + t]] + 1 - k0);
+    key_slots(block_table, c.block_size, k0, width, w.slots.data());
     for (int64_t g = 0; g < s.kv; ++g) {
       for (int64_t j = 0; j < width; ++j) {
-        const int64_t key = k0 + j;
-        const int64_t slot = static_cast<int64_t>(block_table[key / c.block_size]) * c.block_size + key % c.block_size;
-        w.key_rows[j] = keys + slot * row_stride + g * d;
-        w.value_rows[j] = values + slot * row_stride + g * d;
+        w.key_rows[j] = keys + w.slots[j] * row_stride + g * d;
+        w.value_rows[j] = values + w.slots[j] * row_stride + g * d;
+      }
+      // the inner loops ask for rows kPrefetchKeys ahead: the first ones of each pass are asked for here
+      for (int64_t j = 0; j < std::min(width, kPrefetchKeys); ++j) {
+        prefetch_row(w.key_rows[j], d);
+        prefetch_row(w.value_rows[j], d);
       }
       const Lanes lanes{count, stride, w.row_max.data() + g * stride, w.row_sum.data() + g * stride,
                         w.out.data() + g * stride * d};
@@ -142,10 +191,41 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t head = 0; head < s.heads; ++head) {
       const int64_t lane = (head / group) * stride + t * group + head % group;
-      const float inv = 1.f / w.row_sum[lane];
-      float* dst = out + (order[tile.begin + t] * s.heads + head) * d;
-      for (int64_t i = 0; i < d; ++i) dst[i] = w.out[lane * d + i] * inv;
+      store_output(w.out.data() + lane * d, w.row_sum[lane], d, out + (order[tile.begin + t] * s.heads + head) * d);
     }
+}
+
+// A one-token tile (a decode) with few heads per KV head: all heads in one lane set, lane = query head, so the
+// softmax runs on full vectors instead of a few lanes per KV head, and a key's K rows of all KV heads are read as
+// one contiguous slot row. The same per-lane arithmetic as attend_tile.
+template <typename T>
+void attend_decode(const Tile& tile, const Shapes& s, const Config& c, const float* q, const T* keys,
+                   const T* values, const int32_t* block_table, const int32_t* position, int64_t token, float* out,
+                   Scratch<T>& w) {
+  const int64_t group = s.heads / s.kv, d = s.d, stride = (s.heads + 15) / 16 * 16, kt = c.key_tile;
+  const int64_t row_stride = s.kv * d;
+  const float scale = query_scale(d);
+  w.q.resize(s.heads * d);
+  for (int64_t i = 0; i < s.heads * d; ++i) w.q[i] = q[token * s.q_stride + i] * scale;
+  reset_scratch(w, stride, d, kt, stride);
+  const Lanes lanes{s.heads, stride, w.row_max.data(), w.row_sum.data(), w.out.data()};
+  for (int64_t k0 = 0; k0 < tile.keys; k0 += kt) {
+    const int64_t width = std::min(kt, tile.keys - k0);
+    const int64_t visible = std::min<int64_t>(width, position[token] + 1 - k0);
+    key_slots(block_table, c.block_size, k0, width, w.slots.data());
+    for (int64_t j = 0; j < width; ++j) w.key_rows[j] = keys + w.slots[j] * row_stride;
+    for (int64_t j = 0; j < std::min(width, kPrefetchKeys); ++j) prefetch_row(w.key_rows[j], row_stride);
+    score_heads_dot(w.q.data(), group, s.kv, w.key_rows.data(), width, d, stride, w.scores.data());
+    const int64_t seen = softmax_step(lanes, stride, &visible, width, w.scores.data(), w.correction.data());
+    for (int64_t g = 0; g < s.kv; ++g) {
+      for (int64_t j = 0; j < seen; ++j) w.value_rows[j] = values + w.slots[j] * row_stride + g * d;
+      for (int64_t j = 0; j < std::min(seen, kPrefetchKeys); ++j) prefetch_row(w.value_rows[j], d);
+      accumulate_pv(w.out.data() + g * group * d, d, w.correction.data() + g * group, w.scores.data() + g * group,
+                    stride, w.value_rows.data(), seen, group);
+    }
+  }
+  for (int64_t head = 0; head < s.heads; ++head)
+    store_output(w.out.data() + head * d, w.row_sum[head], d, out + (token * s.heads + head) * d);
 }
 
 int validate(const Shapes& s, const Config& c, const int32_t* seq_index, const int32_t* position,
@@ -195,15 +275,19 @@ struct Call {
   Shapes s;
   Config c;
   bool fused, apply_rope;
+  CacheType cache;  // of both caches
 };
 
 // Arity, dtypes and ranks. fused: k_new and v_new are [1] placeholders, q is the QKV projection.
-int check_layout(const Args& a, bool& fused) {
+int check_layout(const Args& a, bool& fused, CacheType& cache) {
   if (a.nparam != 15) return kBadArity;
-  for (int i : {0, 1, 2, 3, 4, 11, 12, 14})
+  for (int i : {0, 1, 2, 11, 12, 14})
     if (!a.is_f32(i)) return kBadDtype;
   for (int i : {5, 6, 7, 8, 9, 10, 13})
     if (!a.is_i32(i)) return kBadDtype;
+  CacheType value_cache;
+  if (!cache_type(a, 3, cache) || !cache_type(a, 4, value_cache)) return kBadDtype;
+  if (cache != value_cache) return kCacheDtypeMismatch;
   fused = a.rank(1) == 1 && a.rank(2) == 1;
   if (a.rank(0) != 3 || (!fused && (a.rank(1) != 3 || a.rank(2) != 3)) || a.rank(3) != 3 || a.rank(4) != 3 ||
       a.rank(8) != 2 || a.numel(13) < 6)
@@ -259,11 +343,12 @@ int prepare_inputs(const Args& a, const Call& call, Rotated& rotated, Inputs& in
   return kOk;
 }
 
+template <typename T>
 int write_caches(const Args& a, const Shapes& s, const Inputs& in) {
   const int64_t row = s.kv * s.d;
   const int32_t* slot_mapping = a.data<int32_t>(5);
-  if (int status = write_rows(a.data<float>(3), s.slots, row, in.k, slot_mapping, s.n, in.k_stride)) return status;
-  return write_rows(a.data<float>(4), s.slots, row, in.v, slot_mapping, s.n, in.v_stride);
+  if (int status = write_rows(a.data<T>(3), s.slots, row, in.k, slot_mapping, s.n, in.k_stride)) return status;
+  return write_rows(a.data<T>(4), s.slots, row, in.v, slot_mapping, s.n, in.v_stride);
 }
 
 // Query tiles of the whole batch, largest first: the atomic hand-out then balances the threads.
@@ -283,6 +368,7 @@ int thread_count(const std::vector<Tile>& tiles, const Shapes& s, const Config& 
   return work >= c.parallel_min_work ? static_cast<int>(c.threads) : 1;
 }
 
+template <typename T>
 void attend_all(const Args& a, const Call& call, const Inputs& in) {
   const Shapes& s = call.s;
   const int32_t* position = a.data<int32_t>(7);
@@ -291,33 +377,40 @@ void attend_all(const Args& a, const Call& call, const Inputs& in) {
   const std::vector<Tile> tiles = plan_tiles(a.data<int32_t>(6), position, s, call.c, order);
   Shapes attend = s;
   attend.q_stride = in.q_stride;
-  const float* key_cache = a.data<float>(3);
-  const float* value_cache = a.data<float>(4);
+  const T* key_cache = a.data<T>(3);
+  const T* value_cache = a.data<T>(4);
   float* out = a.data<float>(14);
   parallel_for(static_cast<int64_t>(tiles.size()), thread_count(tiles, s, call.c), [&](int64_t item) {
-    thread_local Scratch scratch;
+    thread_local Scratch<T> scratch;
     const Tile& tile = tiles[item];
-    attend_tile(tile, attend, call.c, in.q, key_cache, value_cache, block_tables + tile.seq * s.max_blocks,
-                order.data(), position, out, scratch);
+    const int32_t* block_table = block_tables + tile.seq * s.max_blocks;
+    if (tile.end - tile.begin == 1 && heads_dot_applies(s.heads / s.kv, s.d))
+      attend_decode(tile, attend, call.c, in.q, key_cache, value_cache, block_table, position, order[tile.begin],
+                    out, scratch);
+    else
+      attend_tile(tile, attend, call.c, in.q, key_cache, value_cache, block_table, order.data(), position, out,
+                  scratch);
   });
 }
 
 }  // namespace
 }  // namespace cogvlm2
 
-// inputs: q [N,H,d], k_new [N,KV,d], v_new [N,KV,d], key_cache [S,KV,d], value_cache [S,KV,d] (f32),
+// inputs: q [N,H,d], k_new [N,KV,d], v_new [N,KV,d] (f32), key_cache [S,KV,d], value_cache [S,KV,d] (both f32,
+//         both bf16 or both f16),
 //         slot_mapping [N], seq_index [N], token_position [N], block_tables [B,M], context_lens [B] (i32),
 //         rope_positions [N] (i32), cos [P,d], sin [P,d] (f32; any [1] tensors when rotary is off),
 //         config [block_size, threads, query_tile, key_tile, parallel_min_work, apply_rope] (i32)
 //   or fused: q is the QKV projection [N, H+2KV, d] (q heads, then k, then v) and k_new, v_new are any [1]
 //         tensors, so the layer's projection hands over one tensor (no slicing copies).
-// output: [N, H*d] f32. k_new (rotated when apply_rope) and v_new are written into the caches first (in place);
-// q is rotated on the fly.
+// output: [N, H*d] f32. k_new (rotated when apply_rope) and v_new are written into the caches first (in place,
+// rounded to the caches' dtype); q is rotated on the fly.
+// status: kBadDtype for another cache dtype, kCacheDtypeMismatch for caches of two dtypes.
 COGVLM2_AOT(PagedAttention) {
   using namespace cogvlm2;
   Args a{nparam, params, ndims, shapes, dtypes};
   Call call{};
-  if (int status = check_layout(a, call.fused)) return status;
+  if (int status = check_layout(a, call.fused, call.cache)) return status;
   if (int status = read_call(a, call)) return status;
   if (int status = validate(call.s, call.c, a.data<int32_t>(6), a.data<int32_t>(7), a.data<int32_t>(8),
                             a.data<int32_t>(9)))
@@ -325,7 +418,10 @@ COGVLM2_AOT(PagedAttention) {
   Rotated rotated;
   Inputs in{};
   if (int status = prepare_inputs(a, call, rotated, in)) return status;
-  if (int status = write_caches(a, call.s, in)) return status;
-  attend_all(a, call, in);
-  return kOk;
+  return with_cache_type(call.cache, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (int status = write_caches<T>(a, call.s, in)) return status;
+    attend_all<T>(a, call, in);
+    return static_cast<int>(kOk);
+  });
 }
