@@ -7,6 +7,7 @@ token; inside `jit`, keep a data dependency on what they return (the wrappers re
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 import ml_dtypes
@@ -122,6 +123,11 @@ class CpuOps:
     @property
     def has_onednn(self) -> bool:
         return self.library.onednn is not None
+
+    @property
+    def has_bf16_dot(self) -> bool:
+        """Whether the bf16-dot panel GEMM runs vdpbf16ps here (else its fallback: the same results)."""
+        return bool(ctypes.CDLL(self.library.path).cogvlm2_has_bf16_dot())
 
     def rope(self, q: Tensor, k: Tensor, positions: Tensor, cos_table: Tensor, sin_table: Tensor,
              config: Tensor) -> tuple[Tensor, Tensor]:

@@ -170,6 +170,9 @@ extern "C" int cogvlm2_load_onednn(const char* path) {
   return libs.dnnl ? 0 : 2;
 }
 
+// 1 when the panel GEMM's bf16 dot runs vdpbf16ps on this CPU, 0 when it takes the fallback.
+extern "C" int cogvlm2_has_bf16_dot() { return cogvlm2::cpu_has_bf16_dot() ? 1 : 0; }
+
 // inputs: x [N,in] f32; wl and wv both f32 [out,in] or both panels (gemm.h) of one dtype: f32 or f16
 //         [out/32,in,32], bf16 [out/32,ceil(in/2),32,2]; bv [out] or [1] (f32); config (i32, Config above):
 //         gemm and n_block apply to [out,in] weights only, bf16_dot to bf16 panels only (else kBadDtype).
