@@ -711,6 +711,8 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     from kernels import tune
     small = tune.Shape("tiny", 4, 2, 16, 32, 48, (20, 9), (20, 1))
     monkeypatch.setattr(tune, "SHAPES", {"decode": [small], "prefill": [small]})
+    monkeypatch.setattr(tune, "GEMM_SHAPES", {"decode": [small], "prefill": []})
+    panel = [{"threads": 1, "k_block": 0, "tile_rows": 0}, {"threads": 2, "k_block": 16, "tile_rows": 3}]
     monkeypatch.setattr(tune, "CANDIDATES", {
         "rope": {c: [{"threads": 1}, {"threads": 2}] for c in ("decode", "prefill")},
         "paged_attention": {c: [dict(sku.DEFAULT_PARAMS["paged_attention"][c]),
@@ -718,6 +720,7 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
                             for c in ("decode", "prefill")},
         "expert_linear": {c: [{"threads": 1, "gemm": g, "k_block": 0, "n_block": 0} for g in range(5)]
                           for c in ("decode", "prefill")},
+        **{op: {c: panel for c in ("decode", "prefill")} for op in tune.PANEL_OPS[1:]},
     })
     parser = argparse.ArgumentParser()
     tune.add_tune_parser(parser.add_subparsers(dest="command"))
@@ -727,4 +730,5 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     params = load_params(path=out)
     assert set(params.ops) == set(tune.OPS)
     assert params.get("expert_linear", "decode")["gemm"] in range(5)
+    assert params.get("expert_linear_bf16_dot", "prefill") in panel
     assert "measurements" in out.read_text(encoding="utf-8")
