@@ -168,13 +168,14 @@ class CpuKernels(BaseKernels):
         self.compute_dtype = _checked_compute_dtype(compute_dtype)
         self.bf16_fallback = os.environ.get(BF16_FALLBACK_ENV, "0") not in ("", "0")
         self.ops = CpuOps()
-        self._configs = self._precomputed_configs()
+        self._configs = {**self._precomputed_configs(), **self._decode_projection_configs()}
         self._dummy_float = Tensor(np.zeros(1, np.float32))
         self._dummy_index = Tensor(np.zeros(1, np.int32))
 
     def _config(self, op: str, num_tokens: int, *values: int) -> Tensor:
-        """The int32 config tensor of a call. Made ahead for every key but expert_linear's (whose num_language
-        varies), so that a call only looks it up; a miss builds it from Python ints, which also works in jit."""
+        """The int32 config tensor of a call. Made ahead for every key but prefill projections' (whose
+        num_language is unbounded), so that a call only looks it up; a miss builds it from Python ints, which also
+        works in jit."""
         key = (op, shape_class(num_tokens)) + values
         config = self._configs.get(key)
         return config if config is not None else Tensor(self._config_row(*key), mstype.int32)
@@ -213,6 +214,11 @@ class CpuKernels(BaseKernels):
         if w.ndim >= 3:  # every row through "the vision expert" when there is a bias: the kernel adds it
             return self.expert_linear(x, 0 if bias is not None else x.shape[0], w, w, bias)
         return super().linear(x, w, bias)  # MindSpore's MatMul: faster than our unpacked GEMM at the lm_head's shape
+
+    def _decode_projection_configs(self) -> dict[tuple, Tensor]:
+        keys = [(op, "decode", language, bias) for op in dict.fromkeys(PANEL_OPS.values())
+                for language in range(DECODE_MAX_TOKENS + 1) for bias in (0, 1)]
+        return {key: Tensor(self._config_row(*key), mstype.int32) for key in keys}
 
     def _precomputed_configs(self) -> dict[tuple, Tensor]:
         keys = [("rope", cls) for cls in ("decode", "prefill")]

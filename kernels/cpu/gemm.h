@@ -1,7 +1,9 @@
 // y[m, n] (+)= x[m, k] . w[n, k]: the "NT" product of activations with [out, in] weights, both read along k.
-// Few tokens (decode): 4 x 4 tiles of dot products straight from the weight rows, no packing, so the weights are
-// streamed once at memory speed (a packing BLAS repacks them on every call). More tokens: 32-row weight panels
-// packed k-major once per k block, then 8 x 32 broadcast-FMA tiles over them (AVX-512).
+// Weights in [out, in] layout: for few tokens (decode), 4 x 4 tiles of dot products straight from the weight rows,
+// no packing, so the weights are streamed once at memory speed (a packing BLAS repacks them on every call); for
+// more tokens, 32-row weight panels packed k-major once per k block, then 8 x 32 broadcast-FMA tiles over them
+// (AVX-512). Weights prepacked at load time into those panels (in float32, bfloat16 or float16): the same tiles,
+// of 1 to 12 tokens, straight over the panels.
 #pragma once
 
 #include <cstdint>
