@@ -9,7 +9,9 @@ machine the minimum is the figure least disturbed by other processes. Paged atte
 composite over the same 16-bit caches. Targets (issue 4) are checked in the same
 run: rotary >= 10x, paged attention >= 3x at 32 decodes x 512 context, expert-routed projection over a mixed
 batch <= 1.1x a single dense GEMM over the same tokens (the same GEMM without routing; MindSpore's MatMul is
-printed beside it).
+printed beside it). The panel GEMM over 16-bit weights (--only panel_gemm; ops "gemm <variant>") runs against
+its float32 twin (the f32 panels of the same, widened weights) and its composite at 1 to 2048 tokens, with GF/s:
+bf16 >= 1.7x the twin at 1 and 8 tokens, the bf16 dot >= 1.6x at 2048.
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ class Result:
     reference: str = "composite"
     target: str = ""
     passed: bool | None = None
+    gflop: float = 0.0  # the kernel's work, for a GF/s figure (panel_gemm)
 
     @property
     def speedup(self) -> float:
@@ -220,6 +223,59 @@ def bench_expert_linear(cpu: KernelSet, ref: KernelSet, m: Model, case: str, n: 
             Result("expert_linear", m.name, shape, routed2_ms, ms_dense_ms, reference="dense MindSpore MatMul")]
 
 
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# (name, weight dtype, compute dtype): the 16-bit panel GEMM variants (kernels.registry.PANEL_OPS)
+PANEL_VARIANTS = (("bf16 widen", BF16, "float32"), ("bf16 dot", BF16, "bfloat16"), ("f16 widen", np.float16, "float32"))
+PANEL_TOKENS = (1, 8, 32, 64, 2048)
+
+
+def panel_gemm_shape(m: Model) -> tuple[str, int, int]:
+    """The layer's largest projection of each model: the bench MLP's gate+up, the 19B's down projection."""
+    return ("gate_up", 2 * m.mlp, m.hidden) if m is BENCH else ("down", m.hidden, m.mlp)
+
+
+def bench_panel_gemm(m: Model, tokens: int, repeat: int, rng: np.random.Generator) -> list[Result]:
+    """Each 16-bit variant against its float32 twin and its composite, and the twin against its composite, side
+    by side; targets at decode (>= 1.7x the twin) and at prefill (bf16 dot >= 1.6x)."""
+    name, out, inner = panel_gemm_shape(m)
+    w = rng.standard_normal((out, inner), dtype=np.float32)
+    x = Tensor(rng.standard_normal((tokens, inner), dtype=np.float32))
+    shape = f"{name} M={tokens} {out}x{inner}"
+    gflop = 2 * tokens * out * inner / 1e9
+    results = []
+    for variant, dtype, compute in PANEL_VARIANTS:
+        stored = w.astype(dtype)
+        cpu, ref, twin = get_kernels("cpu", compute_dtype=compute), get_kernels("reference", compute_dtype=compute), \
+            get_kernels("cpu")
+        wp, wr, wt = cpu.prepare_weight(stored), ref.prepare_weight(stored), twin.prepare_weight(stored.astype(np.float32))
+        kernel = lambda: cpu.linear(x, wp)  # noqa: E731
+        kernel_ms, twin_ms = time_pair(kernel, lambda: twin.linear(x, wt), repeat)
+        target = ">= 1.7x" if tokens in (1, 8) and dtype == BF16 else ">= 1.6x" if tokens == 2048 and compute == \
+            "bfloat16" else ""
+        results.append(Result(f"gemm {variant}", m.name, shape, kernel_ms, twin_ms, "f32 panels", target,
+                              gflop=gflop))
+        kernel2_ms, ref_ms = time_pair(kernel, lambda: ref.linear(x, wr), repeat)
+        results.append(Result(f"gemm {variant}", m.name, shape, kernel2_ms, ref_ms, "composite", gflop=gflop))
+    twin, ref = get_kernels("cpu"), get_kernels("reference")
+    wt, wr = twin.prepare_weight(w), ref.prepare_weight(w)
+    twin_ms, ref_ms = time_pair(lambda: twin.linear(x, wt), lambda: ref.linear(x, wr), repeat)
+    return results + [Result("gemm f32", m.name, shape, twin_ms, ref_ms, "composite", gflop=gflop)]
+
+
+def print_panel_gflops(results: list[Result]) -> None:
+    """GF/s of the panel GEMMs, a line per shape and token count (each variant's best run over its pairs)."""
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for r in results:
+        if r.gflop:
+            row = rows.setdefault((r.model, r.case), {})
+            row[r.op] = max(row.get(r.op, 0.0), r.gflop / r.kernel_ms * 1e3)
+    if rows:
+        names = ["gemm f32"] + [f"gemm {v[0]}" for v in PANEL_VARIANTS]
+        print(f"\n{'GF/s':34} " + " ".join(f"{n[5:]:>11}" for n in names))
+        for (model, shape), row in rows.items():
+            print(f"{model + ' ' + shape:34} " + " ".join(f"{row.get(n, float('nan')):11.1f}" for n in names))
+
+
 def run(repeat: int, only: set[str] | None) -> list[Result]:
     cpu, ref = get_kernels("cpu"), get_kernels("reference")
     rng = np.random.default_rng(0)
@@ -263,6 +319,10 @@ def run(repeat: int, only: set[str] | None) -> list[Result]:
             small = 32 if m is BENCH else 16
             results += bench_expert_linear(cpu, ref, m, "qkv small mixed", small, small // 2, qkv, m.hidden, True,
                                            repeat, rng, target=False)
+        if want("panel_gemm"):
+            for tokens in PANEL_TOKENS:
+                slow = tokens >= 1024 and m is not BENCH  # ~1 s a call
+                results += bench_panel_gemm(m, tokens, max(3, repeat // 5) if slow else repeat, rng)
     for r in results:
         if r.target.startswith(">="):
             r.passed = r.speedup >= float(r.target.split()[1].rstrip("x"))
@@ -287,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = run(args.repeat, set(args.only.split(",")) if args.only else None)
     print_table(results)
+    print_panel_gflops(results)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([asdict(r) | {"speedup": r.speedup} for r in results], f, indent=1)

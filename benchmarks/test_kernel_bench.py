@@ -1,6 +1,7 @@
 """pytest-benchmark versions of benchmarks/kernels.py: each CPU kernel and its reference at the bench preset's
-decode and prefill shapes, write_kv and paged attention over float32, bfloat16 and float16 caches (launches are
-blocking, so each timed call includes the op's whole run).
+decode and prefill shapes (launches are blocking, so each timed call includes the op's whole run): write_kv and
+paged attention over float32, bfloat16 and float16 caches; the panel GEMM in each weight dtype and compute dtype,
+and its composite, at the QKV projection's shape.
 
     .venv/bin/pytest benchmarks/test_kernel_bench.py --benchmark-group-by=param:case
 """
@@ -95,3 +96,22 @@ def test_paged_attention(benchmark, kernels, case, backend, cache_dtype):
 def test_expert_linear(benchmark, kernels, case, backend):
     k = kernels[backend]
     benchmark(lambda: k.expert_linear(case["x"], case["n"] // 2, case["wl"], case["wv"], case["bv"]))
+
+
+# (weight dtype, compute dtype) of each panel GEMM variant (kernels.registry.PANEL_OPS)
+PANEL_VARIANTS = {"f32": (np.float32, "float32"), "bf16-widen": (ml_dtypes.bfloat16, "float32"),
+                  "bf16-dot": (ml_dtypes.bfloat16, "bfloat16"), "f16-widen": (np.float16, "float32")}
+
+
+@pytest.fixture(scope="module")
+def qkv_weight():
+    return np.random.default_rng(1).standard_normal((QKV, HIDDEN), dtype=np.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", list(PANEL_VARIANTS))
+def test_panel_gemm(benchmark, kernels, case, qkv_weight, variant, backend):
+    dtype, compute = PANEL_VARIANTS[variant]
+    k = get_kernels(backend, compute_dtype=compute)
+    w = k.prepare_weight(qkv_weight.astype(dtype))
+    benchmark(lambda: k.linear(case["x"], w))

@@ -7,8 +7,10 @@ token; inside `jit`, keep a data dependency on what they return (the wrappers re
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
+import ml_dtypes
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
@@ -47,20 +49,49 @@ def _token_dtype(*dtypes):
 
 
 PACKED_PANEL = 32  # kernels/cpu/gemm.h kPackedPanel
+BF16 = np.dtype(ml_dtypes.bfloat16)
+PANEL_DTYPES = (np.dtype(np.float32), BF16, np.dtype(np.float16))
 
 
 def pack_weight(w: np.ndarray) -> np.ndarray:
-    """[out, in] -> the prepacked GEMM's column panels [out / 32, in, 32] (out must be a multiple of 32)."""
-    out, inner = w.shape
+    """[out, in] -> the panel GEMM's prepacked panels in w's dtype (out must be a multiple of 32; gemm.h has the
+    layouts): float32 and float16 k-major [out / 32, in, 32]; bfloat16 in k pairs [out / 32, ceil(in / 2), 32, 2]."""
+    out = w.shape[0]
     if out % PACKED_PANEL:
         raise ValueError(f"pack_weight: out features {out} is not a multiple of {PACKED_PANEL}")
+    if w.dtype not in PANEL_DTYPES:
+        raise ValueError(f"pack_weight: dtype {w.dtype} is none of {[str(d) for d in PANEL_DTYPES]}")
+    return pack_k_pairs(w) if w.dtype == BF16 else pack_k_major(w)
+
+
+def unpack_weight(panels: np.ndarray, in_features: int | None = None) -> np.ndarray:
+    """The inverse of pack_weight; in_features drops the zero column an odd `in` was padded with (k pairs)."""
+    return unpack_k_pairs(panels, in_features) if panels.ndim == 4 else unpack_k_major(panels)
+
+
+def pack_k_major(w: np.ndarray) -> np.ndarray:
+    """[out, in] -> [out / 32, in, 32]: panels[p, k, c] = w[32 p + c, k]."""
+    out, inner = w.shape
     return np.ascontiguousarray(w.reshape(out // PACKED_PANEL, PACKED_PANEL, inner).transpose(0, 2, 1))
 
 
-def unpack_weight(panels: np.ndarray) -> np.ndarray:
-    """The inverse of pack_weight."""
+def unpack_k_major(panels: np.ndarray) -> np.ndarray:
     p, inner, width = panels.shape
     return np.ascontiguousarray(panels.transpose(0, 2, 1).reshape(p * width, inner))
+
+
+def pack_k_pairs(w: np.ndarray) -> np.ndarray:
+    """[out, in] -> [out / 32, ceil(in / 2), 32, 2]: panels[p, j, c, i] = w[32 p + c, 2 j + i], zero past `in`."""
+    out, inner = w.shape
+    padded = np.zeros((out, inner + inner % 2), w.dtype)
+    padded[:, :inner] = w
+    return np.ascontiguousarray(padded.reshape(out // PACKED_PANEL, PACKED_PANEL, -1, 2).transpose(0, 2, 1, 3))
+
+
+def unpack_k_pairs(panels: np.ndarray, in_features: int | None = None) -> np.ndarray:
+    p, pairs, width, _ = panels.shape
+    w = panels.transpose(0, 2, 1, 3).reshape(p * width, 2 * pairs)
+    return np.ascontiguousarray(w[:, :in_features] if in_features is not None else w)
 
 
 def _paged_attention_shape(q, k_new, v_new, key_cache, *rest):
@@ -70,7 +101,7 @@ def _paged_attention_shape(q, k_new, v_new, key_cache, *rest):
 
 
 def _expert_linear_shape(x, wl, *rest):
-    return (x[0], wl[0] * wl[2] if len(wl) == 3 else wl[0])
+    return (x[0], wl[0] * wl[2] if len(wl) >= 3 else wl[0])
 
 
 class CpuOps:
@@ -92,6 +123,11 @@ class CpuOps:
     @property
     def has_onednn(self) -> bool:
         return self.library.onednn is not None
+
+    @property
+    def has_bf16_dot(self) -> bool:
+        """Whether the bf16-dot panel GEMM runs vdpbf16ps here (else its fallback: the same results)."""
+        return bool(ctypes.CDLL(self.library.path).cogvlm2_has_bf16_dot())
 
     def rope(self, q: Tensor, k: Tensor, positions: Tensor, cos_table: Tensor, sin_table: Tensor,
              config: Tensor) -> tuple[Tensor, Tensor]:
@@ -130,8 +166,10 @@ class CpuOps:
                                      sin_table, config)
 
     def expert_linear(self, x: Tensor, wl: Tensor, wv: Tensor, bv: Tensor, config: Tensor) -> Tensor:
-        """config [num_language, has_bias, threads, gemm, k_block, n_block] with gemm 0 (built-in), 1 (OpenBLAS,
-        needs has_openblas) or 2 (oneDNN, needs has_onednn); bv is ignored (pass any [1] tensor) when has_bias
-        is 0. wl and wv may instead both be prepacked (pack_weight): then the prepacked GEMM runs whatever gemm
-        says, with k_block."""
+        """config [num_language, has_bias, threads, gemm, k_block, n_block, bf16_dot, portable, tile_rows] (the
+        last three optional) with gemm 0 (built-in), 1 (OpenBLAS, needs has_openblas) or 2 (oneDNN, needs
+        has_onednn); bv is ignored (pass any [1] tensor) when has_bias is 0. wl and wv may instead both be
+        prepacked (pack_weight) in float32, bfloat16 or float16: then the panel GEMM runs whatever gemm says,
+        with k_block and tile_rows, in fp32 math or, for bfloat16 panels with bf16_dot, in bf16 products
+        (portable: the fallback of vdpbf16ps)."""
         return self._expert_linear(x, wl, wv, bv, config)

@@ -2,6 +2,7 @@
 
 - write_kv_cache: K/V of this step's tokens into the paged cache by slot_mapping, in place.
 - paged_attention: attention of a flat varlen batch (decodes + prefill chunks) over the paged cache, GQA, causal.
+- widened_linear, widened_expert_linear: the projections over weights of any storage dtype, the panel GEMMs' oracle.
 The rotary and expert-routed projection composites are the leaf math of kernels/composites.py.
 
 A KV cache holds float32, bfloat16 or float16 (CACHE_DTYPES; the cache tensor's dtype says which): fp32 values are
@@ -18,7 +19,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, ops
 from mindspore import dtype as mstype
 
-from kernels.composites import softmax_attention
+from kernels.composites import expert_linear, linear, softmax_attention
 
 _NEG_INF = np.float32(-np.inf)
 
@@ -66,6 +67,29 @@ def _gather_rows(cache: Tensor, slots: Tensor) -> Tensor:
     if cache.dtype == mstype.bfloat16:
         return ops.gather(cache.view(mstype.uint16), slots, 0).view(mstype.bfloat16).astype(mstype.float32)
     return ops.gather(cache, slots, 0).astype(mstype.float32)
+
+
+def widen(w: Tensor) -> Tensor:
+    """A weight of any storage dtype as float32 (exact for bfloat16 and float16)."""
+    return w if w.dtype == mstype.float32 else ops.cast(w, mstype.float32)
+
+
+def round_to_bf16(x: Tensor) -> Tensor:
+    """x rounded to bfloat16 (to nearest even), as float32."""
+    return ops.cast(ops.cast(x, mstype.bfloat16), mstype.float32)
+
+
+def widened_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, bf16_dot: bool = False) -> Tensor:
+    """x [N, in] @ widen(weight [out, in])^T (+ bias) in fp32; bf16_dot rounds x to bf16 first (the activations of
+    the bf16-dot GEMM). The panel GEMMs equal this up to the order of their fp32 sums."""
+    return linear(round_to_bf16(x) if bf16_dot else x, widen(weight), bias)
+
+
+def widened_expert_linear(x: Tensor, num_language: int, language_w: Tensor, vision_w: Tensor,
+                          vision_b: Tensor | None = None, bf16_dot: bool = False) -> Tensor:
+    """composites.expert_linear with widened_linear's math."""
+    return expert_linear(round_to_bf16(x) if bf16_dot else x, num_language, widen(language_w), widen(vision_w),
+                         vision_b)
 
 
 @dataclass

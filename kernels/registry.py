@@ -1,9 +1,20 @@
-"""One registry for the engine's hot ops: `get_kernels(backend)` returns a kernels.interface.KernelSet (rope,
-write_kv, paged_attention, expert_linear, linear, prepare_weight) whichever backend serves it.
+"""One registry for the engine's hot ops: `get_kernels(backend, compute_dtype=...)` returns a
+kernels.interface.KernelSet (rope, write_kv, paged_attention, expert_linear, linear, prepare_weight) whichever
+backend serves it.
 
 Backends: "cpu" (the AOT kernels of kernels/cpu), "reference" (the MindSpore composites of kernels/reference.py),
 "auto" (cpu if its library loads, else reference with a warning). COGVLM2_KERNELS=cpu|reference forces one.
 Tuned parameters (threads, tiles) come from kernels.sku.load_params: this SKU's table, else the built-in defaults.
+
+Projection weights keep their storage dtype (float32, bfloat16 or float16: prepare_weight takes the checkpoint's
+array as it is). The compute dtype of a kernel set says how 16-bit weights are multiplied (activations and outputs
+are float32 throughout):
+- "float32": every weight widened to fp32, fp32 products (bf16 weights: bit-identical to float32 weights holding
+  the same values);
+- "bfloat16": bf16 weights in bf16 products (activations rounded to bf16 once per call, fp32 accumulation);
+- "float16": fp16 weights widened to fp32 (this CPU has no fp16 arithmetic), as under "float32".
+Float32 weights are computed in fp32 under any compute dtype; fp16 weights under "bfloat16", or bf16 weights under
+"float16", are an error. COGVLM2_BF16_FALLBACK=1 makes the CPU kernels take the portable fallback of vdpbf16ps.
 """
 from __future__ import annotations
 
@@ -12,6 +23,7 @@ import warnings
 from functools import lru_cache
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from mindspore import Tensor
 from mindspore import dtype as mstype
@@ -22,6 +34,18 @@ from kernels.sku import (BACKENDS, GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, G
                          load_params)
 
 DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" parameters, larger ones "prefill"
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+BF16_FALLBACK_ENV = "COGVLM2_BF16_FALLBACK"
+
+# The table op whose parameters a projection uses, by (weight dtype, compute dtype); a pair missing is a mismatch.
+# The 16-bit ops fall back to the float32 GEMM's entry (kernels.sku.DEFAULT_PARAMS) where a table lacks them.
+PANEL_OPS = {
+    **{(mstype.float32, c): "expert_linear" for c in COMPUTE_DTYPES},
+    (mstype.bfloat16, "float32"): "expert_linear_bf16", (mstype.bfloat16, "bfloat16"): "expert_linear_bf16_dot",
+    (mstype.float16, "float32"): "expert_linear_f16", (mstype.float16, "float16"): "expert_linear_f16",
+}
+WEIGHT_DTYPES = {np.dtype(np.float32): mstype.float32, np.dtype(ml_dtypes.bfloat16): mstype.bfloat16,
+                 np.dtype(np.float16): mstype.float16}
 
 
 def shape_class(num_tokens: int) -> str:
@@ -48,23 +72,48 @@ def pad_block_tables(block_tables: list[list[int]]) -> np.ndarray:
 
 
 class BaseKernels:
-    """What the backends share: checkpoint-layout weights and MindSpore's MatMul for linear."""
+    """What the backends share: the compute dtype, checkpoint-layout weights and MindSpore's MatMul for linear."""
     backend: str
     params: KernelParams
+    compute_dtype: str
 
     def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-        return composites.linear(x, w, bias)
+        return reference.widened_linear(x, w, bias, self._bf16_dot(w))
 
     def prepare_weight(self, weight: np.ndarray) -> Tensor:
-        return composites.to_tensor(weight)
+        return composites.to_tensor(self._stored(weight))
+
+    def _stored(self, weight: np.ndarray) -> np.ndarray:
+        """weight in its storage dtype (other dtypes as float32), checked against the compute dtype."""
+        weight = np.asarray(weight)
+        if weight.dtype not in WEIGHT_DTYPES:
+            weight = weight.astype(np.float32)
+        self._panel_op(WEIGHT_DTYPES[weight.dtype])
+        return weight
+
+    def _panel_op(self, weight_dtype) -> str:
+        """PANEL_OPS of this compute dtype, as comparisons (which also compile inside mindspore.jit)."""
+        op = "expert_linear"
+        if weight_dtype == mstype.bfloat16:
+            op = PANEL_OPS.get((mstype.bfloat16, self.compute_dtype))
+        elif weight_dtype == mstype.float16:
+            op = PANEL_OPS.get((mstype.float16, self.compute_dtype))
+        if op is None:
+            raise ValueError(f"{weight_dtype} weights cannot be computed in {self.compute_dtype} (kernels.registry "
+                             "explains the compute dtypes)")
+        return op
+
+    def _bf16_dot(self, w: Tensor) -> bool:
+        return self._panel_op(w.dtype) == "expert_linear_bf16_dot"
 
 
 class ReferenceKernels(BaseKernels):
     """The composites. rope returns new tensors (the inputs are left as they were)."""
     backend = "reference"
 
-    def __init__(self, params: KernelParams):
+    def __init__(self, params: KernelParams, compute_dtype: str = "float32"):
         self.params = params
+        self.compute_dtype = _checked_compute_dtype(compute_dtype)
         self._meta_key: tuple | None = None
         self._meta: reference.PagedAttentionMetadata | None = None
 
@@ -91,7 +140,7 @@ class ReferenceKernels(BaseKernels):
         return reference.paged_attention(q, key_cache, value_cache, meta)
 
     def expert_linear(self, x, num_language, wl, wv, bv):
-        return composites.expert_linear(x, num_language, wl, wv, bv)
+        return reference.widened_expert_linear(x, num_language, wl, wv, bv, self._bf16_dot(wl))
 
     def _metadata(self, slot_mapping, seq_index, token_position, block_tables, context_lens, block_size,
                   num_heads, num_kv_heads) -> reference.PagedAttentionMetadata:
@@ -114,17 +163,20 @@ class CpuKernels(BaseKernels):
     and returns the rotated tensors: use what it returns."""
     backend = "cpu"
 
-    def __init__(self, params: KernelParams):
+    def __init__(self, params: KernelParams, compute_dtype: str = "float32"):
         from kernels.ops import CpuOps  # noqa: PLC0415  (loading the library may fail: see get_kernels)
-        self.params = params
+        self.params = with_panel_ops(params)
+        self.compute_dtype = _checked_compute_dtype(compute_dtype)
+        self.bf16_fallback = os.environ.get(BF16_FALLBACK_ENV, "0") not in ("", "0")
         self.ops = CpuOps()
-        self._configs = self._precomputed_configs()
+        self._configs = {**self._precomputed_configs(), **self._decode_projection_configs()}
         self._dummy_float = Tensor(np.zeros(1, np.float32))
         self._dummy_index = Tensor(np.zeros(1, np.int32))
 
     def _config(self, op: str, num_tokens: int, *values: int) -> Tensor:
-        """The int32 config tensor of a call. Made ahead for every key but expert_linear's (whose num_language
-        varies), so that a call only looks it up; a miss builds it from Python ints, which also works in jit."""
+        """The int32 config tensor of a call. Made ahead for every key but prefill projections' (whose
+        num_language is unbounded), so that a call only looks it up; a miss builds it from Python ints, which also
+        works in jit."""
         key = (op, shape_class(num_tokens)) + values
         config = self._configs.get(key)
         return config if config is not None else Tensor(self._config_row(*key), mstype.int32)
@@ -136,8 +188,10 @@ class CpuKernels(BaseKernels):
         if op == "paged_attention":
             block_size, apply_rope = values
             return [block_size, p["threads"], p["query_tile"], p["key_tile"], p["parallel_min_work"], apply_rope]
-        num_language, has_bias = values
-        return [num_language, has_bias, p["threads"], self._gemm_kind(p["gemm"]), p["k_block"], p["n_block"]]
+        num_language, has_bias = values  # an expert_linear op of PANEL_OPS
+        gemm = self._gemm_kind(p["gemm"]) if op == "expert_linear" else GEMM_OWN  # 16-bit weights: panels only
+        return [num_language, has_bias, p["threads"], gemm, p["k_block"], p["n_block"],
+                int(op == "expert_linear_bf16_dot"), int(self.bf16_fallback), p["tile_rows"]]
 
     def _gemm_kind(self, gemm: int) -> int:
         if (gemm == GEMM_OPENBLAS and self.ops.has_openblas) or (gemm == GEMM_ONEDNN and self.ops.has_onednn):
@@ -149,15 +203,23 @@ class CpuKernels(BaseKernels):
         return any(self.params.get("expert_linear", cls)["gemm"] == GEMM_PREPACKED for cls in ("decode", "prefill"))
 
     def prepare_weight(self, weight: np.ndarray) -> Tensor:
+        """Panels when the rows allow (16-bit weights always: only the panel GEMM reads them; float32 where the
+        table prepacks), else the [out, in] array."""
         from kernels.ops import PACKED_PANEL, pack_weight  # noqa: PLC0415  (loaded with the library)
-        if self.prepacks_weights and weight.shape[0] % PACKED_PANEL == 0:
-            return composites.to_tensor(pack_weight(np.asarray(weight, np.float32)))
+        weight = self._stored(weight)
+        if weight.shape[0] % PACKED_PANEL == 0 and (weight.dtype != np.float32 or self.prepacks_weights):
+            return composites.to_tensor(pack_weight(weight))
         return composites.to_tensor(weight)
 
     def linear(self, x, w, bias=None):
-        if w.ndim == 3:  # every row through "the vision expert" when there is a bias: the kernel adds it
+        if w.ndim >= 3:  # every row through "the vision expert" when there is a bias: the kernel adds it
             return self.expert_linear(x, 0 if bias is not None else x.shape[0], w, w, bias)
-        return composites.linear(x, w, bias)  # MindSpore's MatMul: faster than our unpacked GEMM at the lm_head's shape
+        return super().linear(x, w, bias)  # MindSpore's MatMul: faster than our unpacked GEMM at the lm_head's shape
+
+    def _decode_projection_configs(self) -> dict[tuple, Tensor]:
+        keys = [(op, "decode", language, bias) for op in dict.fromkeys(PANEL_OPS.values())
+                for language in range(DECODE_MAX_TOKENS + 1) for bias in (0, 1)]
+        return {key: Tensor(self._config_row(*key), mstype.int32) for key in keys}
 
     def _precomputed_configs(self) -> dict[tuple, Tensor]:
         keys = [("rope", cls) for cls in ("decode", "prefill")]
@@ -186,9 +248,11 @@ class CpuKernels(BaseKernels):
                                         _i32(context_lens), positions, cos, sin, config)
 
     def expert_linear(self, x, num_language, wl, wv, bv):
-        if wl.ndim == 2 and self.params.get("expert_linear", shape_class(x.shape[0]))["gemm"] == GEMM_MINDSPORE:
-            return composites.expert_linear(x, num_language, wl, wv, bv)
-        config = self._config("expert_linear", x.shape[0], int(num_language), int(bv is not None))
+        op = self._panel_op(wl.dtype)
+        if wl.ndim == 2 and (op != "expert_linear" or  # 16-bit [out, in] (rows not in whole panels): widened
+                             self.params.get("expert_linear", shape_class(x.shape[0]))["gemm"] == GEMM_MINDSPORE):
+            return reference.widened_expert_linear(x, num_language, wl, wv, bv, self._bf16_dot(wl))
+        config = self._config(op, x.shape[0], int(num_language), int(bv is not None))
         return self.ops.expert_linear(x, wl, wv, self._dummy_float if bv is None else bv, config)
 
 
@@ -200,22 +264,38 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
+def with_panel_ops(params: KernelParams) -> KernelParams:
+    """params with an entry per panel op of PANEL_OPS and class: the table's over the float32 GEMM's, with tile_rows
+    (tokens per tile; 0: the kernel's default)."""
+    ops = dict(params.ops)
+    for op in dict.fromkeys(PANEL_OPS.values()):
+        ops[op] = {cls: {"tile_rows": 0, **params.ops["expert_linear"][cls], **params.ops.get(op, {}).get(cls, {})}
+                   for cls in ("decode", "prefill")}
+    return KernelParams(params.sku, params.source, ops)
+
+
+def _checked_compute_dtype(compute_dtype: str) -> str:
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute dtype {compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
+    return compute_dtype
+
+
 @lru_cache(maxsize=None)
-def _kernels(backend: str, config: str | None) -> KernelSet:
+def _kernels(backend: str, config: str | None, compute_dtype: str) -> KernelSet:
     params = load_params(path=config)
     if backend == "reference":
-        return ReferenceKernels(params)
+        return ReferenceKernels(params, compute_dtype)
     if backend == "cpu":
-        return CpuKernels(params)
+        return CpuKernels(params, compute_dtype)
     try:
-        return CpuKernels(params)
+        return CpuKernels(params, compute_dtype)
     except Exception as error:  # noqa: BLE001  (any load failure means: fall back)
         warnings.warn(f"cogvlm2 kernels: the CPU kernel library is unavailable ({error}); "
                       "using the reference composites", RuntimeWarning, stacklevel=3)
-        return ReferenceKernels(params)
+        return ReferenceKernels(params, compute_dtype)
 
 
-def get_kernels(backend: str = "auto", config: str | None = None) -> KernelSet:
-    """The KernelSet of `backend` (COGVLM2_KERNELS overrides it), with parameters from `config` or this SKU's table.
-    One instance per (backend, config)."""
-    return _kernels(resolve_backend(backend), config)
+def get_kernels(backend: str = "auto", config: str | None = None, compute_dtype: str = "float32") -> KernelSet:
+    """The KernelSet of `backend` (COGVLM2_KERNELS overrides it), with parameters from `config` or this SKU's table,
+    multiplying 16-bit weights in `compute_dtype` (the module's docstring). One instance per argument triple."""
+    return _kernels(resolve_backend(backend), config, _checked_compute_dtype(compute_dtype))

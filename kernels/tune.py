@@ -1,5 +1,7 @@
 """`cogvlm2 tune`: sweeps each CPU kernel's parameters (threads, tiles, GEMM choice) over the decode and prefill
-shape classes on this device and writes configs/kernels/<sku>.yaml, the table the registry loads.
+shape classes on this device and writes configs/kernels/<sku>.yaml, the table the registry loads. The projection
+has one op per weight dtype and compute dtype (kernels.registry.PANEL_OPS): expert_linear (float32 weights),
+expert_linear_bf16 (bf16 weights, fp32 math), expert_linear_bf16_dot (bf16 products), expert_linear_f16.
 
 A candidate's score over a class is the mean over the class's shapes of time / best time of that shape, so that
 every shape counts equally whatever its size. Times are minima over repeated runs (the machine is shared).
@@ -20,7 +22,8 @@ from typing import Callable
 
 import numpy as np
 
-OPS = ("rope", "paged_attention", "expert_linear")
+PANEL_OPS = ("expert_linear", "expert_linear_bf16", "expert_linear_bf16_dot", "expert_linear_f16")
+OPS = ("rope", "paged_attention") + PANEL_OPS
 PAGED_CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -52,6 +55,18 @@ SHAPES: dict[str, list[Shape]] = {
                 Shape("19b chunk 128", 32, 8, 128, 4096, 14336, (128,), (128,))],
 }
 
+# The projections also at one decode and at a long prefill (their own classes' extremes; attention is tuned on
+# SHAPES only, where a 2048-token prompt would cost minutes per candidate).
+GEMM_SHAPES: dict[str, list[Shape]] = {
+    "decode": [Shape("19b 1 decode x 512", 32, 8, 128, 4096, 14336, (512,), (1,))],
+    "prefill": [Shape("bench prompt 2048", 16, 4, 64, 1024, 2816, (2048,), (2048,))],
+}
+
+# The panel GEMM's parameters: threads, k per pass over the panels (0: the kernel's default), tokens per tile (0:
+# the kernel's default).
+PANEL_CANDIDATES = [{"threads": t, "k_block": k, "tile_rows": r}
+                    for t, k, r in itertools.product((1, 2), (512, 1024, 0, 4096), (0, 6, 12))]
+
 CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
     "rope": {cls: [{"threads": t} for t in (1, 2)] for cls in SHAPES},
     "paged_attention": {
@@ -64,10 +79,23 @@ CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
                             for t, (k, n) in itertools.product((1, 2), ((0, 0), (1024, 32), (512, 64), (256, 128)))]
                       + [{"threads": t, "gemm": g, "k_block": 0, "n_block": 0} for g in (1, 2) for t in (1, 2)]
                       + [{"threads": 2, "gemm": 3, "k_block": 0, "n_block": 0}]
-                      + [{"threads": t, "gemm": 4, "k_block": k, "n_block": 0}
-                         for t, k in itertools.product((1, 2), (0, 1024, 512))]
+                      + [{"threads": c["threads"], "gemm": 4, "k_block": c["k_block"], "n_block": 0,
+                          "tile_rows": c["tile_rows"]} for c in PANEL_CANDIDATES]
                       for cls in SHAPES},
+    **{op: {cls: PANEL_CANDIDATES for cls in SHAPES} for op in PANEL_OPS[1:]},
 }
+
+
+def shapes_of(op: str, cls: str) -> list[Shape]:
+    return SHAPES[cls] + (GEMM_SHAPES[cls] if op in PANEL_OPS else [])
+
+
+def panel_variant(op: str) -> tuple[np.dtype, str]:
+    """(weight dtype, compute dtype) of a projection op: the first pair kernels.registry.PANEL_OPS maps to it."""
+    from kernels.registry import PANEL_OPS as OPS_BY_DTYPES
+    from kernels.registry import WEIGHT_DTYPES
+    numpy_dtype = {ms_dtype: np_dtype for np_dtype, ms_dtype in WEIGHT_DTYPES.items()}
+    return next((numpy_dtype[w], c) for (w, c), variant in OPS_BY_DTYPES.items() if variant == op)
 
 
 def run_once(fn: Callable[[], object]) -> float:
@@ -90,18 +118,21 @@ class Workload:
         normal = lambda *s: Tensor(rng.standard_normal(s).astype(np.float32))  # noqa: E731
         i32 = lambda a: Tensor.from_numpy(np.ascontiguousarray(a, np.int32))  # noqa: E731
         self.op, n, s = op, shape.tokens, shape
-        if op == "expert_linear":  # the QKV projection (with the vision bias) and the MLP's down projection
+        if op in PANEL_OPS:  # the QKV projection (with the vision bias) and the MLP's down projection
             from kernels.ops import pack_weight
+            dtype, self.compute_dtype = panel_variant(op)
             qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
             weights = [(rng.standard_normal((qkv, s.hidden)), rng.standard_normal((qkv, s.hidden))),
                        (rng.standard_normal((s.hidden, s.mlp)), rng.standard_normal((s.hidden, s.mlp)))]
-            weights = [tuple(w.astype(np.float32) for w in pair) for pair in weights]
+            weights = [tuple(w.astype(np.float32).astype(dtype) for w in pair) for pair in weights]
             x = [normal(n, s.hidden), normal(n, s.mlp)]
             biases = [normal(qkv), None]
-            self.calls = [(x[i], n // 2, Tensor(wl), Tensor(wv), biases[i]) for i, (wl, wv) in enumerate(weights)]
-            # the same projections on weights in the prepacked layout, for candidates that load them so
-            self.prepacked_calls = [(x[i], n // 2, Tensor(pack_weight(wl)), Tensor(pack_weight(wv)), biases[i])
-                                    for i, (wl, wv) in enumerate(weights)]
+            # the same projections on weights in the prepacked layout, for candidates that load them so (16-bit
+            # weights: always)
+            self.prepacked_calls = [(x[i], n // 2, Tensor.from_numpy(pack_weight(wl)),
+                                     Tensor.from_numpy(pack_weight(wv)), biases[i]) for i, (wl, wv) in enumerate(weights)]
+            self.calls = [(x[i], n // 2, Tensor(wl), Tensor(wv), biases[i]) for i, (wl, wv) in enumerate(weights)] \
+                if op == "expert_linear" else self.prepacked_calls
             return
         batch = make_paged_batch(list(s.lens), list(s.new), 16, rng, shuffle=True)
         q, k, v = normal(n, s.heads, s.head_dim), normal(n, s.kv_heads, s.head_dim), normal(n, s.kv_heads, s.head_dim)
@@ -119,8 +150,10 @@ class Workload:
                        i32(pad_block_tables(batch.block_tables)), i32(batch.context_lens), 16)]
 
     def call(self, kernels):
-        calls = self.prepacked_calls if self.op == "expert_linear" and kernels.prepacks_weights else self.calls
-        return [getattr(kernels, self.op)(*args) for args in calls][-1]
+        if self.op in PANEL_OPS:
+            calls = self.prepacked_calls if kernels.prepacks_weights else self.calls
+            return [kernels.expert_linear(*args) for args in calls][-1]
+        return [getattr(kernels, self.op)(*args) for args in self.calls][-1]
 
 
 def _workloads(op: str, shapes: list[Shape], rng: np.random.Generator) -> dict[str, Workload]:
@@ -152,19 +185,21 @@ def tune(ops: list[str], repeat: int, log: Callable[[str], None] = print) -> tup
     """Returns (best parameters per op and class, measurements for the record)."""
     from kernels.runtime import configure_mindspore
     configure_mindspore()
-    from kernels.registry import CpuKernels
-    from kernels.sku import DEFAULT_PARAMS, detect_sku
+    from kernels.registry import CpuKernels, with_panel_ops
+    from kernels.sku import DEFAULT_PARAMS, KernelParams, detect_sku
 
     sku = detect_sku()
     rng = np.random.default_rng(0)
+    defaults = with_panel_ops(KernelParams(sku, "defaults")).ops
     chosen: dict[str, dict[str, dict[str, int]]] = copy.deepcopy(DEFAULT_PARAMS)
     record: dict[str, dict] = {}
-    for cls, shapes in SHAPES.items():
+    for cls in SHAPES:
         for op in ops:
-            named = _workloads(op, shapes, rng)
+            named = _workloads(op, shapes_of(op, cls), rng)
             names, workloads = list(named), list(named.values())
             candidates = CANDIDATES[op][cls]
-            kernel_sets = [CpuKernels(_params_with(sku, op, candidate)) for candidate in candidates]
+            compute = panel_variant(op)[1] if op in PANEL_OPS else "float32"
+            kernel_sets = [CpuKernels(_params_with(sku, op, candidate), compute) for candidate in candidates]
             # Round-robin over candidates, minimum per (candidate, shape): a burst of load from other processes
             # then hits every candidate alike instead of one of them.
             times = np.full((len(candidates), len(workloads)), np.inf)
@@ -174,9 +209,9 @@ def tune(ops: list[str], repeat: int, log: Callable[[str], None] = print) -> tup
                         times[c, i] = min(times[c, i], run_once(lambda: workload.call(kernels)))
             score = (times / times.min(axis=0)).mean(axis=1)
             best = int(score.argmin())
-            default = CANDIDATES[op][cls].index(DEFAULT_PARAMS[op][cls]) \
-                if DEFAULT_PARAMS[op][cls] in CANDIDATES[op][cls] else None
-            chosen[op][cls] = dict(CANDIDATES[op][cls][best])
+            default = next((c for c, candidate in enumerate(candidates)
+                            if all(defaults[op][cls].get(key) == value for key, value in candidate.items())), None)
+            chosen.setdefault(op, {})[cls] = dict(CANDIDATES[op][cls][best])
             record.setdefault(op, {})[cls] = {
                 "best_ms": {name: round(float(times[best, i]), 4) for i, name in enumerate(names)},
                 "default_ms": None if default is None else

@@ -617,13 +617,27 @@ def test_expert_linear_prepacked(n, num_language, out, inner, k_block, bias):
 def test_pack_weight_round_trip_and_its_limit():
     from kernels.ops import pack_weight, unpack_weight
     w = np.arange(64 * 5, dtype=np.float32).reshape(64, 5)
-    packed = pack_weight(w)
-    assert packed.shape == (2, 5, 32) and packed[1, 3, 7] == w[32 + 7, 3]
-    np.testing.assert_array_equal(unpack_weight(packed), w)
+    for dtype in (np.float32, np.float16):
+        packed = pack_weight(w.astype(dtype))
+        assert packed.shape == (2, 5, 32) and packed.dtype == dtype and packed[1, 3, 7] == w[32 + 7, 3]
+        np.testing.assert_array_equal(unpack_weight(packed), w.astype(dtype))
     with pytest.raises(ValueError, match="out features 48"):
         pack_weight(np.zeros((48, 5), np.float32))
+    with pytest.raises(ValueError, match="dtype int32"):
+        pack_weight(np.zeros((32, 5), np.int32))
 
 
+@pytest.mark.parametrize("inner", [5, 6])
+def test_pack_weight_bf16_k_pairs(inner):
+    """bf16: [out / 32, ceil(in / 2), 32, 2], k pairs of one column adjacent; an odd `in` padded with a zero."""
+    from kernels.ops import pack_weight, unpack_weight
+    w = np.arange(64 * inner, dtype=np.float32).reshape(64, inner).astype(BF16)
+    packed = pack_weight(w)
+    assert packed.shape == (2, (inner + 1) // 2, 32, 2) and packed.dtype == BF16
+    assert packed[1, 1, 7, 0] == w[32 + 7, 2] and packed[1, 1, 7, 1] == w[32 + 7, 3]
+    if inner % 2:
+        assert not packed[:, -1, :, 1].astype(np.float32).any()
+    np.testing.assert_array_equal(unpack_weight(packed, inner), w)
 @needs_cpu
 def test_prepare_weight_layouts():
     """Prepacked where the table says so and the rows allow; plain otherwise, and plain on the reference backend."""
@@ -639,6 +653,171 @@ def test_prepare_weight_layouts():
     odd = np.random.default_rng(1).standard_normal((48, 8)).astype(np.float32)
     assert_close(packing.expert_linear(Tensor(x), 2, packing.prepare_weight(odd), packing.prepare_weight(odd),
                                        None).asnumpy(), x @ odd.T)
+
+
+# ---------------------------------------------------------------- panel GEMM variants (16-bit weights)
+
+# (name, weight dtype, compute dtype, bf16 fallback): every panel GEMM variant the registry runs
+PANEL_VARIANTS = [("bf16-widen", BF16, "float32", False), ("bf16-dot", BF16, "bfloat16", False),
+                  ("bf16-dot-fallback", BF16, "bfloat16", True), ("f16-widen", np.float16, "float32", False),
+                  ("f16-as-f16", np.float16, "float16", False), ("f32-in-bf16-set", np.float32, "bfloat16", False)]
+
+
+def panel_kernels(monkeypatch, compute: str, fallback: bool, k_block: int = 0, tile_rows: int = 0,
+                  threads: int = 2) -> CpuKernels:
+    """CPU kernels for `compute` whose every panel op runs with these parameters."""
+    monkeypatch.setenv(registry.BF16_FALLBACK_ENV, "1" if fallback else "0")
+    params = expert_params(sku.GEMM_PREPACKED, k_block, 0, threads)
+    for op in dict.fromkeys(registry.PANEL_OPS.values()):
+        for cls in ("decode", "prefill"):
+            params.ops.setdefault(op, {}).setdefault(cls, {}).update(threads=threads, k_block=k_block,
+                                                                      tile_rows=tile_rows)
+    return CpuKernels(params, compute)
+
+
+def routed_inputs(rng, n: int, out: int, inner: int, dtype, bias: bool):
+    """x, and wl, wv in `dtype` (float32 values for the oracle: bf16/fp16-exact), bv."""
+    wl, wv = (normal(rng, out, inner).astype(dtype) for _ in range(2))
+    return normal(rng, n, inner), wl, wv, normal(rng, out) if bias else None
+
+
+def run_routed(kernels, x, num_language, wl, wv, bv, linear: bool = False) -> np.ndarray:
+    pl, pv = kernels.prepare_weight(wl), kernels.prepare_weight(wv)
+    if linear:
+        return kernels.linear(Tensor(x), pl, None if bv is None else Tensor(bv)).asnumpy()
+    return kernels.expert_linear(Tensor(x), num_language, pl, pv, None if bv is None else Tensor(bv)).asnumpy()
+
+
+@needs_cpu
+@pytest.mark.parametrize("variant", PANEL_VARIANTS, ids=[v[0] for v in PANEL_VARIANTS])
+@pytest.mark.parametrize("n,num_language", [(1, 1), (1, 0), (8, 3), (64, 64), (70, 33), (2048, 700)])
+@pytest.mark.parametrize("out,inner", [(32, 77), (96, 64), (160, 301)])
+@pytest.mark.parametrize("k_block", [0, 37])
+@pytest.mark.parametrize("bias", [True, False])
+def test_panel_variants_match_their_reference(monkeypatch, variant, n, num_language, out, inner, k_block, bias):
+    """Every variant against its composite (reference.widened_expert_linear: widened weights, x rounded to bf16
+    for the bf16 dot): odd `in`, odd k_block (16-bit panels take it up to even), decode to prefill token counts."""
+    _, dtype, compute, fallback = variant
+    kernels = panel_kernels(monkeypatch, compute, fallback, k_block)
+    rng = np.random.default_rng(n + out + inner + k_block)
+    x, wl, wv, bv = routed_inputs(rng, n, out, inner, dtype, bias)
+    expected = run_routed(get_kernels("reference", compute_dtype=compute), x, num_language, wl, wv, bv)
+    got = run_routed(kernels, x, num_language, wl, wv, bv)
+    assert got.shape == (n, out)
+    assert_close(got, expected)
+    assert_close(run_routed(kernels, x, 0, wl, wl, bv, linear=True), run_routed(REF, x, 0, wl, wl, bv, linear=True)
+                 if compute == "float32" else run_routed(get_kernels("reference", compute_dtype=compute), x, 0, wl,
+                                                          wl, bv, linear=True))
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [BF16, np.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("k_block,tile_rows", [(0, 0), (64, 8), (512, 5), (1024, 12)])
+@pytest.mark.parametrize("n,inner", [(1, 4096), (8, 4097), (300, 1030)])
+def test_widened_panels_are_bit_identical_to_float32_panels(monkeypatch, dtype, k_block, tile_rows, n, inner):
+    """fp32 math over 16-bit panels = the float32 GEMM over the widened weights, bit for bit (same k_block)."""
+    rng = np.random.default_rng(inner + k_block)
+    x, wl, wv, bv = routed_inputs(rng, n, 96, inner, dtype, True)
+    widened = panel_kernels(monkeypatch, "float32", False, k_block, tile_rows)
+    reference_tiles = panel_kernels(monkeypatch, "float32", False, k_block, 8)
+    got = run_routed(widened, x, n // 3, wl, wv, bv)
+    f32 = run_routed(reference_tiles, x, n // 3, wl.astype(np.float32), wv.astype(np.float32), bv)
+    np.testing.assert_array_equal(got, f32)
+
+
+@needs_cpu
+@pytest.mark.parametrize("k_block,tile_rows", [(0, 0), (64, 3), (1024, 12)])
+@pytest.mark.parametrize("n,inner", [(1, 4096), (9, 333), (200, 1030)])
+def test_bf16_dot_fallback_is_bit_identical(monkeypatch, k_block, tile_rows, n, inner):
+    """vdpbf16ps and its fallback (FMA of the odd k, then the even k, of each pair): the same bits, also for
+    activations that round to infinity or are denormal (flushed to zero by the rounding) and for any tile."""
+    rng = np.random.default_rng(n + inner)
+    x, wl, wv, bv = routed_inputs(rng, n, 64, inner, BF16, True)
+    x[0, :3] = [3.4e38, -1e-40, 1e-39]
+    native = run_routed(panel_kernels(monkeypatch, "bfloat16", False, k_block, tile_rows), x, n // 2, wl, wv, bv)
+    fallback = run_routed(panel_kernels(monkeypatch, "bfloat16", True, k_block, 8), x, n // 2, wl, wv, bv)
+    np.testing.assert_array_equal(native, fallback)
+    assert np.isinf(native[0]).any() or np.isnan(native[0]).any()
+
+
+@needs_cpu
+def test_bf16_dot_rounds_the_activations():
+    """The bf16 dot differs from the widened math by the rounding of x alone: equal to fp32 math on bf16-exact x."""
+    rng = np.random.default_rng(2)
+    x, wl, wv, bv = routed_inputs(rng, 16, 64, 96, BF16, True)
+    dot, widened = get_kernels("cpu", compute_dtype="bfloat16"), get_kernels("cpu")
+    exact = x.astype(BF16).astype(np.float32)
+    assert_close(run_routed(dot, exact, 5, wl, wv, bv), run_routed(widened, exact, 5, wl, wv, bv))
+    assert not np.allclose(run_routed(dot, x, 5, wl, wv, bv), run_routed(widened, x, 5, wl, wv, bv), rtol=1e-5)
+
+
+@needs_cpu
+def test_has_bf16_dot_follows_the_cpu():
+    flags = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").is_file() else ""
+    assert CPU.ops.has_bf16_dot == (" avx512_bf16" in flags)
+
+
+@needs_cpu
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_prepare_weight_keeps_the_storage_dtype(backend):
+    """Panels in the weight's dtype (no float32 copy), plain where the rows are no whole panels (then widened per
+    call); other dtypes are taken as float32; a 16-bit dtype the compute dtype cannot use is refused at load."""
+    kernels = get_kernels(backend, compute_dtype="bfloat16")
+    rng = np.random.default_rng(4)
+    x = normal(rng, 3, 9)
+    for dtype, ms_dtype, panel_shape in ((BF16, ms.bfloat16, (2, 5, 32, 2)), (np.float32, ms.float32, (2, 9, 32))):
+        w = normal(rng, 64, 9).astype(dtype)
+        prepared = kernels.prepare_weight(w)
+        assert prepared.dtype == ms_dtype
+        assert prepared.shape == (panel_shape if backend == "cpu" else (64, 9))
+        odd = kernels.prepare_weight(normal(rng, 48, 9).astype(dtype))
+        assert odd.shape == (48, 9) and odd.dtype == ms_dtype
+        expected = x.astype(BF16).astype(np.float32) if dtype == BF16 else x
+        assert_close(kernels.linear(Tensor(x), odd).asnumpy(), expected @ odd.asnumpy().astype(np.float32).T)
+    assert kernels.prepare_weight(np.ones((32, 4))).dtype == ms.float32
+    with pytest.raises(ValueError, match="cannot be computed in bfloat16"):
+        kernels.prepare_weight(np.ones((32, 4), np.float16))
+    with pytest.raises(ValueError, match="cannot be computed in float16"):
+        get_kernels(backend, compute_dtype="float16").prepare_weight(np.ones((32, 4), BF16))
+    with pytest.raises(ValueError, match="unknown compute dtype"):
+        get_kernels(backend, compute_dtype="int8")
+
+
+@needs_cpu
+def test_expert_linear_rejects_mismatched_panels():
+    """The kernel's statuses: 2 for dtypes (experts of two dtypes, 16-bit [out, in], bf16 dot on fp16 panels),
+    3 for shapes (a bf16 panel in the k-major layout, panels over another `in`)."""
+    from kernels.ops import pack_k_major, pack_weight
+    rng = np.random.default_rng(6)
+    x, w = Tensor(normal(rng, 4, 10)), normal(rng, 32, 10)
+    as_tensor = lambda a: Tensor.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    bf16, f16, f32 = (as_tensor(pack_weight(w.astype(d))) for d in (BF16, np.float16, np.float32))
+    config = lambda dot=0: Tensor(np.array([2, 0, 1, 4, 0, 0, dot, 0, 0], np.int32))  # noqa: E731
+    bias = Tensor(np.zeros(1, np.float32))
+    for wl, wv, cfg, status in ((bf16, f32, config(), 2), (f16, f16, config(1), 2),
+                                (as_tensor(w.astype(BF16)), as_tensor(w.astype(BF16)), config(), 2),
+                                (as_tensor(pack_k_major(w.astype(BF16))), bf16, config(), 3),
+                                (as_tensor(pack_weight(normal(rng, 32, 12).astype(BF16))),) * 2 + (config(), 3)):
+        with pytest.raises(RuntimeError, match=f"is {status}"):
+            CPU.ops.expert_linear(x, wl, wv, bias, cfg).asnumpy()
+    assert CPU.ops.expert_linear(x, bf16, bf16, bias, config(1)).shape == (4, 32)  # the well-formed call
+
+
+@needs_cpu
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_bf16_panels_inside_jit(compute):
+    rng = np.random.default_rng(8)
+    kernels = get_kernels("cpu", compute_dtype=compute)
+    x, wl, wv, bv = routed_inputs(rng, 6, 64, 40, BF16, True)
+    pl, pv, b = kernels.prepare_weight(wl), kernels.prepare_weight(wv), Tensor(bv)
+
+    @ms.jit
+    def project(x):
+        return kernels.expert_linear(x, 2, pl, pv, b), kernels.linear(x, pl)
+
+    routed, dense = project(Tensor(x))
+    np.testing.assert_array_equal(routed.asnumpy(), kernels.expert_linear(Tensor(x), 2, pl, pv, b).asnumpy())
+    np.testing.assert_array_equal(dense.asnumpy(), kernels.linear(Tensor(x), pl).asnumpy())
 
 
 # ---------------------------------------------------------------- inside jit
@@ -837,6 +1016,8 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     from kernels import tune
     small = tune.Shape("tiny", 4, 2, 16, 32, 48, (20, 9), (20, 1))
     monkeypatch.setattr(tune, "SHAPES", {"decode": [small], "prefill": [small]})
+    monkeypatch.setattr(tune, "GEMM_SHAPES", {"decode": [small], "prefill": []})
+    panel = [{"threads": 1, "k_block": 0, "tile_rows": 0}, {"threads": 2, "k_block": 16, "tile_rows": 3}]
     monkeypatch.setattr(tune, "CANDIDATES", {
         "rope": {c: [{"threads": 1}, {"threads": 2}] for c in ("decode", "prefill")},
         "paged_attention": {c: [dict(sku.DEFAULT_PARAMS["paged_attention"][c]),
@@ -844,6 +1025,7 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
                             for c in ("decode", "prefill")},
         "expert_linear": {c: [{"threads": 1, "gemm": g, "k_block": 0, "n_block": 0} for g in range(5)]
                           for c in ("decode", "prefill")},
+        **{op: {c: panel for c in ("decode", "prefill")} for op in tune.PANEL_OPS[1:]},
     })
     parser = argparse.ArgumentParser()
     tune.add_tune_parser(parser.add_subparsers(dest="command"))
@@ -853,5 +1035,6 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     params = load_params(path=out)
     assert set(params.ops) == set(tune.OPS)
     assert params.get("expert_linear", "decode")["gemm"] in range(5)
+    assert params.get("expert_linear_bf16_dot", "prefill") in panel
     assert "measurements" in out.read_text(encoding="utf-8")
     assert "best_by_cache_dtype" in out.read_text(encoding="utf-8")  # paged attention, timed per cache dtype

@@ -1,6 +1,8 @@
 // Expert-routed projection: x [N, in] in routed order (language rows first), y = x[:L] @ Wl^T and
-// y[L:] = x[L:] @ Wv^T + bv, as two GEMM calls on contiguous row ranges of x and y, weights in [out, in] layout
-// read transposed by the GEMM (nothing is copied). Which GEMM is a per-call choice (the tuned table's):
+// y[L:] = x[L:] @ Wv^T + bv, as two GEMM calls on contiguous row ranges of x and y. Weights are either float32 in
+// [out, in] layout, read transposed by the GEMM (nothing is copied), or panels prepacked at load time in float32,
+// bfloat16 or float16 (gemm.h), read by the panel GEMM in the call's math. For [out, in] weights, which GEMM is a
+// per-call choice (the tuned table's):
 //   0: ours (gemm.cc), 1: an OpenBLAS SGEMM (numpy's, by default), 2: oneDNN's dnnl_sgemm (the libdnnl that
 //   ships inside MindSpore, so always there). The libraries are opened at run time, so this one links to neither.
 // Library GEMMs run single-threaded; threads here split the output columns (weight rows) between them, so no
@@ -61,6 +63,81 @@ void gemm_columns(GemmKind kind, int64_t m, int64_t n, int64_t c0, int64_t c1, i
 
 void* open_library(const char* path) { return dlopen(path, RTLD_NOW | RTLD_LOCAL); }
 
+// The config tensor: [num_language, has_bias, threads, gemm, k_block, n_block] and, where present (else 0),
+// [bf16_dot, portable, tile_rows] for panels (gemm.h PanelGemm).
+struct Config {
+  int64_t language;
+  bool has_bias;
+  int threads;
+  GemmKind kind;
+  int64_t k_block, n_block;
+  bool bf16_dot, portable;
+  int tile_rows;
+};
+
+Config read_config(const int32_t* c, int64_t count) {
+  auto at = [&](int64_t i) { return i < count ? c[i] : 0; };
+  return {c[0], c[1] != 0, std::max(1, c[2]), static_cast<GemmKind>(c[3]), c[4], c[5], at(6) != 0, at(7) != 0, at(8)};
+}
+
+struct Weights {
+  bool panels;
+  PanelDtype dtype;
+  int64_t out;
+};
+
+bool weight_dtype(const Args& a, int i, PanelDtype* dtype) {
+  if (a.is_f32(i)) *dtype = PanelDtype::kF32;
+  else if (a.is(i, "bfloat16")) *dtype = PanelDtype::kBf16;
+  else if (a.is(i, "float16")) *dtype = PanelDtype::kF16;
+  else return false;
+  return true;
+}
+
+// Both experts' weights alike: float32 [out, in], or panels of their dtype's layout over `in`.
+Status check_weights(const Args& a, int64_t in, Weights* w) {
+  PanelDtype language, vision;
+  if (!weight_dtype(a, 1, &language) || !weight_dtype(a, 2, &vision) || language != vision) return kBadDtype;
+  const int rank = a.rank(1);
+  if (a.rank(2) != rank) return kBadShape;
+  for (int d = 0; d < rank; ++d)
+    if (a.dim(1, d) != a.dim(2, d)) return kBadShape;
+  *w = {rank != 2, language, rank == 2 ? a.dim(1, 0) : a.dim(1, 0) * kPackedPanel};
+  if (rank == 2) return language != PanelDtype::kF32 ? kBadDtype : a.dim(1, 1) == in ? kOk : kBadShape;
+  const bool pairs = language == PanelDtype::kBf16;
+  if (rank != (pairs ? 4 : 3) || a.dim(1, 1) != (pairs ? (in + 1) / 2 : in) || a.dim(1, 2) != kPackedPanel ||
+      (pairs && a.dim(1, 3) != 2))
+    return kBadShape;
+  return kOk;
+}
+
+// y = the routed projection, on up to cfg.threads threads: each owns ranges of output panels of both row ranges.
+void project_experts(const Config& cfg, const Weights& w, int64_t n, int64_t in, const float* x, const void* wl,
+                     const void* wv, const float* bias, float* y) {
+  const int64_t out = w.out, language = cfg.language, vision = n - language;
+  const int workers = n * out * in >= (1 << 20) ? cfg.threads : 1;
+  const PanelGemm g{w.dtype, cfg.bf16_dot ? PanelMath::kBf16Dot : PanelMath::kFloat32, cfg.portable, cfg.k_block,
+                    cfg.tile_rows};
+  thread_local ActivationStorage storage;  // kept between calls: the rounded activations of the largest call
+  const Activations xs = w.panels ? prepare_activations(g, x, n, in, storage, workers) : Activations{x, in, 4};
+  auto project = [&](int64_t rows, int64_t row0, const void* wt, float* ys, bool accumulate, int64_t p0,
+                     int64_t p1) {
+    if (w.panels) return gemm_panels(g, rows, out, p0, p1, in, xs.rows_from(row0), wt, ys, accumulate);
+    gemm_columns(cfg.kind, rows, out, p0 * kGemmColumnAlign, std::min(out, p1 * kGemmColumnAlign), in,
+                 x + row0 * in, static_cast<const float*>(wt), ys, accumulate, cfg.k_block, cfg.n_block);
+  };
+  parallel_ranges((out + kGemmColumnAlign - 1) / kGemmColumnAlign, workers, [&](int64_t p0, int64_t p1) {
+    if (language > 0) project(language, 0, wl, y, false, p0, p1);
+    if (vision > 0) {
+      const int64_t c0 = p0 * kGemmColumnAlign, c1 = std::min(out, p1 * kGemmColumnAlign);
+      float* yv = y + language * out;
+      if (cfg.has_bias)
+        for (int64_t i = 0; i < vision; ++i) std::memcpy(yv + i * out + c0, bias + c0, (c1 - c0) * sizeof(float));
+      project(vision, language, wv, yv, cfg.has_bias, p0, p1);
+    }
+  });
+}
+
 }  // namespace
 }  // namespace cogvlm2
 
@@ -93,56 +170,29 @@ extern "C" int cogvlm2_load_onednn(const char* path) {
   return libs.dnnl ? 0 : 2;
 }
 
-// inputs: x [N,in], wl and wv [out,in] or both prepacked [out/32,in,32] (gemm.h; then gemm and n_block are unused:
-//         the prepacked GEMM is the only one that reads that layout), bv [out] or [1] (f32),
-//         config [num_language, has_bias, threads, gemm (0 ours, 1 OpenBLAS, 2 oneDNN), k_block, n_block] (i32)
+// 1 when the panel GEMM's bf16 dot runs vdpbf16ps on this CPU, 0 when it takes the fallback.
+extern "C" int cogvlm2_has_bf16_dot() { return cogvlm2::cpu_has_bf16_dot() ? 1 : 0; }
+
+// inputs: x [N,in] f32; wl and wv both f32 [out,in] or both panels (gemm.h) of one dtype: f32 or f16
+//         [out/32,in,32], bf16 [out/32,ceil(in/2),32,2]; bv [out] or [1] (f32); config (i32, Config above):
+//         gemm and n_block apply to [out,in] weights only, bf16_dot to bf16 panels only (else kBadDtype).
 // output: y [N,out] f32
 COGVLM2_AOT(ExpertLinear) {
   using namespace cogvlm2;
   Args a{nparam, params, ndims, shapes, dtypes};
   if (nparam != 6) return kBadArity;
-  for (int i : {0, 1, 2, 3, 5})
+  for (int i : {0, 3, 5})
     if (!a.is_f32(i)) return kBadDtype;
   if (!a.is_i32(4) || a.numel(4) < 6) return kBadDtype;
-  const bool prepacked = a.rank(1) == 3;
-  if (a.rank(0) != 2 || a.rank(1) != a.rank(2) || (a.rank(1) != 2 && !prepacked)) return kBadShape;
-  if (prepacked && (a.dim(1, 2) != kPackedPanel || a.dim(2, 2) != kPackedPanel || a.dim(1, 0) != a.dim(2, 0)))
-    return kBadShape;
+  if (a.rank(0) != 2) return kBadShape;
   const int64_t n = a.dim(0, 0), in = a.dim(0, 1);
-  const int64_t out = prepacked ? a.dim(1, 0) * kPackedPanel : a.dim(1, 0);
-  const int32_t* cfg = a.data<int32_t>(4);
-  const int64_t language = cfg[0];
-  const bool has_bias = cfg[1] != 0;
-  const int threads = std::max(1, cfg[2]);
-  const GemmKind kind = static_cast<GemmKind>(cfg[3]);
-  if (a.dim(1, 1) != in || a.dim(2, 1) != in || (!prepacked && a.dim(2, 0) != out) || language < 0 ||
-      language > n || (has_bias && a.numel(3) != out) || a.numel(5) != n * out)
+  Weights w;
+  if (const Status status = check_weights(a, in, &w)) return status;
+  const Config cfg = read_config(a.data<int32_t>(4), a.numel(4));
+  if (cfg.bf16_dot && w.dtype != PanelDtype::kBf16) return kBadDtype;
+  if (cfg.language < 0 || cfg.language > n || (cfg.has_bias && a.numel(3) != w.out) || a.numel(5) != n * w.out)
     return kBadShape;
-  if (!prepacked && !available(kind)) return kNoBlas;
-  const float* x = a.data<float>(0);
-  const float* wl = a.data<float>(1);
-  const float* wv = a.data<float>(2);
-  const float* bias = a.data<float>(3);
-  float* y = a.data<float>(5);
-  const int64_t vision = n - language;
-  // One parallel region for both experts: each thread owns ranges of output panels of both row ranges.
-  const int64_t panels = (out + kGemmColumnAlign - 1) / kGemmColumnAlign;
-  const int workers = n * out * in >= (1 << 20) ? threads : 1;
-  auto project = [&](int64_t rows, const float* xs, const float* w, float* ys, bool accumulate, int64_t p0,
-                     int64_t p1) {
-    if (prepacked) return gemm_prepacked_panels(rows, out, p0, p1, in, xs, w, ys, accumulate, cfg[4]);
-    gemm_columns(kind, rows, out, p0 * kGemmColumnAlign, std::min(out, p1 * kGemmColumnAlign), in, xs, w, ys,
-                 accumulate, cfg[4], cfg[5]);
-  };
-  parallel_ranges(panels, workers, [&](int64_t p0, int64_t p1) {
-    if (language > 0) project(language, x, wl, y, false, p0, p1);
-    if (vision > 0) {
-      const int64_t c0 = p0 * kGemmColumnAlign, c1 = std::min(out, p1 * kGemmColumnAlign);
-      float* yv = y + language * out;
-      if (has_bias)
-        for (int64_t i = 0; i < vision; ++i) std::memcpy(yv + i * out + c0, bias + c0, (c1 - c0) * sizeof(float));
-      project(vision, x + language * in, wv, yv, has_bias, p0, p1);
-    }
-  });
+  if (!w.panels && !available(cfg.kind)) return kNoBlas;
+  project_experts(cfg, w, n, in, a.data<float>(0), params[1], params[2], a.data<float>(3), a.data<float>(5));
   return kOk;
 }

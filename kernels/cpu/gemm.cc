@@ -1,7 +1,13 @@
 #include "gemm.h"
 
 #include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <utility>
 #include <vector>
+
+#include "common.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -98,10 +104,245 @@ void gemm_columns(int64_t m, int64_t n0, int64_t n1, int64_t k, const float* x, 
   }
 }
 
+// ---------------------------------------------------------------- scalar conversions (exact, or vcvtne2ps2bf16's)
+
+inline float float_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline float bf16_to_float(uint16_t h) { return float_from_bits(static_cast<uint32_t>(h) << 16); }
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+  if (exponent == 0x1F) return float_from_bits(sign | 0x7F800000u | (mantissa << 13));
+  if (exponent != 0) return float_from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  const float subnormal = static_cast<float>(mantissa) * 0x1p-24f;  // exact: 10 bits
+  return sign ? -subnormal : subnormal;
+}
+
+// Round to nearest even with denormal inputs as zero and NaNs quietened: what vcvtne2ps2bf16 does.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7F800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// ---------------------------------------------------------------- panel tiles
+
+// A tile of R tokens x 32 columns over one k slice of a panel: y[r][0, cols) = (y +) the slice's sums. It also
+// pulls `pf_lines` cache lines from `pf` into L2 as it goes (the slice read next, so that streaming it from memory
+// overlaps this slice's products instead of stalling the next tile).
+template <class X, class W>
+using Tile = void (*)(const X* x, int64_t ldx, const W* panel, int64_t len, float* y, int64_t ldy, int64_t cols,
+                      bool add, const char* pf, int64_t pf_lines);
+
+template <class X, class W>
+using Tiles = std::array<Tile<X, W>, kMaxTileRows>;  // by token count - 1
+
+// Spreads `lines` prefetches over a loop of `len` k, a batch every 4 k.
+class Prefetcher {
+ public:
+  Prefetcher(const char* p, int64_t lines, int64_t len)
+      : p_(p), lines_(lines), per_batch_(len > 0 ? (lines * 4 + len - 1) / len : 0) {}
+
+  void at(int64_t kk) {
+    if ((kk & 3) != 0) return;
+    for (int64_t l = 0; l < per_batch_ && issued_ < lines_; ++l, ++issued_) __builtin_prefetch(p_ + issued_ * 64, 0, 2);
+  }
+
+ private:
+  const char* p_;
+  int64_t lines_, per_batch_, issued_ = 0;
+};
+
+// How a panel dtype yields fp32 weights at k index kk (p = panel + kk * 32, kk a multiple of kStep): get(p, s, c)
+// is column c at k + s; load(p, w) fills w[s][h] with columns [16 h, 16 h + 16) at k + s.
+struct F32Panel {
+  using W = float;
+  static constexpr int kStep = 1;
+  static float get(const W* p, int /*s*/, int c) { return p[c]; }
+#ifdef __AVX512F__
+  static void load(const W* p, __m512 (&w)[kStep][2]) {
+    w[0][0] = _mm512_loadu_ps(p);
+    w[0][1] = _mm512_loadu_ps(p + 16);
+  }
+#endif
+};
+
+struct F16Panel {
+  using W = uint16_t;
+  static constexpr int kStep = 1;
+  static float get(const W* p, int /*s*/, int c) { return half_to_float(p[c]); }
+#ifdef __AVX512F__
+  static void load(const W* p, __m512 (&w)[kStep][2]) {
+    w[0][0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    w[0][1] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+  }
+#endif
+};
+
+struct Bf16Panel {
+  using W = uint16_t;
+  static constexpr int kStep = 2;
+  static float get(const W* p, int s, int c) { return bf16_to_float(p[2 * c + s]); }
+#ifdef __AVX512F__
+  static void load(const W* p, __m512 (&w)[kStep][2]) {
+    const __m512i odd = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+    for (int h = 0; h < 2; ++h) {
+      const __m512i pairs = _mm512_loadu_si512(p + 32 * h);
+      w[0][h] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+      w[1][h] = _mm512_castsi512_ps(_mm512_and_si512(pairs, odd));
+    }
+  }
+#endif
+};
+
+// kDotOrder: the k order of vdpbf16ps within a pair (odd, then even) over activations padded to whole pairs;
+// otherwise the f32 panels' order (even, then odd; an odd k left over is the last product).
+template <class P, int R, bool kDotOrder>
+void portable_tile(const float* x, int64_t ldx, const typename P::W* panel, int64_t len, float* y, int64_t ldy,
+                   int64_t cols, bool add, const char* /*pf*/, int64_t /*pf_lines*/) {
+  constexpr int S = P::kStep;
+  float acc[R][kPackedPanel] = {};
+  const int64_t whole = kDotOrder ? (len + S - 1) / S * S : len / S * S;
+  for (int64_t kk = 0; kk < len; kk += S) {
+    const typename P::W* p = panel + kk * kPackedPanel;
+    const int steps = kk < whole ? S : 1;
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < steps; ++i) {
+        const int s = kDotOrder ? steps - 1 - i : i;
+        const float a = x[r * ldx + kk + s];
+#pragma omp simd
+        for (int c = 0; c < kPackedPanel; ++c) acc[r][c] = std::fma(a, P::get(p, s, c), acc[r][c]);
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < cols; ++c) y[r * ldy + c] = add ? y[r * ldy + c] + acc[r][c] : acc[r][c];
+}
+
 #ifdef __AVX512F__
 
+#define COGVLM2_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+template <int R>
+inline void store_tile(__m512 (&acc)[R][2], float* y, int64_t ldy, int64_t cols, bool add) {
+  const __mmask16 m0 = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? static_cast<__mmask16>(0xFFFF)
+                                  : static_cast<__mmask16>(cols > 16 ? (1u << (cols - 16)) - 1 : 0);
+  for (int r = 0; r < R; ++r) {
+    float* out = y + r * ldy;
+    if (add) {
+      acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_maskz_loadu_ps(m0, out));
+      acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_maskz_loadu_ps(m1, out + 16));
+    }
+    _mm512_mask_storeu_ps(out, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(out + 16, m1, acc[r][1]);
+  }
+}
+
+template <int R, int S>
+inline void fma_rows(const float* x, int64_t ldx, int s, const __m512 (&w)[S][2], __m512 (&acc)[R][2]) {
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(x[r * ldx + s]);
+    acc[r][0] = _mm512_fmadd_ps(a, w[s][0], acc[r][0]);
+    acc[r][1] = _mm512_fmadd_ps(a, w[s][1], acc[r][1]);
+  }
+}
+
+// portable_tile's math with one broadcast of x and a widening load of the panel per k: 2 x R accumulators.
+template <class P, int R, bool kDotOrder>
+void widening_tile(const float* x, int64_t ldx, const typename P::W* panel, int64_t len, float* y, int64_t ldy,
+                   int64_t cols, bool add, const char* pf, int64_t pf_lines) {
+  constexpr int S = P::kStep;
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  Prefetcher prefetch(pf, pf_lines, len);
+  const int64_t whole = kDotOrder ? (len + S - 1) / S * S : len / S * S;
+  int64_t kk = 0;
+  for (; kk < whole; kk += S) {
+    prefetch.at(kk);
+    __m512 w[S][2];
+    P::load(panel + kk * kPackedPanel, w);
+    for (int i = 0; i < S; ++i) fma_rows<R, S>(x + kk, ldx, kDotOrder ? S - 1 - i : i, w, acc);
+  }
+  if (kk < len) {
+    __m512 w[S][2];
+    P::load(panel + kk * kPackedPanel, w);
+    fma_rows<R, S>(x + kk, ldx, 0, w, acc);
+  }
+  store_tile<R>(acc, y, ldy, cols, add);
+}
+
+// vdpbf16ps over bf16 activations (ldx in bf16, rows of whole pairs): per pair of k, one broadcast of x's pair.
+template <int R>
+COGVLM2_BF16_TARGET void bf16_dot_tile(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t len, float* y,
+                                       int64_t ldy, int64_t cols, bool add, const char* pf, int64_t pf_lines) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  Prefetcher prefetch(pf, pf_lines, len);
+  for (int64_t kk = 0; kk < len; kk += 2) {
+    prefetch.at(kk);
+    const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(panel + kk * kPackedPanel));
+    const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(panel + kk * kPackedPanel + 32));
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, x + r * ldx + kk, sizeof(pair));
+      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(pair)));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  }
+  store_tile<R>(acc, y, ldy, cols, add);
+}
+
+COGVLM2_BF16_TARGET void round_row_native(const float* x, int64_t k, uint16_t* out) {
+  for (int64_t i = 0; i < k; i += 32) {
+    const int64_t left = std::min<int64_t>(32, k - i);
+    const __mmask16 lo = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
+    const __mmask16 hi = static_cast<__mmask16>(left >= 32 ? 0xFFFF : left > 16 ? (1u << (left - 16)) - 1 : 0);
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + i + 16), _mm512_maskz_loadu_ps(lo, x + i));
+    const __mmask32 mask = left == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1ull << left) - 1);
+    _mm512_mask_storeu_epi16(out + i, mask, reinterpret_cast<__m512i>(v));
+  }
+}
+
+template <class P, int R, bool kDotOrder>
+constexpr Tile<float, typename P::W> kWideningTile = &widening_tile<P, R, kDotOrder>;
+
+template <size_t... I>
+constexpr Tiles<uint16_t, uint16_t> dot_tiles(std::index_sequence<I...>) {
+  return {{&bf16_dot_tile<static_cast<int>(I) + 1>...}};
+}
+
+const Tiles<uint16_t, uint16_t> kBf16DotTiles = dot_tiles(std::make_index_sequence<kMaxTileRows>());
+
+#else
+
+template <class P, int R, bool kDotOrder>
+constexpr Tile<float, typename P::W> kWideningTile = &portable_tile<P, R, kDotOrder>;
+
+#endif
+
+template <class P, bool kDotOrder, size_t... I>
+constexpr Tiles<float, typename P::W> widening_tiles(std::index_sequence<I...>) {
+  return {{kWideningTile<P, static_cast<int>(I) + 1, kDotOrder>...}};
+}
+
+const auto kF32Tiles = widening_tiles<F32Panel, false>(std::make_index_sequence<kMaxTileRows>());
+const auto kF16Tiles = widening_tiles<F16Panel, false>(std::make_index_sequence<kMaxTileRows>());
+const auto kBf16WideningTiles = widening_tiles<Bf16Panel, false>(std::make_index_sequence<kMaxTileRows>());
+const auto kBf16FallbackTiles = widening_tiles<Bf16Panel, true>(std::make_index_sequence<kMaxTileRows>());
+
+#ifdef __AVX512F__
+
+// ---------------------------------------------------------------- per-call packing (unpacked weights)
+
 // Larger token counts: a panel of 32 weight rows is packed k-major (packed[kk][32]) once per k block, then every
-// token block of 8 rows runs over it with 8 x 2 accumulators, one broadcast of x and two packed loads per k.
+// token block of 8 rows runs over it with the f32 panels' tile.
 constexpr int64_t kPanel = 32;
 constexpr int kPanelRows = 8;
 constexpr int64_t kPackedMinRows = 48;  // measured: below this the dot-product tiles win (too few rows to repay packing)
@@ -120,54 +361,6 @@ void pack_panel(const float* w, int64_t ldw, int64_t cols, int64_t len, float* p
   }
 }
 
-// R rows x 32 columns over a packed panel (packed[kk][32]): 2 x R accumulators, one broadcast of x and two packed
-// loads per k. It also pulls `pf_lines` cache lines from `pf` into L2 as it goes (the weights of the next panel,
-// so that streaming them from memory overlaps this panel's FMAs instead of stalling the next panel's first tile).
-template <int R>
-void prefetching_tile(const float* x, int64_t ldx, const float* packed, int64_t len, float* y, int64_t ldy,
-                      int64_t cols, bool add, const char* pf, int64_t pf_lines) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const int64_t per_4k = len > 0 ? (pf_lines * 4 + len - 1) / len : 0;
-  int64_t issued = 0;
-  for (int64_t kk = 0; kk < len; ++kk) {
-    if ((kk & 3) == 0)
-      for (int64_t l = 0; l < per_4k && issued < pf_lines; ++l, ++issued) _mm_prefetch(pf + issued * 64, _MM_HINT_T1);
-    const __m512 b0 = _mm512_loadu_ps(packed + kk * kPanel), b1 = _mm512_loadu_ps(packed + kk * kPanel + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(x[r * ldx + kk]);
-      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
-    }
-  }
-  const __mmask16 m0 = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? static_cast<__mmask16>(0xFFFF)
-                                  : static_cast<__mmask16>(cols > 16 ? (1u << (cols - 16)) - 1 : 0);
-  for (int r = 0; r < R; ++r) {
-    float* out = y + r * ldy;
-    if (add) {
-      acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_maskz_loadu_ps(m0, out));
-      acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_maskz_loadu_ps(m1, out + 16));
-    }
-    _mm512_mask_storeu_ps(out, m0, acc[r][0]);
-    _mm512_mask_storeu_ps(out + 16, m1, acc[r][1]);
-  }
-}
-
-template <int R>
-void packed_tile(const float* x, int64_t ldx, const float* packed, int64_t len, float* y, int64_t ldy, int64_t cols,
-                 bool add) {
-  prefetching_tile<R>(x, ldx, packed, len, y, ldy, cols, add, nullptr, 0);
-}
-
-using PackedTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool);
-
-PackedTile pick_packed(int64_t rows) {
-  static const PackedTile tiles[] = {packed_tile<1>, packed_tile<2>, packed_tile<3>, packed_tile<4>,
-                                     packed_tile<5>, packed_tile<6>, packed_tile<7>, packed_tile<8>};
-  return tiles[rows - 1];
-}
-
 // Columns [n0, n1) of y (ldy), every token; accumulate adds to y.
 void gemm_columns_packed(int64_t m, int64_t n0, int64_t n1, int64_t k, const float* x, const float* w, float* y,
                          int64_t ldy, int64_t k_block, bool accumulate) {
@@ -180,8 +373,8 @@ void gemm_columns_packed(int64_t m, int64_t n0, int64_t n1, int64_t k, const flo
       pack_panel(w + c0 * k + k0, k, cols, len, packed.data());
       for (int64_t r0 = 0; r0 < m; r0 += kPanelRows) {
         const int64_t rows = std::min<int64_t>(kPanelRows, m - r0);
-        pick_packed(rows)(x + r0 * k + k0, k, packed.data(), len, y + r0 * ldy + c0, ldy, cols,
-                          accumulate || k0 > 0);
+        kF32Tiles[rows - 1](x + r0 * k + k0, k, packed.data(), len, y + r0 * ldy + c0, ldy, cols,
+                            accumulate || k0 > 0, nullptr, 0);
       }
     }
   }
@@ -189,77 +382,122 @@ void gemm_columns_packed(int64_t m, int64_t n0, int64_t n1, int64_t k, const flo
 
 #endif
 
-// 8 x 32 tiles over prepacked panels: the AVX-512 tile above when available, else a portable one the compiler
-// vectorises for whatever ISA it targets.
-constexpr int kPrepackedRows = 8;
+// ---------------------------------------------------------------- the loop over prepacked panels
 
-template <int R>
-void portable_prepacked_tile(const float* x, int64_t ldx, const float* panel, int64_t len, float* y, int64_t ldy,
-                             int64_t cols, bool add, const char* /*prefetch*/, int64_t /*prefetch_lines*/) {
-  float acc[R][kPackedPanel] = {};
-  for (int64_t kk = 0; kk < len; ++kk) {
-    const float* b = panel + kk * kPackedPanel;
-    for (int r = 0; r < R; ++r) {
-      const float a = x[r * ldx + kk];
-#pragma omp simd
-      for (int c = 0; c < kPackedPanel; ++c) acc[r][c] += a * b[c];
+constexpr int kDefaultTileRows = 8;
+constexpr int64_t kDefaultKBlock = 2048;
+// Tokens are taken in chunks whose k slice (at most this many bytes) stays in L2 while every panel passes.
+constexpr int64_t kChunkBytes = 512 << 10;
+
+// One thread's panels [p0, p1): token chunks, then k blocks, then panels, then tiles of tile_rows tokens. Each y
+// element gets its k blocks' sums in k order whatever the loop order, so the results do not depend on it.
+template <class X, class W>
+struct PanelLoop {
+  const Tiles<X, W>& tiles;
+  int tile_rows;
+  int64_t m, n, k, k_block;
+  int64_t panel_stride;  // W elements per panel
+  const X* x;
+  int64_t ldx;
+  const W* wp;
+  float* y;
+  bool accumulate;
+
+  void run(int64_t p0, int64_t p1) const {
+    const int64_t fit = kChunkBytes / (k_block * static_cast<int64_t>(sizeof(X))) / tile_rows * tile_rows;
+    const int64_t chunk = std::max<int64_t>(tile_rows, fit);
+    for (int64_t r0 = 0; r0 < m; r0 += chunk)
+      for (int64_t k0 = 0; k0 < k; k0 += k_block)
+        for (int64_t p = p0; p < p1; ++p) slice(r0, std::min(m, r0 + chunk), k0, p, p0, p1);
+  }
+
+  // Tokens [r0, r1) over panel p's k slice from k0; the tiles share the prefetch of the slice read next (the next
+  // panel's, else the first panel's next k block).
+  void slice(int64_t r0, int64_t r1, int64_t k0, int64_t p, int64_t p0, int64_t p1) const {
+    const int64_t len = std::min(k_block, k - k0), c0 = p * kPackedPanel, cols = std::min(kPackedPanel, n - c0);
+    const W* panel = wp + p * panel_stride + k0 * kPackedPanel;
+    const bool last = p + 1 == p1;
+    const int64_t next_k0 = last ? k0 + k_block : k0;
+    const W* next = wp + (last ? p0 : p + 1) * panel_stride + next_k0 * kPackedPanel;
+    const int64_t next_len = next_k0 < k ? std::min(k_block, k - next_k0) : 0;
+    const int64_t lines = next_len * kPackedPanel * static_cast<int64_t>(sizeof(W)) / 64;
+    const int64_t blocks = (r1 - r0 + tile_rows - 1) / tile_rows, per_block = (lines + blocks - 1) / blocks;
+    for (int64_t b = 0, row = r0; row < r1; ++b, row += tile_rows) {
+      const int64_t rows = std::min<int64_t>(tile_rows, r1 - row), first = std::min(b * per_block, lines);
+      tiles[rows - 1](x + row * ldx + k0, ldx, panel, len, y + row * n + c0, n, cols, accumulate || k0 > 0,
+                      reinterpret_cast<const char*>(next) + first * 64, std::min(per_block, lines - first));
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int64_t c = 0; c < cols; ++c) y[r * ldy + c] = add ? y[r * ldy + c] + acc[r][c] : acc[r][c];
+};
+
+bool uses_vdpbf16ps(const PanelGemm& g) { return g.math == PanelMath::kBf16Dot && !g.portable && cpu_has_bf16_dot(); }
+
+template <class X, class W>
+void run_panels(const Tiles<X, W>& tiles, const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k,
+                const Activations& x, const void* wp, float* y, bool accumulate) {
+  const bool pairs = g.dtype == PanelDtype::kBf16;
+  const int rows = g.tile_rows > 0 ? std::min(g.tile_rows, kMaxTileRows) : kDefaultTileRows;
+  int64_t kb = g.k_block > 0 ? g.k_block : kDefaultKBlock;
+  kb = pairs ? (kb + 1) / 2 * 2 : kb;
+  const int64_t stored_k = pairs ? (k + 1) / 2 * 2 : k;
+  const PanelLoop<X, W> loop{tiles, rows, m, n, k, kb, stored_k * kPackedPanel, static_cast<const X*>(x.data), x.ld,
+                             static_cast<const W*>(wp), y, accumulate};
+  loop.run(p0, p1);
 }
 
-using PrepackedTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool,
-                              const char*, int64_t);
-
-PrepackedTile pick_prepacked(int64_t rows) {
+void round_rows(const float* x, int64_t rows, int64_t k, uint16_t* out, int64_t ld, bool native) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = x + r * k;
+    uint16_t* row = out + r * ld;
 #ifdef __AVX512F__
-  static const PrepackedTile tiles[] = {prefetching_tile<1>, prefetching_tile<2>, prefetching_tile<3>,
-                                        prefetching_tile<4>, prefetching_tile<5>, prefetching_tile<6>,
-                                        prefetching_tile<7>, prefetching_tile<8>};
-  return tiles[rows - 1];
-#else
-  static const PrepackedTile tiles[] = {
-      portable_prepacked_tile<1>, portable_prepacked_tile<2>, portable_prepacked_tile<3>, portable_prepacked_tile<4>,
-      portable_prepacked_tile<5>, portable_prepacked_tile<6>, portable_prepacked_tile<7>, portable_prepacked_tile<8>};
-  return tiles[rows - 1];
+    if (native) {
+      round_row_native(in, k, row);
+    } else
 #endif
+      for (int64_t i = 0; i < k; ++i) row[i] = float_to_bf16(in[i]);
+    std::fill(row + k, row + ld, uint16_t{0});
+  }
 }
-
-// Rows are taken kRowChunk at a time so that their k-slice stays in L2 while every panel of the range passes.
-constexpr int64_t kRowChunk = 128;
-constexpr int64_t kDefaultPrepackedKBlock = 2048;
 
 }  // namespace
 
-void gemm_prepacked_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const float* x,
-                           const float* wp, float* y, bool accumulate, int64_t k_block) {
-  const int64_t kb = k_block > 0 ? k_block : kDefaultPrepackedKBlock;
-  const float* end = wp + p1 * k * kPackedPanel;
-  for (int64_t r_chunk = 0; r_chunk < m; r_chunk += kRowChunk) {
-    const int64_t r_end = std::min(m, r_chunk + kRowChunk);
-    const int64_t row_blocks = (r_end - r_chunk + kPrepackedRows - 1) / kPrepackedRows;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t c0 = p * kPackedPanel, cols = std::min(kPackedPanel, n - c0);
-      const float* panel = wp + p * k * kPackedPanel;
-      for (int64_t k0 = 0; k0 < k; k0 += kb) {
-        const int64_t len = std::min(kb, k - k0);
-        // The slice after this one (the next k block, else the next panel's first) is prefetched while this
-        // one is used, split evenly between the row blocks that pass over this one.
-        const float* next = panel + (k0 + len) * kPackedPanel;
-        const int64_t next_bytes = next < end ? std::min(kb, k - (k0 + len < k ? k0 + len : 0)) * kPackedPanel * 4 : 0;
-        const int64_t lines_per_block = (next_bytes / 64 + row_blocks - 1) / row_blocks;
-        int64_t block = 0;
-        for (int64_t r0 = r_chunk; r0 < r_end; r0 += kPrepackedRows, ++block) {
-          const int64_t rows = std::min<int64_t>(kPrepackedRows, r_end - r0);
-          const int64_t first = std::min(block * lines_per_block, next_bytes / 64);
-          const int64_t lines = std::min(lines_per_block, next_bytes / 64 - first);
-          pick_prepacked(rows)(x + r0 * k + k0, k, panel + k0 * kPackedPanel, len, y + r0 * n + c0, n, cols,
-                               accumulate || k0 > 0, reinterpret_cast<const char*>(next) + first * 64, lines);
-        }
-      }
-    }
+bool cpu_has_bf16_dot() {
+#if defined(__AVX512F__) && defined(__x86_64__)
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+Activations prepare_activations(const PanelGemm& g, const float* x, int64_t m, int64_t k, ActivationStorage& storage,
+                                int threads) {
+  if (g.math != PanelMath::kBf16Dot) return {x, k, 4};
+  const int64_t ld = (k + 1) / 2 * 2;
+  const bool native = uses_vdpbf16ps(g);
+  storage.bf16.resize(m * ld);
+  if (!native) storage.widened.resize(m * ld);
+  parallel_ranges(m, m * k >= (1 << 16) ? threads : 1, [&](int64_t r0, int64_t r1) {
+    round_rows(x + r0 * k, r1 - r0, k, storage.bf16.data() + r0 * ld, ld, native);
+    if (!native)
+      for (int64_t i = r0 * ld; i < r1 * ld; ++i) storage.widened[i] = bf16_to_float(storage.bf16[i]);
+  });
+  if (native) return {storage.bf16.data(), ld, 2};
+  return {storage.widened.data(), ld, 4};
+}
+
+void gemm_panels(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
+                 const void* wp, float* y, bool accumulate) {
+  switch (g.dtype) {
+    case PanelDtype::kF32: return run_panels(kF32Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate);
+    case PanelDtype::kF16: return run_panels(kF16Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate);
+    case PanelDtype::kBf16: break;
   }
+  if (g.math == PanelMath::kFloat32) return run_panels(kBf16WideningTiles, g, m, n, p0, p1, k, x, wp, y, accumulate);
+#ifdef __AVX512F__
+  if (uses_vdpbf16ps(g)) return run_panels(kBf16DotTiles, g, m, n, p0, p1, k, x, wp, y, accumulate);
+#endif
+  run_panels(kBf16FallbackTiles, g, m, n, p0, p1, k, x, wp, y, accumulate);
 }
 
 void gemm_nt_columns(int64_t m, int64_t n, int64_t c0, int64_t c1, int64_t k, const float* x, const float* w,

@@ -1,10 +1,13 @@
 // y[m, n] (+)= x[m, k] . w[n, k]: the "NT" product of activations with [out, in] weights, both read along k.
-// Few tokens (decode): 4 x 4 tiles of dot products straight from the weight rows, no packing, so the weights are
-// streamed once at memory speed (a packing BLAS repacks them on every call). More tokens: 32-row weight panels
-// packed k-major once per k block, then 8 x 32 broadcast-FMA tiles over them (AVX-512).
+// Weights in [out, in] layout: for few tokens (decode), 4 x 4 tiles of dot products straight from the weight rows,
+// no packing, so the weights are streamed once at memory speed (a packing BLAS repacks them on every call); for
+// more tokens, 32-row weight panels packed k-major once per k block, then 8 x 32 broadcast-FMA tiles over them
+// (AVX-512). Weights prepacked at load time into those panels (in float32, bfloat16 or float16): the same tiles,
+// of 1 to 12 tokens, straight over the panels.
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace cogvlm2 {
 
@@ -16,14 +19,62 @@ void gemm_nt_columns(int64_t m, int64_t n, int64_t c0, int64_t c1, int64_t k, co
 
 constexpr int64_t kGemmColumnAlign = 32;
 
-// Weights packed once at load time for the matmul they feed: w [n, k] as column panels wp[p][kk][c] =
-// w[32 p + c][kk], shape [ceil(n / 32), k, 32] (a short last panel is zero-padded). Every call then streams the
-// weights in the order the 8 x 32 broadcast-FMA tiles read them, without repacking (a BLAS repacks per call, which
-// at decode's few tokens costs as much as the product).
+// Weights packed once at load time (kernels/ops.py pack_weight) for the matmul they feed, as panels of 32 weight
+// rows, so that every call streams them in the order the tiles read them without repacking (a BLAS repacks per
+// call, which at decode's few tokens costs as much as the product). A short last panel is zero-padded.
+//   kF32, kF16: k-major [ceil(n / 32), k, 32], wp[p][kk][c] = w[32 p + c][kk].
+//   kBf16: k pairs interleaved, [ceil(n / 32), ceil(k / 2), 32, 2], wp[p][kk / 2][c][kk % 2] = w[32 p + c][kk]
+//     (an odd k padded with zeros): vdpbf16ps's operand layout, and widened exactly to fp32 by a shift (even kk)
+//     or a mask (odd kk) of each 32-bit pair.
 constexpr int64_t kPackedPanel = 32;
+enum class PanelDtype { kF32, kF16, kBf16 };
 
-// Panels [p0, p1) of y[m, n] = x @ w^T (+ y when accumulate), on the calling thread. k_block <= 0: the default.
-void gemm_prepacked_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const float* x,
-                           const float* wp, float* y, bool accumulate, int64_t k_block);
+// How the products are taken.
+//   kFloat32: weights widened to fp32 in registers and fp32 FMAs over the fp32 activations, in the f32 panels'
+//     order, so 16-bit panels give bit-identical results to f32 panels of the widened weights (same k_block).
+//   kBf16Dot (bf16 panels only): activations rounded to bf16 once per call (round to nearest even, denormals to
+//     zero: vcvtne2ps2bf16), products by vdpbf16ps into fp32 accumulators; where the CPU lacks avx512_bf16 (or
+//     `portable` asks), the same math on widened operands: per k pair, an FMA of the odd k then one of the even
+//     k (bf16 products are exact in fp32, so this is what vdpbf16ps computes), hence the same results.
+enum class PanelMath { kFloat32, kBf16Dot };
+
+constexpr int kMaxTileRows = 12;
+
+struct PanelGemm {
+  PanelDtype dtype = PanelDtype::kF32;
+  PanelMath math = PanelMath::kFloat32;
+  bool portable = false;  // kBf16Dot: the widening fallback even where vdpbf16ps exists
+  int64_t k_block = 0;    // k per pass over the panels (even for kBf16); <= 0: the default
+  int tile_rows = 0;      // tokens per tile, 1..kMaxTileRows; <= 0: the default
+};
+
+// The activations as a panel GEMM reads them: x itself (kFloat32) or x rounded to bf16 for kBf16Dot, as bf16
+// (vdpbf16ps) or as the fp32 values of the rounded bf16 (the fallback), rows padded to an even length.
+struct Activations {
+  const void* data = nullptr;
+  int64_t ld = 0;          // elements per row
+  int64_t elem_bytes = 4;  // 4 (fp32) or 2 (bf16)
+
+  Activations rows_from(int64_t row) const {
+    return {static_cast<const char*>(data) + row * ld * elem_bytes, ld, elem_bytes};
+  }
+};
+
+struct ActivationStorage {
+  std::vector<uint16_t> bf16;
+  std::vector<float> widened;
+};
+
+// x [m, k] as `g` reads it, rounded once into `storage` when g is kBf16Dot, on up to `threads` threads (valid while
+// `storage` lives).
+Activations prepare_activations(const PanelGemm& g, const float* x, int64_t m, int64_t k, ActivationStorage& storage,
+                                int threads);
+
+// Panels [p0, p1) of y[m, n] = x @ w^T (+ y when accumulate), on the calling thread. wp: panels of g.dtype.
+void gemm_panels(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
+                 const void* wp, float* y, bool accumulate);
+
+// Whether this CPU runs vdpbf16ps (else kBf16Dot takes the fallback).
+bool cpu_has_bf16_dot();
 
 }  // namespace cogvlm2
