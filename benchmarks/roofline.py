@@ -67,24 +67,27 @@ def gemm_shapes(c: CogVLM2Config, tokens: int) -> list[tuple[int, int, int]]:
             (tokens, c.hidden_size, c.vocab_size)]
 
 
-def measure_gemm(c: CogVLM2Config, repeats: int = 3) -> tuple[float, str, list[dict]]:
-    import mindspore
+def measure_gemm(c: CogVLM2Config, repeats: int = 3, dtype: str = "float32") -> tuple[float, str, list[dict]]:
+    """The best GEMM rate at the decoder's shapes: for float32 among numpy's OpenBLAS, MindSpore's MatMul and the
+    engine's kernel; for a 16-bit dtype the engine's kernel on weights stored (and computed) in that dtype."""
+    import ml_dtypes
     from mindspore import Tensor, ops
     from cogvlm2.runtime import configure_mindspore
     configure_mindspore()
     matmul_nt = ops.MatMul(transpose_b=True)
     rng = np.random.default_rng(0)
+    storage = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
     table, best, best_source = [], 0.0, ""
     for m, k, n in gemm_shapes(c, 32) + gemm_shapes(c, 2048)[:4]:
         a = rng.standard_normal((m, k), dtype=np.float32)
         w = rng.standard_normal((n, k), dtype=np.float32)
         ta, tw = Tensor(a), Tensor(w)
-        candidates = {"numpy-openblas": lambda: a @ w.T,
-                      "mindspore-matmul": lambda: matmul_nt(ta, tw).asnumpy()}
+        candidates = {} if dtype != "float32" else {"numpy-openblas": lambda: a @ w.T,
+                                                    "mindspore-matmul": lambda: matmul_nt(ta, tw).asnumpy()}
         try:
             from kernels.registry import get_kernels
-            kernels = get_kernels("cpu")
-            tp = kernels.prepare_weight(w)  # the layout the engine loads its weights in
+            kernels = get_kernels("cpu", compute_dtype=dtype)
+            tp = kernels.prepare_weight(w.astype(storage))  # the layout the engine loads its weights in
             candidates["engine-kernel"] = lambda: kernels.expert_linear(ta, m, tp, tp, None).asnumpy()
         except Exception:  # kernels not built here: the other GEMMs still give the machine's peak
             pass
@@ -95,7 +98,6 @@ def measure_gemm(c: CogVLM2Config, repeats: int = 3) -> tuple[float, str, list[d
             if gflops > best:
                 best, best_source = gflops, f"{name} at {m}x{k}x{n}"
         table.append(row)
-    del mindspore
     return best, best_source, table
 
 
@@ -106,24 +108,27 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.nbytes / seconds / 1e9  # read + write
 
 
-def decode_cost(c: CogVLM2Config, batch: int, context: int) -> tuple[float, float, float]:
-    """(GFLOP, GB moved, GEMM GFLOP) of one decode step of `batch` sequences at `context` tokens."""
+def decode_cost(c: CogVLM2Config, batch: int, context: int, weight_bytes_per: int = 4,
+                kv_bytes_per: int = 4) -> tuple[float, float, float]:
+    """(GFLOP, GB moved, GEMM GFLOP) of one decode step of `batch` sequences at `context` tokens, with weights and
+    K/V of the given bytes per value."""
     d, f, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
     layer_params = d * c.qkv_size + d * d + 3 * d * f
     gemm_flop = 2 * batch * (layers * layer_params + d * c.vocab_size)
     attn_flop = 4 * batch * context * c.num_attention_heads * c.head_dim * layers
-    weight_bytes = 4 * (layers * layer_params + d * c.vocab_size)
-    kv_bytes = 4 * 2 * batch * context * c.num_kv_heads * c.head_dim * layers
+    weight_bytes = weight_bytes_per * (layers * layer_params + d * c.vocab_size)
+    kv_bytes = kv_bytes_per * 2 * batch * context * c.num_kv_heads * c.head_dim * layers
     return (gemm_flop + attn_flop) / 1e9, (weight_bytes + kv_bytes) / 1e9, gemm_flop / 1e9
 
 
-def prefill_cost(c: CogVLM2Config, tokens: int) -> tuple[float, float, float]:
+def prefill_cost(c: CogVLM2Config, tokens: int, weight_bytes_per: int = 4,
+                 kv_bytes_per: int = 4) -> tuple[float, float, float]:
     d, f, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
     layer_params = d * c.qkv_size + d * d + 3 * d * f
     gemm_flop = 2 * tokens * layers * layer_params + 2 * d * c.vocab_size  # lm_head for the last token only
     attn_flop = 2 * tokens * tokens * c.num_attention_heads * c.head_dim * layers  # causal: half of 4 * T^2
-    weight_bytes = 4 * (layers * layer_params + d * c.vocab_size)
-    kv_bytes = 4 * 2 * tokens * c.num_kv_heads * c.head_dim * layers
+    weight_bytes = weight_bytes_per * (layers * layer_params + d * c.vocab_size)
+    kv_bytes = kv_bytes_per * 2 * tokens * c.num_kv_heads * c.head_dim * layers
     return (gemm_flop + attn_flop) / 1e9, (weight_bytes + kv_bytes) / 1e9, gemm_flop / 1e9
 
 
@@ -149,6 +154,11 @@ def _prompt_of(engine: LLMEngine, num_tokens: int, salt: int) -> str:
     return text
 
 
+def _bytes_per(engine: LLMEngine) -> tuple[int, int]:
+    """Bytes per weight and per K/V value as the engine holds them."""
+    return engine.precision.weights.itemsize, engine.precision.kv_bytes
+
+
 def run_decode(engine: LLMEngine, batch: int, context: int, steps: int, limits: MachineLimits) -> StepReport:
     warmup = 4 + -(-batch * context // engine.args.max_num_batched_tokens)  # prefill everyone, then decode
     for i in range(batch):
@@ -167,7 +177,7 @@ def run_decode(engine: LLMEngine, batch: int, context: int, steps: int, limits: 
     breakdown = _breakdown(engine, sum(step_seconds), steps)
     while engine.has_unfinished_requests():
         engine.step()
-    gflop, gbytes, gemm_gflop = decode_cost(engine.config, batch, context)
+    gflop, gbytes, gemm_gflop = decode_cost(engine.config, batch, context, *_bytes_per(engine))
     # The median step: the steady state, robust to a burst of load from other tenants of this shared machine
     # (the mean is in the breakdown, which sums to it).
     return _report(f"decode x{batch}", batch, context, gflop, gbytes, gemm_gflop, float(np.median(step_seconds)),
@@ -187,7 +197,7 @@ def run_prefill(engine: LLMEngine, tokens: int, limits: MachineLimits) -> StepRe
         raise RuntimeError(f"the {tokens}-token prefill did not complete in one step: {done}")
     while engine.has_unfinished_requests():
         engine.step()
-    gflop, gbytes, gemm_gflop = prefill_cost(engine.config, tokens)
+    gflop, gbytes, gemm_gflop = prefill_cost(engine.config, tokens, *_bytes_per(engine))
     return _report(f"prefill {tokens}", tokens, tokens, gflop, gbytes, gemm_gflop, total, breakdown, limits)
 
 
@@ -198,41 +208,63 @@ def _report(name, tokens, context, gflop, gbytes, gemm_gflop, seconds, breakdown
                       breakdown)
 
 
+def run_dtype(args: argparse.Namespace, dtype: str) -> dict:
+    start = time.perf_counter()
+    engine = LLMEngine(args.model, max_num_seqs=64, max_num_batched_tokens=args.prefill_tokens,
+                       max_model_len=max(args.prefill_tokens, args.context + args.steps + 16) + 16,
+                       enable_prefix_caching=False, dtype=dtype)
+    cold_start = time.perf_counter() - start
+    print(f"[{dtype}] cold start (load + graph warm-up): {cold_start:.1f} s", flush=True)
+    peak, source, table = measure_gemm(engine.config, dtype=engine.precision.compute)
+    limits = MachineLimits(round(peak, 1), source, round(measure_bandwidth(), 1), table)
+    print(f"[{dtype}] peak {engine.precision.compute} GEMM: {limits.peak_gflops} GFLOP/s ({source}); memory "
+          f"bandwidth: {limits.bandwidth_gbs} GB/s; weights {engine.precision.weights}, KV {engine.precision.kv_cache}")
+    for row in table:
+        print("  gemm", row)
+    reports = [run_decode(engine, int(b), args.context, args.steps, limits) for b in args.batches.split(",")]
+    reports.append(run_prefill(engine, args.prefill_tokens, limits))
+    print_reports(dtype, reports, limits)
+    engine.shutdown()
+    return {"dtype": dtype, "cold_start_s": round(cold_start, 2), "limits": asdict(limits),
+            "steps": [asdict(r) for r in reports]}
+
+
+def print_reports(dtype: str, reports: list[StepReport], limits: MachineLimits) -> None:
+    print(f"\n[{dtype}] {'step':14} {'GFLOP':>8} {'GB':>7} {'bound ms':>9} {'step ms':>9} {'of bound':>9} "
+          f"{'GEMM GF/s':>10} {'of peak':>8}  breakdown, mean ms (host / decoder / sampling / other)")
+    for r in reports:
+        b = r.breakdown_ms
+        print(f"[{dtype}] {r.name:14} {r.gflop:8.2f} {r.gbytes:7.3f} {r.bound_ms:9.1f} {r.measured_ms:9.1f} "
+              f"{r.fraction_of_bound:9.1%} {r.gemm_gflops_achieved:10.1f} "
+              f"{r.gemm_gflops_achieved / limits.peak_gflops:8.1%}  "
+              f"{b['host']} / {b['decoder']} / {b['sampling']} / {b['other']}  (host {b['host_fraction']:.1%})")
+
+
+def print_speedups(runs: list[dict]) -> None:
+    base = runs[0]
+    for run in runs[1:]:
+        print(f"\n{run['dtype']} vs {base['dtype']} (step time ratio, same run):")
+        for mine, theirs in zip(run["steps"], base["steps"]):
+            print(f"  {mine['name']:14} {theirs['measured_ms'] / mine['measured_ms']:.2f}x faster "
+                  f"({theirs['measured_ms']:.1f} -> {mine['measured_ms']:.1f} ms; "
+                  f"{mine['fraction_of_bound']:.1%} of its own bound)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bench")
+    p.add_argument("--dtypes", default="auto", help="comma-separated engine dtypes, measured one after the other "
+                                                    "(e.g. float32,bfloat16: ratios printed against the first)")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-
-    start = time.perf_counter()
-    engine = LLMEngine(args.model, max_num_seqs=64, max_num_batched_tokens=args.prefill_tokens,
-                       max_model_len=max(args.prefill_tokens, args.context + args.steps + 16) + 16,
-                       enable_prefix_caching=False)
-    cold_start = time.perf_counter() - start
-    print(f"cold start (load + graph warm-up): {cold_start:.1f} s", flush=True)
-    peak, source, table = measure_gemm(engine.config)
-    limits = MachineLimits(round(peak, 1), source, round(measure_bandwidth(), 1), table)
-    print(f"peak fp32 GEMM: {limits.peak_gflops} GFLOP/s ({source}); memory bandwidth: {limits.bandwidth_gbs} GB/s")
-    for row in table:
-        print("  gemm", row)
-    reports = [run_decode(engine, int(b), args.context, args.steps, limits) for b in args.batches.split(",")]
-    reports.append(run_prefill(engine, args.prefill_tokens, limits))
-    print(f"\n{'step':14} {'GFLOP':>8} {'GB':>7} {'bound ms':>9} {'step ms':>9} {'of bound':>9} {'GEMM GF/s':>10} "
-          f"{'of peak':>8}  breakdown, mean ms (host / decoder / sampling / other)")
-    for r in reports:
-        b = r.breakdown_ms
-        print(f"{r.name:14} {r.gflop:8.2f} {r.gbytes:7.3f} {r.bound_ms:9.1f} {r.measured_ms:9.1f} "
-              f"{r.fraction_of_bound:9.1%} {r.gemm_gflops_achieved:10.1f} "
-              f"{r.gemm_gflops_achieved / limits.peak_gflops:8.1%}  "
-              f"{b['host']} / {b['decoder']} / {b['sampling']} / {b['other']}  (host {b['host_fraction']:.1%})")
+    runs = [run_dtype(args, dtype) for dtype in args.dtypes.split(",")]
+    print_speedups(runs)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "cold_start_s": round(cold_start, 2),
-                                               "limits": asdict(limits),
-                                               "steps": [asdict(r) for r in reports]}, indent=2))
+        Path(args.json).write_text(json.dumps({"model": args.model, "runs": runs}, indent=2))
     return 0
 
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.outputs import RequestOutput  # noqa: E402
+from engine.model_runner import DEFAULT_KV_CACHE_GB  # noqa: E402
 
 WORDS = ("shape circle square triangle colour red green blue yellow purple white black grey background image "
          "describe picture how many there is are what which where left right top bottom small large the a of "
@@ -183,11 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--static-batch", type=int, default=8, help="size of the static-batching baseline (0: skip)")
     p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference", "compare"],
                    help="compare: the engine with the CPU kernels and with the reference composites, same run")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated dtypes (float32,bfloat16,...): the same workload on one engine per dtype, "
+                        "side by side, with each one's KV capacity at the default budget")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write results as JSON (to a file or -)")
     args = p.parse_args(argv)
 
     workload = make_workload(args.num_prompts, args.image_ratio, args.min_prompt_words, args.max_prompt_words,
                              args.min_output_tokens, args.max_output_tokens, args.seed)
+    if args.dtypes:
+        return compare_dtypes(args, workload, args.dtypes.split(","))
     if args.kernels == "compare":
         results = [run_engine(make_llm(args, backend), workload, f"engine, kernels={backend}")
                    for backend in ("cpu", "reference")]
@@ -211,6 +217,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def compare_dtypes(args: argparse.Namespace, workload, dtypes: list[str]) -> int:
+    results, capacity = [], {}
+    for dtype in dtypes:
+        llm = make_llm(args, args.kernels, dtype=dtype)
+        stats = llm.stats()
+        block_bytes = stats["kv_cache_bytes"] // stats["num_total_blocks"]
+        capacity[dtype] = (int(DEFAULT_KV_CACHE_GB * 2 ** 30) // block_bytes * stats["block_size"],
+                           stats["num_total_blocks"] * stats["block_size"], block_bytes)
+        results.append(run_engine(llm, workload, f"engine, dtype={dtype}"))
+        llm.shutdown()
+        del llm
+    print_table(results)
+    for dtype, result in zip(dtypes[1:], results[1:]):
+        print(f"{dtype} / {dtypes[0]}: output tokens/s {result.output_tokens_per_s / results[0].output_tokens_per_s:.2f}x")
+    print(f"KV capacity at the default budget of {DEFAULT_KV_CACHE_GB:g} GiB per device:")
+    for dtype, (fits, allocated, block_bytes) in capacity.items():
+        print(f"  {dtype}: {fits} tokens fit ({fits / capacity[dtypes[0]][0]:.2f}x {dtypes[0]}; "
+              f"{block_bytes} bytes per block), {allocated} allocated (capped at max_num_seqs x max_model_len)")
+    _write_json(args, results)
+    return 0
+
+
 def print_ceiling(llm: LLM, results: list[RunStats]) -> None:
     """What this machine allows: the engine's GEMM work at the measured peak GEMM rate, as output tokens/s and as
     the largest possible ratio over each baseline measured here."""
@@ -226,10 +254,10 @@ def print_ceiling(llm: LLM, results: list[RunStats]) -> None:
         print(f"  at most {best_tokens_per_s / baseline.output_tokens_per_s:.1f}x {baseline.name} as measured")
 
 
-def make_llm(args: argparse.Namespace, kernels: str) -> LLM:
+def make_llm(args: argparse.Namespace, kernels: str, dtype: str = "auto") -> LLM:
     start = time.perf_counter()
     llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False, kernels=kernels)
+              enable_prefix_caching=False, kernels=kernels, dtype=dtype)
     print(f"engine ready in {time.perf_counter() - start:.1f} s ({args.model}, kernels={llm.stats()['kernels']})",
           file=sys.stderr)
     return llm

@@ -62,7 +62,8 @@ class CogVLM2Config:
     eos_token_ids: tuple[int, ...] = EOS_TOKEN_IDS
     pad_token_id: int = IMAGE_PLACEHOLDER_ID
     template_version: str = "chat"
-    torch_dtype: str = "bfloat16"
+    torch_dtype: str = "bfloat16"  # the checkpoint's dtype (config.json), or a yaml's param_init_type
+    compute_dtype: str | None = None  # a MindFormers yaml's compute_dtype: what dtype="auto" then means
     vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self) -> None:
@@ -158,7 +159,8 @@ class CogVLM2Config:
             eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
             pad_token_id=llm.get("pad_token_id", IMAGE_PLACEHOLDER_ID),
             template_version=model.get("template_version", "chat"),
-            torch_dtype=llm.get("compute_dtype", "bfloat16"), vision=vision)
+            torch_dtype=llm.get("param_init_type", "bfloat16"), compute_dtype=llm.get("compute_dtype"),
+            vision=vision)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json of a Hugging Face CogVLM2 checkpoint with these sizes."""

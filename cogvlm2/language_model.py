@@ -15,7 +15,7 @@ from mindspore import Tensor, ops
 
 from cogvlm2 import graphs
 from cogvlm2.config import CogVLM2Config
-from cogvlm2.layers import rms_norm, swiglu, to_tensor
+from cogvlm2.layers import fp32_tensor, rms_norm, swiglu
 from cogvlm2.rope import default_inv_freq, rope_table
 
 if TYPE_CHECKING:
@@ -57,14 +57,14 @@ class LanguageModel:
                  kernels: KernelSet):
         self.config = config
         self.kernels = kernels
-        self.embed_table = to_tensor(tensors["model.embed_tokens.weight"])
-        self.final_norm = to_tensor(tensors["model.norm.weight"])
+        self.embed_table = np.ascontiguousarray(tensors["model.embed_tokens.weight"])  # storage dtype, rows on the host
+        self.final_norm = fp32_tensor(tensors["model.norm.weight"])
         self.lm_head = self.kernels.prepare_weight(tensors["lm_head.weight"])
         self.layers = [self._layer(tensors, f"model.layers.{i}.") for i in range(config.num_hidden_layers)]
         if inv_freq is None:
             inv_freq = default_inv_freq(config.head_dim, config.rope_theta)
         cos, sin = rope_table(inv_freq, config.max_position_embeddings)
-        self.cos_table, self.sin_table = to_tensor(cos), to_tensor(sin)
+        self.cos_table, self.sin_table = fp32_tensor(cos), fp32_tensor(sin)
         self.graph_buckets: list[int] = []  # token-count buckets of the compiled language-only path; [] = off
         self.graphs: graphs.LayerGraphs | None = None
         # heads held by this process (fewer under tensor parallelism, see cogvlm2/parallel.py)
@@ -76,16 +76,18 @@ class LanguageModel:
         gate_up = lambda mlp: self.kernels.prepare_weight(  # noqa: E731
             np.concatenate([t[f"{p}mlp.{mlp}.gate_proj.weight"], t[f"{p}mlp.{mlp}.up_proj.weight"]]))
         return DecoderLayerWeights(
-            to_tensor(t[p + "input_layernorm.weight"]), to_tensor(t[p + "post_attention_layernorm.weight"]),
+            fp32_tensor(t[p + "input_layernorm.weight"]), fp32_tensor(t[p + "post_attention_layernorm.weight"]),
             weight("self_attn.language_expert_query_key_value.weight"),
             weight("self_attn.vision_expert_query_key_value.weight"),
-            to_tensor(t[p + "self_attn.vision_expert_query_key_value.bias"]),
+            fp32_tensor(t[p + "self_attn.vision_expert_query_key_value.bias"]),
             weight("self_attn.language_expert_dense.weight"), weight("self_attn.vision_expert_dense.weight"),
             gate_up("language_mlp"), weight("mlp.language_mlp.down_proj.weight"),
             gate_up("vision_mlp"), weight("mlp.vision_mlp.down_proj.weight"))
 
     def embed(self, token_ids: np.ndarray) -> Tensor:
-        return ops.gather(self.embed_table, Tensor.from_numpy(token_ids.astype(np.int32)), 0)
+        """Embedding rows gathered on the host from the table in its storage dtype, widened to float32 (MindSpore's
+        CPU Gather has no bf16; a step's rows are few next to the GEMMs)."""
+        return fp32_tensor(self.embed_table[token_ids])
 
     def forward(self, hidden: Tensor, position_ids: np.ndarray, num_language: int, attention: Attention) -> Tensor:
         """hidden [N, hidden] and position_ids [N], both in routed order. Returns the final-normed hidden states."""

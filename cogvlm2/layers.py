@@ -4,12 +4,19 @@ The math the kernels layer also needs (linear, split_qkv, softmax_attention, exp
 is defined in kernels/composites.py and re-exported here; what is left is the model's own."""
 from __future__ import annotations
 
+import numpy as np
 from mindspore import Tensor, ops
 
 from kernels.composites import apply_rope, expert_linear, linear, softmax_attention, split_qkv, to_tensor
 
-__all__ = ["apply_rope", "expert_linear", "gelu_exact", "layer_norm", "linear", "rms_norm", "softmax_attention",
+__all__ = ["apply_rope", "expert_linear", "fp32_tensor", "gelu_exact", "layer_norm", "linear", "rms_norm", "softmax_attention",
            "split_qkv", "swiglu", "to_tensor"]
+
+
+def fp32_tensor(array: np.ndarray) -> Tensor:
+    """A float32 Tensor of a small tensor that is added rather than multiplied (norm weights, biases, embeddings
+    added to activations): widened once at load (cogvlm2/precision.py); zero-copy when it is float32 already."""
+    return Tensor.from_numpy(np.ascontiguousarray(array, np.float32))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

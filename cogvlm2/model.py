@@ -54,9 +54,11 @@ class CogVLM2Model:
         self.language = LanguageModel(config, tensors, inv_freq, kernels)
 
     @classmethod
-    def from_source(cls, source: ModelSource, kernels: KernelSet) -> "CogVLM2Model":
+    def from_source(cls, source: ModelSource, kernels: KernelSet,
+                    storage: np.dtype | None = np.dtype(np.float32)) -> "CogVLM2Model":
+        """`storage`: the weights' dtype (None: each tensor as the checkpoint stores it; cogvlm2/precision.py)."""
         from cogvlm2.weights import load_weights
-        weights = load_weights(source)
+        weights = load_weights(source, storage=storage)
         return cls(source.config, weights.tensors, weights.inv_freq, kernels)
 
     def encode_images(self, pixel_values: np.ndarray) -> Tensor:

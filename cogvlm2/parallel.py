@@ -178,6 +178,12 @@ def shard_tensor(name: str, array: np.ndarray, config: CogVLM2Config, layout: Sh
     return array
 
 
+def shard_shape(name: str, shape: tuple[int, ...], config: CogVLM2Config, layout: ShardLayout) -> tuple[int, ...]:
+    """The shape of shard_tensor's result, from the tensor's shape alone (a zero-stride view is sliced)."""
+    view = np.broadcast_to(np.zeros((), np.uint8), shape)
+    return tuple(shard_tensor(name, view, config, layout).shape)
+
+
 # ---- the sharded model ------------------------------------------------------------------------------------------
 class ParallelLanguageModel(LanguageModel):
     """The decoder over this rank's heads, intermediate slice and vocabulary slice."""
@@ -195,8 +201,9 @@ class ParallelLanguageModel(LanguageModel):
     def embed(self, token_ids: np.ndarray) -> Tensor:
         local = token_ids.astype(np.int64) - self.layout.vocab.start
         inside = (local >= 0) & (local < self.layout.vocab.size)
-        rows = ops.gather(self.embed_table, Tensor.from_numpy(np.where(inside, local, 0).astype(np.int32)), 0)
-        return self.reduce(rows * Tensor.from_numpy(inside.astype(np.float32)[:, None]))
+        rows = self.embed_table[np.where(inside, local, 0)].astype(np.float32)
+        rows[~inside] = 0
+        return self.reduce(Tensor.from_numpy(rows))
 
 
 class ParallelCogVLM2Model(CogVLM2Model):
@@ -227,7 +234,7 @@ class ParallelCogVLM2Model(CogVLM2Model):
 
 
 def load_shard(source: ModelSource, size: int, rank: int, kernels: KernelSet, mm_encoder_tp_mode: str = "weights",
-               progress: bool = False) -> ParallelCogVLM2Model:
+               progress: bool = False, storage: np.dtype | None = None) -> ParallelCogVLM2Model:
     """Stream the checkpoint and keep only this rank's slices (peak: the shard plus one full tensor).
     Call after mindspore.communication.init()."""
     from cogvlm2.weights import load_weights
@@ -237,5 +244,5 @@ def load_shard(source: ModelSource, size: int, rank: int, kernels: KernelSet, mm
     def keep(name: str, array: np.ndarray) -> None:
         tensors[name] = shard_tensor(name, array, source.config, layout)
 
-    weights = load_weights(source, consume=keep, progress=progress)
+    weights = load_weights(source, consume=keep, progress=progress, storage=storage)
     return ParallelCogVLM2Model(source.config, tensors, weights.inv_freq, layout, kernels)

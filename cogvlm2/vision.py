@@ -8,7 +8,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from cogvlm2.config import CogVLM2Config
-from cogvlm2.layers import gelu_exact, layer_norm, softmax_attention, swiglu, to_tensor
+from cogvlm2.layers import fp32_tensor, gelu_exact, layer_norm, softmax_attention, swiglu
 
 if TYPE_CHECKING:
     from kernels.interface import KernelSet
@@ -55,23 +55,23 @@ class VisionEncoder:
         self.num_heads = t["transformer.layers.0.attention.query_key_value.weight"].shape[0] // (3 * v.head_dim)
         # Conv kernels with stride == kernel size are matmuls over flattened patches: [out, in * k * k].
         self.patch_w = weight(t["patch_embedding.proj.weight"].reshape(v.hidden_size, -1))
-        self.patch_b = to_tensor(t["patch_embedding.proj.bias"])
-        self.cls = to_tensor(t["patch_embedding.cls_embedding"].reshape(1, v.hidden_size))
-        self.pos = to_tensor(t["patch_embedding.position_embedding.weight"])
+        self.patch_b = fp32_tensor(t["patch_embedding.proj.bias"])
+        self.cls = fp32_tensor(t["patch_embedding.cls_embedding"].reshape(1, v.hidden_size))
+        self.pos = fp32_tensor(t["patch_embedding.position_embedding.weight"])
         self.layers = [self._layer(t, f"transformer.layers.{j}.") for j in range(v.num_hidden_layers)]
         self.conv_w = weight(t["conv.weight"].reshape(v.hidden_size, -1))
-        self.conv_b = to_tensor(t["conv.bias"])
+        self.conv_b = fp32_tensor(t["conv.bias"])
         self.proj_w = weight(t["linear_proj.linear_proj.weight"])
-        self.norm_w = to_tensor(t["linear_proj.norm1.weight"])
-        self.norm_b = to_tensor(t["linear_proj.norm1.bias"])
+        self.norm_w = fp32_tensor(t["linear_proj.norm1.weight"])
+        self.norm_b = fp32_tensor(t["linear_proj.norm1.bias"])
         self.gate_up_w = weight(np.concatenate([t["linear_proj.gate_proj.weight"],
                                                 t["linear_proj.dense_h_to_4h.weight"]]))
         self.down_w = weight(t["linear_proj.dense_4h_to_h.weight"])
-        self.boi = to_tensor(t["boi"].reshape(1, config.hidden_size))
-        self.eoi = to_tensor(t["eoi"].reshape(1, config.hidden_size))
+        self.boi = fp32_tensor(t["boi"].reshape(1, config.hidden_size))
+        self.eoi = fp32_tensor(t["eoi"].reshape(1, config.hidden_size))
 
     def _layer(self, t: dict[str, np.ndarray], p: str) -> VisionLayerWeights:
-        get = lambda name: to_tensor(t[p + name])  # noqa: E731
+        get = lambda name: fp32_tensor(t[p + name])  # noqa: E731
         weight = lambda name: self.kernels.prepare_weight(t[p + name])  # noqa: E731
         return VisionLayerWeights(
             get("input_layernorm.weight"), get("input_layernorm.bias"),
@@ -81,29 +81,40 @@ class VisionEncoder:
             weight("mlp.fc1.weight"), get("mlp.fc1.bias"), weight("mlp.fc2.weight"), get("mlp.fc2.bias"))
 
     def __call__(self, pixel_values: np.ndarray) -> Tensor:
-        return ops.stack([self.encode_one(Tensor.from_numpy(np.ascontiguousarray(p, np.float32)))
-                          for p in pixel_values])
-
-    def encode_one(self, pixels: Tensor) -> Tensor:
+        """All images of a step in one pass: every projection is one GEMM over all their tokens, attention is
+        batched over (image, head)."""
         v = self.config.vision
-        g, p = v.grid_size, v.patch_size
-        patches = pixels.reshape(3, g, p, g, p).transpose(1, 3, 0, 2, 4).reshape(g * g, 3 * p * p)
-        x = ops.concat((self.cls, self.kernels.linear(patches, self.patch_w, self.patch_b)), 0) + self.pos
+        b, g, p, t = pixel_values.shape[0], v.grid_size, v.patch_size, v.grid_size ** 2 + 1
+        pixels = Tensor.from_numpy(np.ascontiguousarray(pixel_values, np.float32))
+        patches = pixels.reshape(b, 3, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b * g * g, 3 * p * p)
+        embedded = self.kernels.linear(patches, self.patch_w, self.patch_b).reshape(b, g * g, v.hidden_size)
+        x = ops.concat((ops.broadcast_to(self.cls.reshape(1, 1, -1), (b, 1, v.hidden_size)), embedded), 1)
+        x = (x + self.pos).reshape(b * t, v.hidden_size)
         for layer in self.layers:
-            x = self._transformer_layer(x, layer)
-        x = x[1:].reshape(g // 2, 2, g // 2, 2, v.hidden_size).transpose(0, 2, 4, 1, 3)
-        x = self.kernels.linear(x.reshape((g // 2) ** 2, v.hidden_size * 4), self.conv_w, self.conv_b)
-        h = gelu_exact(layer_norm(self.kernels.linear(x, self.proj_w), self.norm_w, self.norm_b, 1e-5))
-        h = self.kernels.linear(swiglu(self.kernels.linear(h, self.gate_up_w)), self.down_w)
-        return ops.concat((self.boi, h, self.eoi), 0)
+            x = self._transformer_layer(x, layer, b)
+        return self._adapter(x.reshape(b, t, v.hidden_size)[:, 1:], b)
 
-    def _transformer_layer(self, x: Tensor, w: VisionLayerWeights) -> Tensor:
+    def _adapter(self, x: Tensor, b: int) -> Tensor:
+        """[B, grid^2, vision hidden] -> the 2x2 conv, the GLU projection, boi/eoi: [B, tokens_per_image, hidden]."""
+        v, h = self.config.vision, self.config.hidden_size
+        half = v.grid_size // 2
+        x = x.reshape(b, half, 2, half, 2, v.hidden_size).transpose(0, 1, 3, 5, 2, 4)
+        x = self.kernels.linear(x.reshape(b * half * half, v.hidden_size * 4), self.conv_w, self.conv_b)
+        y = gelu_exact(layer_norm(self.kernels.linear(x, self.proj_w), self.norm_w, self.norm_b, 1e-5))
+        y = self.kernels.linear(swiglu(self.kernels.linear(y, self.gate_up_w)), self.down_w).reshape(b, -1, h)
+        edge = lambda e: ops.broadcast_to(e.reshape(1, 1, h), (b, 1, h))  # noqa: E731
+        return ops.concat((edge(self.boi), y, edge(self.eoi)), 1)
+
+    def _transformer_layer(self, x: Tensor, w: VisionLayerWeights, b: int) -> Tensor:
+        """x [B * T, hidden]: B images of T tokens each."""
         v = self.config.vision
-        n = x.shape[0]
-        linear, heads = self.kernels.linear, self.num_heads
-        qkv = linear(x, w.qkv_w, w.qkv_b).reshape(n, 3, heads, v.head_dim).transpose(1, 2, 0, 3)
-        attn = softmax_attention(qkv[0], qkv[1], qkv[2], None, v.head_dim ** -0.5)
-        attn = self.reduce(linear(attn.transpose(1, 0, 2).reshape(n, heads * v.head_dim), w.dense_w, w.dense_b))
-        x = x + layer_norm(attn, w.ln_in_w, w.ln_in_b, v.layer_norm_eps)
+        n, heads, hd = x.shape[0], self.num_heads, v.head_dim
+        t = n // b
+        linear = self.kernels.linear
+        qkv = linear(x, w.qkv_w, w.qkv_b).reshape(b, t, 3, heads, hd).transpose(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(3, b * heads, t, hd)
+        attn = softmax_attention(qkv[0], qkv[1], qkv[2], None, hd ** -0.5)
+        attn = attn.reshape(b, heads, t, hd).transpose(0, 2, 1, 3).reshape(n, heads * hd)
+        x = x + layer_norm(self.reduce(linear(attn, w.dense_w, w.dense_b)), w.ln_in_w, w.ln_in_b, v.layer_norm_eps)
         mlp = self.reduce(linear(gelu_exact(linear(x, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b))
         return x + layer_norm(mlp, w.ln_post_w, w.ln_post_b, v.layer_norm_eps)

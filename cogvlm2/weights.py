@@ -57,6 +57,7 @@ from tqdm import tqdm
 from cogvlm2.config import CogVLM2Config
 from cogvlm2.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from cogvlm2.model_source import ModelSource, resolve_model
+from cogvlm2.precision import to_storage
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP16 = np.dtype(np.float16)
@@ -250,14 +251,22 @@ def random_tensor(config: CogVLM2Config, name: str, shape: tuple[int, ...], seed
 
 
 def random_weights(config: CogVLM2Config, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
-    """Deterministic float32 weights, one tensor at a time: normal(0, 0.02) for matrices and embeddings,
-    ones for norm weights, zeros for biases, the standard inv_freq."""
+    """Deterministic weights, one tensor at a time: normal(0, 0.02) for matrices and embeddings, ones for norm
+    weights, zeros for biases, the standard inv_freq (float32); stored in the preset's param_init_type, as a real
+    checkpoint of that dtype would be."""
+    stored = _random_dtype(config)
     for name, shape in hf_weight_shapes(config).items():
-        yield name, random_tensor(config, name, shape, seed)
+        value = random_tensor(config, name, shape, seed)
+        yield name, value if name.endswith(INV_FREQ_SUFFIX) else value.astype(stored)
+
+
+def _random_dtype(config: CogVLM2Config) -> np.dtype:
+    return {"bfloat16": BF16, "float16": FP16}.get(config.torch_dtype, FP32)
 
 
 def random_reader(config: CogVLM2Config, seed: int) -> CheckpointReader:
-    infos = {name: TensorInfo(shape, FP32) for name, shape in hf_weight_shapes(config).items()}
+    infos = {name: TensorInfo(shape, FP32 if name.endswith(INV_FREQ_SUFFIX) else _random_dtype(config))
+             for name, shape in hf_weight_shapes(config).items()}
     return CheckpointReader(f"random weights (seed {seed})", infos, lambda: random_weights(config, seed))
 
 
@@ -413,7 +422,7 @@ def write_mindformers_ckpt(hf_model_dir_or_source: str | Path | ModelSource, out
         if mf_name is None:
             continue
         if not is_optional_tensor(name):
-            array = _cast(array, target)
+            array = to_storage(array, target)
         entries.append({"name": mf_name, "data": Tensor(np.ascontiguousarray(to_mindformers_array(name, array)))})
     out_path.parent.mkdir(parents=True, exist_ok=True)
     mindspore.save_checkpoint(entries, str(out_path))
@@ -421,14 +430,6 @@ def write_mindformers_ckpt(hf_model_dir_or_source: str | Path | ModelSource, out
     if not config_json.exists():
         _write_config_json(source.config.to_hf_dict(), config_json)
     return out_path
-
-
-def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if array.dtype == dtype:
-        return array
-    if array.dtype != FP32 and dtype != FP32:  # bf16 <-> fp16 goes through float32, which holds both exactly
-        array = array.astype(np.float32)
-    return array.astype(dtype)
 
 
 def _parse_dtype(dtype: str) -> np.dtype:
@@ -476,17 +477,18 @@ def open_checkpoint(source: ModelSource) -> CheckpointReader:
 
 @dataclass
 class LoadedWeights:
-    """float32 tensors under HF names and shapes (inv_freq excluded), layer 0's inv_freq in its stored dtype."""
+    """Tensors under HF names and shapes (inv_freq excluded), layer 0's inv_freq in its stored dtype."""
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     inv_freq: np.ndarray | None = None
     source_dtype: str = "float32"
 
 
 def load_weights(source: ModelSource, consume: Callable[[str, np.ndarray], None] | None = None,
-                 progress: bool = True) -> LoadedWeights:
-    """Validate the checkpoint against `source.config`, then read it tensor by tensor into float32.
-    With `consume`, each float32 tensor is handed over as it arrives and not kept (`tensors` stays empty), so the
-    caller can turn it into a Parameter and peak memory stays near the model's final size."""
+                 progress: bool = True, storage: np.dtype | None = FP32) -> LoadedWeights:
+    """Validate the checkpoint against `source.config`, then read it tensor by tensor into `storage` (None: each
+    tensor in the dtype it is stored in; see cogvlm2/precision.py). With `consume`, each tensor is handed over as
+    it arrives and not kept (`tensors` stays empty), so the caller can turn it into a Parameter and peak memory
+    stays near the model's final size."""
     reader = open_checkpoint(source)
     expected = validate_tensor_infos(reader.infos, hf_weight_shapes(source.config), reader.where)
     inv_freq_names = sorted((name for name in expected if is_optional_tensor(name)), key=_layer_of)
@@ -499,7 +501,7 @@ def load_weights(source: ModelSource, consume: Callable[[str, np.ndarray], None]
             if name == inv_freq_names[0]:
                 weights.inv_freq = array
             continue
-        value = array.astype(np.float32, copy=False)
+        value = to_storage(array, storage)
         del array
         if consume is None:
             weights.tensors[name] = value
@@ -572,6 +574,6 @@ def make_random_checkpoint(config: CogVLM2Config, out_dir: str | Path, seed: int
     target = _parse_dtype(dtype)
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = TORCH_DTYPE_NAMES[dtype]
-    tensors = ((name, array if is_optional_tensor(name) else _cast(array, target))
+    tensors = ((name, array if is_optional_tensor(name) else to_storage(array, target))
                for name, array in random_weights(config, seed))
     return save_hf_checkpoint(tensors, out_dir, hf_config, shard_size_bytes)

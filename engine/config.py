@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cogvlm2.image import DEFAULT_MAX_PIXELS
+from cogvlm2.precision import DTYPES, KV_CACHE_DTYPES
 from kernels.sku import BACKENDS as KERNEL_BACKENDS
 
 MM_ENCODER_TP_MODES = ("weights", "data")
@@ -33,6 +34,10 @@ class EngineArgs:
     enable_prefix_caching: bool = _arg(True, "reuse the KV blocks of identical prompt prefixes")
     enable_chunked_prefill: bool = _arg(True, "split long prefills over several steps")
     seed: int = _arg(0, "seed of requests that set none", flag="--engine-seed")
+    dtype: str = _arg("auto", "weights and GEMM math: float32, bfloat16, float16, or auto (a yaml's compute_dtype, "
+                              "else bfloat16 for a bf16 checkpoint on a CPU with bf16 dot products, else float32)",
+                      choices=DTYPES)
+    kv_cache_dtype: str = _arg("auto", "KV-cache storage (auto: the compute dtype)", choices=KV_CACHE_DTYPES)
     max_image_pixels: int = _arg(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels")
     encoder_cache_size: int = _arg(64, "images whose vision features are kept")
     enforce_eager: bool = _arg(False, "no compiled decoder graphs (faster start-up, slower steps)")
@@ -59,6 +64,9 @@ class EngineArgs:
         _require(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 2),
                  f"max_model_len must be >= 2, got {self.max_model_len}")
         _require(self.kernels in KERNEL_BACKENDS, f"kernels must be one of {KERNEL_BACKENDS}, got {self.kernels!r}")
+        _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                 f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         _require(self.mm_encoder_tp_mode in MM_ENCODER_TP_MODES,
                  f"mm_encoder_tp_mode must be one of {MM_ENCODER_TP_MODES}, got {self.mm_encoder_tp_mode!r}")
 

@@ -12,6 +12,7 @@ import numpy as np
 from cogvlm2.errors import CogVLM2Error
 from cogvlm2.model_source import resolve_model
 from cogvlm2.parallel import check_tensor_parallel
+from cogvlm2.precision import checkpoint_dtype, resolve_precision
 from cogvlm2.processor import CogVLM2Processor, ProcessedPrompt
 from cogvlm2.tokenizer import Llama3Tokenizer
 from engine.batch import ImagePlanner
@@ -27,6 +28,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.timing import PhaseTimer
+from kernels.sku import detect_sku_info
 
 PROMPT_KEYS = {"prompt", "image", "history", "template"}
 
@@ -51,6 +53,8 @@ class LLMEngine:
                           else Llama3Tokenizer.for_model_dir(source.model_dir))
         self.processor = CogVLM2Processor(self.config, self.tokenizer, max_image_pixels=self.args.max_image_pixels)
         check_tensor_parallel(self.config, self.args.tensor_parallel_size)
+        self.precision = resolve_precision(self.args.dtype, self.args.kv_cache_dtype, self.config,
+                                           checkpoint_dtype(self.config), detect_sku_info().has_bf16_dot)
         self.max_model_len = self.args.max_model_len or self.config.max_position_embeddings
         if self.max_model_len > self.config.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
@@ -66,7 +70,7 @@ class LLMEngine:
         self.executor = make_executor(RunnerConfig(
             source, self.args.block_size, num_blocks, self.args.kernels, self.args.enforce_eager,
             self.args.compiled_tokens, self.args.tensor_parallel_size,
-            mm_encoder_tp_mode=self.args.mm_encoder_tp_mode), self.timer)
+            mm_encoder_tp_mode=self.args.mm_encoder_tp_mode, precision=self.precision), self.timer)
         self.sampler = Sampler(self.config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
@@ -79,7 +83,8 @@ class LLMEngine:
     def _num_kv_blocks(self) -> int:
         if self.args.num_kv_blocks is not None:
             return self.args.num_kv_blocks
-        spec = KVCacheSpec.for_model(self.config, self.args.tensor_parallel_size, self.args.block_size)
+        spec = KVCacheSpec.for_model(self.config, self.args.tensor_parallel_size, self.args.block_size,
+                                     precision=self.precision)
         return spec.blocks_for_budget(self.args.kv_cache_memory_gb, self.args.max_num_seqs, self.max_model_len)
 
     # ---- requests ------------------------------------------------------------------------------------------------
@@ -239,7 +244,12 @@ class LLMEngine:
     # ---- introspection -------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         bm, sch = self.block_manager, self.scheduler
+        block_bytes = KVCacheSpec.for_model(self.config, self.args.tensor_parallel_size, self.args.block_size,
+                                            precision=self.precision).bytes_per_block
         return {
+            "dtype": self.precision.compute, "kv_cache_dtype": self.precision.kv_cache,
+            "kv_cache_bytes": bm.num_total_blocks * block_bytes,
+            "kv_cache_used_bytes": (bm.num_total_blocks - bm.num_free_blocks) * block_bytes,
             "num_total_blocks": bm.num_total_blocks, "num_free_blocks": bm.num_free_blocks,
             "num_preemptions": sch.num_preemptions, "prefix_cache_hit_tokens": bm.prefix_cache_hit_tokens,
             "prefix_cache_queried_tokens": bm.prefix_cache_queried_tokens,

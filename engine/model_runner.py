@@ -13,6 +13,7 @@ from cogvlm2.language_model import RopeInputs
 from cogvlm2.model import CogVLM2Model, TokenBatch
 from cogvlm2.model_source import ModelSource
 from cogvlm2.parallel import kv_heads_per_rank, load_shard
+from cogvlm2.precision import NUMPY_DTYPES, Precision
 from engine.batch import StepInputs, StepRequest
 from engine.timing import PhaseTimer
 from kernels.interface import KernelSet
@@ -29,18 +30,19 @@ class KVCacheSpec:
     head_dim: int
     block_size: int
     num_blocks: int
-    bytes_per_value: int = 4  # float32
+    dtype: str = "float32"
 
     @classmethod
-    def for_model(cls, config: CogVLM2Config, tensor_parallel_size: int, block_size: int,
-                  num_blocks: int = 0) -> "KVCacheSpec":
-        """Each tensor-parallel rank caches only its KV heads."""
+    def for_model(cls, config: CogVLM2Config, tensor_parallel_size: int, block_size: int, num_blocks: int = 0,
+                  precision: Precision | None = None) -> "KVCacheSpec":
+        """Each tensor-parallel rank caches only its KV heads, in the precision's KV dtype."""
         return cls(config.num_hidden_layers, kv_heads_per_rank(config, tensor_parallel_size), config.head_dim,
-                   block_size, num_blocks)
+                   block_size, num_blocks, precision.kv_cache if precision is not None else "float32")
 
     @property
     def bytes_per_block(self) -> int:
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.bytes_per_value
+        values = 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
+        return values * NUMPY_DTYPES[self.dtype].itemsize
 
     def blocks_for_budget(self, budget_gb: float | None, max_num_seqs: int, max_model_len: int) -> int:
         """Blocks that fit the per-device budget, but never more than every sequence at full length needs."""
@@ -58,10 +60,11 @@ class PagedKVCache:
     def __init__(self, spec: KVCacheSpec):
         self.spec = spec
         shape = (spec.num_blocks * spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.keys = [Parameter(Tensor(np.zeros(shape, np.float32)), name=f"k_cache_{i}", requires_grad=False)
+        dtype = NUMPY_DTYPES[spec.dtype]
+        self.keys = [Parameter(Tensor.from_numpy(np.zeros(shape, dtype)), name=f"k_cache_{i}", requires_grad=False)
                      for i in range(spec.num_layers)]
-        self.values = [Parameter(Tensor(np.zeros(shape, np.float32)), name=f"v_cache_{i}", requires_grad=False)
-                       for i in range(spec.num_layers)]
+        self.values = [Parameter(Tensor.from_numpy(np.zeros(shape, dtype)), name=f"v_cache_{i}",
+                                 requires_grad=False) for i in range(spec.num_layers)]
 
 
 class PagedAttention:
@@ -93,6 +96,7 @@ class RunnerConfig:
     tensor_parallel_size: int = 1
     rank: int = 0
     mm_encoder_tp_mode: str = "weights"
+    precision: Precision = Precision("float32", NUMPY_DTYPES["float32"], "float32")
 
 
 @dataclass
@@ -111,7 +115,7 @@ class ModelRunner:
         if not config.enforce_eager:
             self.model.language.compile_graphs(config.graph_max_tokens)
         self.kv_cache = PagedKVCache(KVCacheSpec.for_model(config.source.config, config.tensor_parallel_size,
-                                                           config.block_size, config.num_blocks))
+                                                           config.block_size, config.num_blocks, config.precision))
         self.encoder_cache: dict[str, Tensor] = {}  # vision features by image hash, as the driver's plan says
 
     @property
@@ -160,8 +164,11 @@ class ModelRunner:
 
 
 def _load_model(config: RunnerConfig) -> CogVLM2Model:
-    kernels = get_kernels(config.kernels)
+    compute = config.precision.compute
+    kernels = get_kernels(config.kernels, compute_dtype=compute)
+    storage = None if compute == "float32" else NUMPY_DTYPES[compute]  # float32 math keeps 16-bit weights as stored
     if config.tensor_parallel_size == 1:
-        return CogVLM2Model.from_source(config.source, kernels)
-    return load_shard(config.source, config.tensor_parallel_size, config.rank, kernels, config.mm_encoder_tp_mode)
+        return CogVLM2Model.from_source(config.source, kernels, storage)
+    return load_shard(config.source, config.tensor_parallel_size, config.rank, kernels, config.mm_encoder_tp_mode,
+                      storage=storage)
 

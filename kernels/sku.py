@@ -106,6 +106,11 @@ class SkuInfo:
         """The per-family default table's name: CPU by ISA tier, Ascend by SoC family (910b1 -> 910b)."""
         return family_of(self.sku_id)
 
+    @property
+    def has_bf16_dot(self) -> bool:
+        """bf16 dot products in hardware: AVX512-BF16 or AMX-BF16 (x86), the BF16 extension (Arm)."""
+        return any(f in self.features for f in ("avx512_bf16", "amx_bf16", "bf16"))
+
 
 def slug(text: str) -> str:
     """Lower case, runs of anything but [a-z0-9] collapsed to one '-': safe in a file name on any OS."""

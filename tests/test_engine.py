@@ -11,9 +11,11 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import accumulate
 
 
-@pytest.fixture(scope="module")
-def llm():
-    engine = LLM("demo", seed=0)
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def llm(request):
+    """Both dtypes: float32 keeps the bf16 weights as stored and computes exactly; bfloat16 rounds GEMM inputs and
+    caches K/V in bf16 (the fixture keeps its greedy tokens either way)."""
+    engine = LLM("demo", seed=0, dtype=request.param)
     yield engine
     assert_no_leak(engine)
 
@@ -51,11 +53,12 @@ def test_requests_added_while_others_decode(golden_cases):
     assert_no_leak(engine)
 
 
-def test_tiny_pool_small_blocks_and_chunks_still_exact(golden_cases, goldens):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_pool_small_blocks_and_chunks_still_exact(golden_cases, goldens, dtype):
     tokens_per_image = goldens["vision_tokens_per_image"]
     chunk = 8
     assert chunk < tokens_per_image
-    llm = LLM("demo", block_size=4, num_kv_blocks=48, max_num_batched_tokens=chunk, max_num_seqs=8)
+    llm = LLM("demo", block_size=4, num_kv_blocks=48, max_num_batched_tokens=chunk, max_num_seqs=8, dtype=dtype)
     outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases], use_tqdm=False)
     for case, out in zip(golden_cases, outs):
         assert out.error is None, out.error
