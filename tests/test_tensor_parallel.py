@@ -19,7 +19,7 @@ import pytest
 from cogvlm2.config import CogVLM2Config
 from cogvlm2.model_source import resolve_model
 from cogvlm2.parallel import kv_heads_per_rank, shard_layout, shard_tensor
-from conftest import TINY, assert_golden, assert_no_leak, case_image, golden_prompt, greedy_params
+from conftest import TINY, assert_golden, assert_no_leak, case_image, golden_prompt, greedy_params, margin_limit
 from engine import LLM, SamplingParams
 from engine.distributed import MsrunNotFoundError, Timeouts, WorkerFailure, is_running
 from engine.llm_engine import LLMEngine
@@ -267,3 +267,17 @@ def test_odd_vision_head_count_serves_under_tensor_parallel_2(tmp_path):
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected
         assert llm.stats()["graph_buckets"]  # the workers run the compiled graphs too
+
+
+@pytest.mark.slow
+def test_bfloat16_under_tensor_parallel_2_matches_goldens(golden_cases):
+    """bf16 weights, GEMMs and KV on each rank (each rank's cache holds its KV heads in bf16)."""
+    with LLM("demo", tensor_parallel_size=2, dtype="bfloat16") as llm:
+        assert llm.stats()["dtype"] == "bfloat16"
+        outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases],
+                            use_tqdm=False)
+        for case in golden_cases:
+            limit = margin_limit(case["greedy_top2_margin"], 0.05)
+            out = next(o for c, o in zip(golden_cases, outs) if c is case)
+            assert out.outputs[0].token_ids[:limit] == case["greedy_tokens"][:limit], case["name"]
+        assert_no_leak(llm)
