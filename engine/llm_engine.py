@@ -59,6 +59,9 @@ class LLMEngine:
         if self.max_model_len > self.config.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
+        # one device's KV layout: sizes the pool here and prices its blocks in stats()
+        self.kv_spec = KVCacheSpec.for_model(self.config, self.args.tensor_parallel_size, self.args.block_size,
+                                             precision=self.precision)
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, self.args.block_size, self.args.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
@@ -83,9 +86,7 @@ class LLMEngine:
     def _num_kv_blocks(self) -> int:
         if self.args.num_kv_blocks is not None:
             return self.args.num_kv_blocks
-        spec = KVCacheSpec.for_model(self.config, self.args.tensor_parallel_size, self.args.block_size,
-                                     precision=self.precision)
-        return spec.blocks_for_budget(self.args.kv_cache_memory_gb, self.args.max_num_seqs, self.max_model_len)
+        return self.kv_spec.blocks_for_budget(self.args.kv_cache_memory_gb, self.args.max_num_seqs, self.max_model_len)
 
     # ---- requests ------------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | dict, sampling_params: SamplingParams | dict | None = None,
@@ -244,8 +245,7 @@ class LLMEngine:
     # ---- introspection -------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         bm, sch = self.block_manager, self.scheduler
-        block_bytes = KVCacheSpec.for_model(self.config, self.args.tensor_parallel_size, self.args.block_size,
-                                            precision=self.precision).bytes_per_block
+        block_bytes = self.kv_spec.bytes_per_block
         return {
             "dtype": self.precision.compute, "kv_cache_dtype": self.precision.kv_cache,
             "kv_cache_bytes": bm.num_total_blocks * block_bytes,
