@@ -232,24 +232,23 @@ def test_hung_worker_is_detected_by_missing_heartbeats(monkeypatch):
 
 
 @pytest.mark.slow
-def test_four_workers_replicate_kv_heads_and_match_goldens(golden_cases):
-    """The demo has 2 KV heads: with 4 ranks each KV head is cached by two ranks."""
-    with LLM("demo", tensor_parallel_size=4) as llm:
+@pytest.mark.parametrize("engine_kwargs, margin", [
+    # The demo has 2 KV heads: with 4 ranks each KV head is cached by two ranks.
+    ({"tensor_parallel_size": 4}, 1e-3),
+    # Every rank holds the whole vision encoder and encodes its share of a step's images.
+    ({"tensor_parallel_size": 2, "mm_encoder_tp_mode": "data"}, 1e-3),
+    # bf16 weights, GEMMs and KV on each rank, against the bf16 margin rule.
+    ({"tensor_parallel_size": 2, "dtype": "bfloat16"}, 0.05),
+], ids=["four-workers", "data-parallel-vision", "bfloat16"])
+def test_tensor_parallel_variants_match_goldens(golden_cases, engine_kwargs, margin):
+    with LLM("demo", **engine_kwargs) as llm:
+        if "dtype" in engine_kwargs:
+            assert llm.stats()["dtype"] == engine_kwargs["dtype"]
         outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases],
                             use_tqdm=False)
         for case, out in zip(golden_cases, outs):
-            assert_golden(case, out.outputs[0].token_ids)
-        assert_no_leak(llm)
-
-
-@pytest.mark.slow
-def test_data_parallel_vision_encoder_matches_goldens(golden_cases):
-    """mm_encoder_tp_mode="data": every rank holds the whole encoder and encodes its share of a step's images."""
-    with LLM("demo", tensor_parallel_size=2, mm_encoder_tp_mode="data") as llm:
-        outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases],
-                            use_tqdm=False)
-        for case, out in zip(golden_cases, outs):
-            assert_golden(case, out.outputs[0].token_ids)
+            limit = margin_limit(case["greedy_top2_margin"], margin)
+            assert out.outputs[0].token_ids[:limit] == case["greedy_tokens"][:limit], case["name"]
         assert_no_leak(llm)
 
 
@@ -268,16 +267,3 @@ def test_odd_vision_head_count_serves_under_tensor_parallel_2(tmp_path):
         assert [o.outputs[0].token_ids for o in outs] == expected
         assert llm.stats()["graph_buckets"]  # the workers run the compiled graphs too
 
-
-@pytest.mark.slow
-def test_bfloat16_under_tensor_parallel_2_matches_goldens(golden_cases):
-    """bf16 weights, GEMMs and KV on each rank (each rank's cache holds its KV heads in bf16)."""
-    with LLM("demo", tensor_parallel_size=2, dtype="bfloat16") as llm:
-        assert llm.stats()["dtype"] == "bfloat16"
-        outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases],
-                            use_tqdm=False)
-        for case in golden_cases:
-            limit = margin_limit(case["greedy_top2_margin"], 0.05)
-            out = next(o for c, o in zip(golden_cases, outs) if c is case)
-            assert out.outputs[0].token_ids[:limit] == case["greedy_tokens"][:limit], case["name"]
-        assert_no_leak(llm)
