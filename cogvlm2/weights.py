@@ -57,7 +57,7 @@ from tqdm import tqdm
 from cogvlm2.config import CogVLM2Config
 from cogvlm2.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from cogvlm2.model_source import ModelSource, resolve_model
-from cogvlm2.precision import to_storage
+from cogvlm2.precision import checkpoint_dtype, to_storage
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP16 = np.dtype(np.float16)
@@ -254,18 +254,14 @@ def random_weights(config: CogVLM2Config, seed: int = 0) -> Iterator[tuple[str, 
     """Deterministic weights, one tensor at a time: normal(0, 0.02) for matrices and embeddings, ones for norm
     weights, zeros for biases, the standard inv_freq (float32); stored in the preset's param_init_type, as a real
     checkpoint of that dtype would be."""
-    stored = _random_dtype(config)
+    stored = checkpoint_dtype(config)
     for name, shape in hf_weight_shapes(config).items():
         value = random_tensor(config, name, shape, seed)
         yield name, value if name.endswith(INV_FREQ_SUFFIX) else value.astype(stored)
 
 
-def _random_dtype(config: CogVLM2Config) -> np.dtype:
-    return {"bfloat16": BF16, "float16": FP16}.get(config.torch_dtype, FP32)
-
-
 def random_reader(config: CogVLM2Config, seed: int) -> CheckpointReader:
-    infos = {name: TensorInfo(shape, FP32 if name.endswith(INV_FREQ_SUFFIX) else _random_dtype(config))
+    infos = {name: TensorInfo(shape, FP32 if name.endswith(INV_FREQ_SUFFIX) else checkpoint_dtype(config))
              for name, shape in hf_weight_shapes(config).items()}
     return CheckpointReader(f"random weights (seed {seed})", infos, lambda: random_weights(config, seed))
 
