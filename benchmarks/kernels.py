@@ -112,6 +112,19 @@ def bench_rope(cpu: KernelSet, ref: KernelSet, m: Model, case: str, n: int, repe
     return Result("rope", m.name, case, kernel_ms, ref_ms, target=">= 10x")
 
 
+def bench_layer_steps(cpu: KernelSet, ref: KernelSet, m: Model, case: str, n: int, repeat: int,
+                      rng: np.random.Generator) -> list[Result]:
+    """The decoder's RMSNorm and SwiGLU between its GEMMs: each one kernel call against its MindSpore composite
+    (several ops), the difference being mostly dispatch at decode's few rows."""
+    x, w, gate_up = _normal(rng, n, m.hidden), _normal(rng, m.hidden), _normal(rng, n, 2 * m.mlp)
+    results = []
+    for op, kernel, reference in (("rms_norm", lambda: cpu.rms_norm(x, w, 1e-5), lambda: ref.rms_norm(x, w, 1e-5)),
+                                  ("swiglu", lambda: cpu.swiglu(gate_up), lambda: ref.swiglu(gate_up))):
+        kernel_ms, ref_ms = time_pair(kernel, reference, repeat)
+        results.append(Result(op, m.name, case, kernel_ms, ref_ms, target=">= 3x" if n <= 64 else ""))
+    return results
+
+
 def _caches(values: list[np.ndarray], dtype=np.float32) -> list[Parameter]:
     return [Parameter(Tensor.from_numpy(np.ascontiguousarray(v.astype(dtype))), name=f"cache{i}",
                       requires_grad=False) for i, v in enumerate(values)]
@@ -285,6 +298,10 @@ def run(repeat: int, only: set[str] | None) -> list[Result]:
         if want("rope"):
             results.append(bench_rope(cpu, ref, m, f"decode {decode} tokens", decode, repeat, rng))
             results.append(bench_rope(cpu, ref, m, f"prefill {prefill} tokens", prefill, repeat, rng))
+        if want("rms_norm") or want("swiglu"):
+            for tokens in (decode, prefill):
+                results += [r for r in bench_layer_steps(cpu, ref, m, f"{tokens} tokens", tokens, repeat, rng)
+                            if want(r.op)]
         if want("write_kv"):
             results += bench_write_kv(cpu, ref, m, f"decode {decode} tokens", decode, repeat, rng)
             results += bench_write_kv(cpu, ref, m, f"prefill {prefill} tokens", prefill, repeat, rng)

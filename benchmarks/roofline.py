@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogvlm2.config import CogVLM2Config  # noqa: E402
 from engine import SamplingParams  # noqa: E402
+from benchmarks.dtype_runs import engine_model  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 
 HOST_PHASES = ("schedule", "prepare_inputs", "postprocess")
@@ -208,13 +209,18 @@ def _report(name, tokens, context, gflop, gbytes, gemm_gflop, seconds, breakdown
                       breakdown)
 
 
-def run_dtype(args: argparse.Namespace, dtype: str) -> dict:
+def run_dtype(args: argparse.Namespace, entry: str) -> dict:
+    with engine_model(args.model, entry) as (model, engine_dtype):
+        return _run_engine(args, model, engine_dtype, entry)
+
+
+def _run_engine(args: argparse.Namespace, model: str, engine_dtype: str, dtype: str) -> dict:
     start = time.perf_counter()
-    engine = LLMEngine(args.model, max_num_seqs=64, max_num_batched_tokens=args.prefill_tokens,
+    engine = LLMEngine(model, max_num_seqs=64, max_num_batched_tokens=args.prefill_tokens,
                        max_model_len=max(args.prefill_tokens, args.context + args.steps + 16) + 16,
-                       enable_prefix_caching=False, dtype=dtype)
+                       enable_prefix_caching=False, dtype=engine_dtype)
     cold_start = time.perf_counter() - start
-    print(f"[{dtype}] cold start (load + graph warm-up): {cold_start:.1f} s", flush=True)
+    print(f"[{dtype}] cold start (load): {cold_start:.1f} s", flush=True)
     peak, source, table = measure_gemm(engine.config, dtype=engine.precision.compute)
     limits = MachineLimits(round(peak, 1), source, round(measure_bandwidth(), 1), table)
     print(f"[{dtype}] peak {engine.precision.compute} GEMM: {limits.peak_gflops} GFLOP/s ({source}); memory "
@@ -241,20 +247,26 @@ def print_reports(dtype: str, reports: list[StepReport], limits: MachineLimits) 
 
 
 def print_speedups(runs: list[dict]) -> None:
-    base = runs[0]
-    for run in runs[1:]:
-        print(f"\n{run['dtype']} vs {base['dtype']} (step time ratio, same run):")
-        for mine, theirs in zip(run["steps"], base["steps"]):
-            print(f"  {mine['name']:14} {theirs['measured_ms'] / mine['measured_ms']:.2f}x faster "
-                  f"({theirs['measured_ms']:.1f} -> {mine['measured_ms']:.1f} ms; "
-                  f"{mine['fraction_of_bound']:.1%} of its own bound)")
+    """Every run against every earlier one."""
+    for i, run in enumerate(runs):
+        for base in runs[:i]:
+            _print_speedup(run, base)
+
+
+def _print_speedup(run: dict, base: dict) -> None:
+    print(f"\n{run['dtype']} vs {base['dtype']} (step time ratio, same run):")
+    for mine, theirs in zip(run["steps"], base["steps"]):
+        print(f"  {mine['name']:14} {theirs['measured_ms'] / mine['measured_ms']:.2f}x faster "
+              f"({theirs['measured_ms']:.1f} -> {mine['measured_ms']:.1f} ms; "
+              f"{mine['fraction_of_bound']:.1%} of its own bound)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bench")
     p.add_argument("--dtypes", default="auto", help="comma-separated engine dtypes, measured one after the other "
-                                                    "(e.g. float32,bfloat16: ratios printed against the first)")
+                                                    "(e.g. float32-weights,float32,bfloat16: benchmarks/dtype_runs.py; "
+                                                    "each run's ratios printed against every earlier one)")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=12)

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.dtype_runs import engine_model  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.outputs import RequestOutput  # noqa: E402
 from engine.model_runner import DEFAULT_KV_CACHE_GB  # noqa: E402
@@ -185,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference", "compare"],
                    help="compare: the engine with the CPU kernels and with the reference composites, same run")
     p.add_argument("--dtypes", default=None,
-                   help="comma-separated dtypes (float32,bfloat16,...): the same workload on one engine per dtype, "
-                        "side by side, with each one's KV capacity at the default budget")
+                   help="comma-separated dtypes (float32-weights,float32,bfloat16,...: benchmarks/dtype_runs.py): the "
+                        "same workload on one engine per dtype, side by side, with each one's KV capacity at the "
+                        "default budget")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write results as JSON (to a file or -)")
     args = p.parse_args(argv)
 
@@ -220,17 +222,20 @@ def main(argv: list[str] | None = None) -> int:
 def compare_dtypes(args: argparse.Namespace, workload, dtypes: list[str]) -> int:
     results, capacity = [], {}
     for dtype in dtypes:
-        llm = make_llm(args, args.kernels, dtype=dtype)
-        stats = llm.stats()
-        block_bytes = stats["kv_cache_bytes"] // stats["num_total_blocks"]
-        capacity[dtype] = (int(DEFAULT_KV_CACHE_GB * 2 ** 30) // block_bytes * stats["block_size"],
-                           stats["num_total_blocks"] * stats["block_size"], block_bytes)
-        results.append(run_engine(llm, workload, f"engine, dtype={dtype}"))
-        llm.shutdown()
-        del llm
+        with engine_model(args.model, dtype) as (model, engine_dtype):
+            llm = make_llm(args, args.kernels, dtype=engine_dtype, model=model)
+            stats = llm.stats()
+            block_bytes = stats["kv_cache_bytes"] // stats["num_total_blocks"]
+            capacity[dtype] = (int(DEFAULT_KV_CACHE_GB * 2 ** 30) // block_bytes * stats["block_size"],
+                               stats["num_total_blocks"] * stats["block_size"], block_bytes)
+            results.append(run_engine(llm, workload, f"engine, dtype={dtype}"))
+            llm.shutdown()
+            del llm
     print_table(results)
-    for dtype, result in zip(dtypes[1:], results[1:]):
-        print(f"{dtype} / {dtypes[0]}: output tokens/s {result.output_tokens_per_s / results[0].output_tokens_per_s:.2f}x")
+    for i, (dtype, result) in enumerate(zip(dtypes, results)):
+        for base_dtype, base in zip(dtypes[:i], results[:i]):
+            print(f"{dtype} / {base_dtype}: output tokens/s "
+                  f"{result.output_tokens_per_s / base.output_tokens_per_s:.2f}x")
     print(f"KV capacity at the default budget of {DEFAULT_KV_CACHE_GB:g} GiB per device:")
     for dtype, (fits, allocated, block_bytes) in capacity.items():
         print(f"  {dtype}: {fits} tokens fit ({fits / capacity[dtypes[0]][0]:.2f}x {dtypes[0]}; "
@@ -254,9 +259,9 @@ def print_ceiling(llm: LLM, results: list[RunStats]) -> None:
         print(f"  at most {best_tokens_per_s / baseline.output_tokens_per_s:.1f}x {baseline.name} as measured")
 
 
-def make_llm(args: argparse.Namespace, kernels: str, dtype: str = "auto") -> LLM:
+def make_llm(args: argparse.Namespace, kernels: str, dtype: str = "auto", model: str | None = None) -> LLM:
     start = time.perf_counter()
-    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    llm = LLM(model or args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=False, kernels=kernels, dtype=dtype)
     print(f"engine ready in {time.perf_counter() - start:.1f} s ({args.model}, kernels={llm.stats()['kernels']})",
           file=sys.stderr)

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from mindspore import Tensor, ops
 
-from cogvlm2 import graphs
 from cogvlm2.config import CogVLM2Config
-from cogvlm2.layers import fp32_tensor, rms_norm, swiglu
+from cogvlm2.layers import fp32_tensor
 from cogvlm2.rope import default_inv_freq, rope_table
 
 if TYPE_CHECKING:
@@ -65,8 +64,6 @@ class LanguageModel:
             inv_freq = default_inv_freq(config.head_dim, config.rope_theta)
         cos, sin = rope_table(inv_freq, config.max_position_embeddings)
         self.cos_table, self.sin_table = fp32_tensor(cos), fp32_tensor(sin)
-        self.graph_buckets: list[int] = []  # token-count buckets of the compiled language-only path; [] = off
-        self.graphs: graphs.LayerGraphs | None = None
         # heads held by this process (fewer under tensor parallelism, see cogvlm2/parallel.py)
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_kv_heads
 
@@ -92,47 +89,19 @@ class LanguageModel:
     def forward(self, hidden: Tensor, position_ids: np.ndarray, num_language: int, attention: Attention) -> Tensor:
         """hidden [N, hidden] and position_ids [N], both in routed order. Returns the final-normed hidden states."""
         rope = RopeInputs(Tensor.from_numpy(position_ids.astype(np.int32)), self.cos_table, self.sin_table)
-        n = hidden.shape[0]
-        bucket = graphs.bucket_for(n, self.graph_buckets) if num_language == n else None
-        if bucket is not None:
-            hidden = self._compiled_layers(hidden, bucket, rope, attention)
-        else:
-            for i, layer in enumerate(self.layers):
-                hidden = self._decoder_layer(i, layer, hidden, num_language, rope, attention)
-        return rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
-
-    def compile_graphs(self, max_tokens: int, progress: bool = True) -> None:
-        """Compile the language-only layer segments for every token bucket up to max_tokens (start-up warm-up)."""
-        from tqdm import tqdm
-        buckets = graphs.token_buckets(max_tokens)
-        self.graphs = graphs.LayerGraphs(self.kernels, self.reduce)
-        c, w = self.config, self.layers[0]
-        for size in tqdm(buckets, desc="Compiling decoder graphs", unit="bucket", disable=not progress):
-            x = graphs.zeros(size, c.hidden_size)
-            self.graphs.pre_attention(x, w.input_norm, w.language_qkv, c.rms_norm_eps, self.qkv_heads, c.head_dim)
-            attn = graphs.zeros(size, self.num_heads * c.head_dim)
-            self.graphs.post_attention(x, attn, w.language_dense, w.post_norm, w.language_gate_up, w.language_down,
-                                       c.rms_norm_eps)
-        self.graph_buckets = buckets
+        for i, layer in enumerate(self.layers):
+            hidden = self._decoder_layer(i, layer, hidden, num_language, rope, attention)
+        return self.kernels.rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
 
     @property
     def qkv_heads(self) -> int:
         """Heads of the fused QKV projection held here: query heads, then K heads, then V heads."""
         return self.num_heads + 2 * self.num_kv_heads
 
-    def _compiled_layers(self, hidden: Tensor, bucket: int, rope: RopeInputs, attention: Attention) -> Tensor:
-        c, g = self.config, self.graphs
-        n = hidden.shape[0]
-        x = graphs.pad_rows(hidden, bucket)
-        for i, w in enumerate(self.layers):
-            qkv = g.pre_attention(x, w.input_norm, w.language_qkv, c.rms_norm_eps, self.qkv_heads, c.head_dim)
-            attn = graphs.pad_rows(attention(i, qkv[:n] if bucket != n else qkv, rope), bucket)
-            x = g.post_attention(x, attn, w.language_dense, w.post_norm, w.language_gate_up, w.language_down,
-                                 c.rms_norm_eps)
-        return x[:n] if bucket != n else x
-
     def logits(self, hidden: Tensor) -> Tensor:
         return self.kernels.linear(hidden, self.lm_head)
+
+    partial_products = False  # whether row-parallel projections give partial sums, to be reduced (cogvlm2/parallel.py)
 
     def reduce(self, x: Tensor) -> Tensor:
         """Sums the partial outputs of row-parallel projections across tensor-parallel ranks (none here)."""
@@ -140,12 +109,18 @@ class LanguageModel:
 
     def _decoder_layer(self, index: int, w: DecoderLayerWeights, x: Tensor, num_language: int, rope: RopeInputs,
                        attention: Attention) -> Tensor:
-        c = self.config
-        project = self.kernels.expert_linear
-        h = rms_norm(x, w.input_norm, c.rms_norm_eps)
-        qkv = project(h, num_language, w.language_qkv, w.vision_qkv, w.vision_qkv_bias)
+        c, k = self.config, self.kernels
+        h = k.rms_norm(x, w.input_norm, c.rms_norm_eps)
+        qkv = k.expert_linear(h, num_language, w.language_qkv, w.vision_qkv, w.vision_qkv_bias)
         attn = attention(index, qkv.reshape(x.shape[0], self.qkv_heads, c.head_dim), rope)
-        x = x + self.reduce(project(attn, num_language, w.language_dense, w.vision_dense, None))
-        h = rms_norm(x, w.post_norm, c.rms_norm_eps)
-        gate_up = project(h, num_language, w.language_gate_up, w.vision_gate_up, None)
-        return x + self.reduce(project(swiglu(gate_up), num_language, w.language_down, w.vision_down, None))
+        x = self._add_projection(x, attn, num_language, w.language_dense, w.vision_dense)
+        h = k.rms_norm(x, w.post_norm, c.rms_norm_eps)
+        gate_up = k.expert_linear(h, num_language, w.language_gate_up, w.vision_gate_up, None)
+        return self._add_projection(x, k.swiglu(gate_up), num_language, w.language_down, w.vision_down)
+
+    def _add_projection(self, x: Tensor, h: Tensor, num_language: int, wl: Tensor, wv: Tensor) -> Tensor:
+        """x + a row-parallel projection of h: the residual add inside the GEMM, unless tensor parallelism must
+        first sum the projection's partial products across ranks."""
+        if self.partial_products:
+            return x + self.reduce(self.kernels.expert_linear(h, num_language, wl, wv, None))
+        return self.kernels.expert_linear(h, num_language, wl, wv, None, residual=x)

@@ -1,13 +1,15 @@
 """Small MindSpore building blocks of the vision encoder and the language model (fp32 on CPU).
 
-The math the kernels layer also needs (linear, split_qkv, softmax_attention, expert_linear, apply_rope, to_tensor)
+The math the kernels layer also needs (linear, split_qkv, softmax_attention, expert_linear, apply_rope, rms_norm,
+swiglu, to_tensor)
 is defined in kernels/composites.py and re-exported here; what is left is the model's own."""
 from __future__ import annotations
 
 import numpy as np
 from mindspore import Tensor, ops
 
-from kernels.composites import apply_rope, expert_linear, linear, softmax_attention, split_qkv, to_tensor
+from kernels.composites import (apply_rope, expert_linear, linear, rms_norm, softmax_attention, split_qkv, swiglu,
+                                to_tensor)
 
 __all__ = ["apply_rope", "expert_linear", "fp32_tensor", "gelu_exact", "layer_norm", "linear", "rms_norm", "softmax_attention",
            "split_qkv", "swiglu", "to_tensor"]
@@ -17,17 +19,6 @@ def fp32_tensor(array: np.ndarray) -> Tensor:
     """A float32 Tensor of a small tensor that is added rather than multiplied (norm weights, biases, embeddings
     added to activations): widened once at load (cogvlm2/precision.py); zero-copy when it is float32 already."""
     return Tensor.from_numpy(np.ascontiguousarray(array, np.float32))
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    variance = ops.mean(x * x, -1, keep_dims=True)
-    return x * ops.rsqrt(variance + eps) * weight
-
-
-def swiglu(gate_up: Tensor) -> Tensor:
-    """silu(gate) * up of the stacked [N, 2 * F] gate/up projection (gate first)."""
-    half = gate_up.shape[-1] // 2
-    return ops.silu(gate_up[:, :half]) * gate_up[:, half:]
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:

@@ -187,6 +187,7 @@ def shard_shape(name: str, shape: tuple[int, ...], config: CogVLM2Config, layout
 # ---- the sharded model ------------------------------------------------------------------------------------------
 class ParallelLanguageModel(LanguageModel):
     """The decoder over this rank's heads, intermediate slice and vocabulary slice."""
+    partial_products = True
 
     def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None,
                  layout: ShardLayout, kernels: KernelSet):

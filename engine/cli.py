@@ -132,10 +132,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from engine.llm import LLM
     prompts, params = zip(*(_split_request(r) for r in requests))
     try:
-        # A decode step never holds more tokens than there are requests: compile only the buckets this job can
-        # use (larger prefills run eagerly), so a one-prompt run does not pay for warming up the whole budget.
-        llm = LLM(args.model, config_yaml=args.config,
-                  **{**engine_kwargs(args), "graph_max_tokens": args.graph_max_tokens or len(requests)})
+        llm = LLM(args.model, config_yaml=args.config, **engine_kwargs(args))
         try:
             outputs = llm.generate(list(prompts), list(params), use_tqdm=len(requests) > 1 and sys.stderr.isatty())
         finally:

@@ -71,8 +71,7 @@ class LLMEngine:
         self.timer = PhaseTimer()
         self.images = ImagePlanner(self.args.encoder_cache_size)
         self.executor = make_executor(RunnerConfig(
-            source, self.args.block_size, num_blocks, self.args.kernels, self.args.enforce_eager,
-            self.args.compiled_tokens, self.args.tensor_parallel_size,
+            source, self.args.block_size, num_blocks, self.args.kernels, self.args.tensor_parallel_size,
             mm_encoder_tp_mode=self.args.mm_encoder_tp_mode, precision=self.precision), self.timer)
         self.sampler = Sampler(self.config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
@@ -257,7 +256,6 @@ class LLMEngine:
             "num_running": sch.num_running, "num_waiting": sch.num_waiting,
             "num_images_encoded": self.executor.num_images_encoded, "block_size": self.args.block_size,
             "max_model_len": self.max_model_len, "kernels": self.executor.info.kernels,
-            "graph_buckets": list(self.executor.info.graph_buckets),
         }
 
 

@@ -91,8 +91,6 @@ class RunnerConfig:
     block_size: int
     num_blocks: int
     kernels: str = "auto"
-    enforce_eager: bool = False
-    graph_max_tokens: int = 2048
     tensor_parallel_size: int = 1
     rank: int = 0
     mm_encoder_tp_mode: str = "weights"
@@ -103,7 +101,6 @@ class RunnerConfig:
 class RunnerInfo:
     """What the driver reports about the model side (stats, tests)."""
     kernels: str
-    graph_buckets: list[int]
     kv_cache_shape: tuple[int, ...]  # one layer's K (or V) cache: [slots, KV heads held here, head_dim]
 
 
@@ -112,16 +109,13 @@ class ModelRunner:
         self.config = config
         self.timer = timer or PhaseTimer()
         self.model = _load_model(config)
-        if not config.enforce_eager:
-            self.model.language.compile_graphs(config.graph_max_tokens)
         self.kv_cache = PagedKVCache(KVCacheSpec.for_model(config.source.config, config.tensor_parallel_size,
                                                            config.block_size, config.num_blocks, config.precision))
         self.encoder_cache: dict[str, Tensor] = {}  # vision features by image hash, as the driver's plan says
 
     @property
     def info(self) -> RunnerInfo:
-        return RunnerInfo(self.model.kernels.backend, list(self.model.language.graph_buckets),
-                          tuple(self.kv_cache.keys[0].shape))
+        return RunnerInfo(self.model.kernels.backend, tuple(self.kv_cache.keys[0].shape))
 
     def run_step(self, step: StepRequest) -> np.ndarray:
         """Logits [sequences that need a sample, vocab (this rank's slice)] in batch order."""

@@ -44,6 +44,17 @@ def expert_linear(x: Tensor, num_language: int, language_w: Tensor, vision_w: Te
     return ops.concat((linear(x[:num_language], language_w), linear(x[num_language:], vision_w, vision_b)), 0)
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    variance = ops.mean(x * x, -1, keep_dims=True)
+    return x * ops.rsqrt(variance + eps) * weight
+
+
+def swiglu(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up of the stacked [N, 2 * F] gate/up projection (gate first)."""
+    half = gate_up.shape[-1] // 2
+    return ops.silu(gate_up[:, :half]) * gate_up[:, half:]
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """NeoX rotate-half; x [N, heads, d], cos/sin [N, d]."""
     half = x.shape[-1] // 2

@@ -30,8 +30,18 @@ class KernelSet(Protocol):
         [N, H + 2 KV, d] (q heads, k heads, v heads)."""
         ...
 
-    def expert_linear(self, x: Tensor, num_language: int, wl: Tensor, wv: Tensor, bv: Tensor | None) -> Tensor:
-        """x in routed order: rows [:num_language] @ wl^T, the rest @ wv^T + bv (weights from prepare_weight)."""
+    def expert_linear(self, x: Tensor, num_language: int, wl: Tensor, wv: Tensor, bv: Tensor | None,
+                      residual: Tensor | None = None) -> Tensor:
+        """x in routed order: rows [:num_language] @ wl^T, the rest @ wv^T + bv (weights from prepare_weight);
+        with residual [N, out] (then bv is None), residual + those products."""
+        ...
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """x [N, d] fp32 * rsqrt(mean(x^2) + eps) * weight [d]."""
+        ...
+
+    def swiglu(self, gate_up: Tensor) -> Tensor:
+        """silu(gate) * up of the stacked [N, 2 F] gate/up projection (gate first) -> [N, F]."""
         ...
 
     def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -1,6 +1,6 @@
 """One registry for the engine's hot ops: `get_kernels(backend, compute_dtype=...)` returns a
-kernels.interface.KernelSet (rope, write_kv, paged_attention, expert_linear, linear, prepare_weight) whichever
-backend serves it.
+kernels.interface.KernelSet (rope, write_kv, paged_attention, expert_linear, rms_norm, swiglu, linear,
+prepare_weight) whichever backend serves it.
 
 Backends: "cpu" (the AOT kernels of kernels/cpu), "reference" (the MindSpore composites of kernels/reference.py),
 "auto" (cpu if its library loads, else reference with a warning). COGVLM2_KERNELS=cpu|reference forces one.
@@ -33,6 +33,9 @@ from kernels.interface import KernelSet
 from kernels.sku import (BACKENDS, GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, GEMM_OWN, GEMM_PREPACKED, KernelParams,
                          load_params)
 
+# expert_linear's addend (kernels/cpu/expert_linear.cc): none, the vision expert's bias, a residual for every row
+ADDEND_NONE, ADDEND_BIAS, ADDEND_RESIDUAL = 0, 1, 2
+ADDENDS = (ADDEND_NONE, ADDEND_BIAS, ADDEND_RESIDUAL)
 DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" parameters, larger ones "prefill"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 BF16_FALLBACK_ENV = "COGVLM2_BF16_FALLBACK"
@@ -139,8 +142,15 @@ class ReferenceKernels(BaseKernels):
         reference.write_kv_cache(value_cache, meta.slot_mapping, v_new)
         return reference.paged_attention(q, key_cache, value_cache, meta)
 
-    def expert_linear(self, x, num_language, wl, wv, bv):
-        return reference.widened_expert_linear(x, num_language, wl, wv, bv, self._bf16_dot(wl))
+    def expert_linear(self, x, num_language, wl, wv, bv, residual=None):
+        y = reference.widened_expert_linear(x, num_language, wl, wv, bv, self._bf16_dot(wl))
+        return y if residual is None else residual + y
+
+    def rms_norm(self, x, weight, eps):
+        return composites.rms_norm(x, weight, eps)
+
+    def swiglu(self, gate_up):
+        return composites.swiglu(gate_up)
 
     def _metadata(self, slot_mapping, seq_index, token_position, block_tables, context_lens, block_size,
                   num_heads, num_kv_heads) -> reference.PagedAttentionMetadata:
@@ -172,6 +182,7 @@ class CpuKernels(BaseKernels):
         self._configs = {**self._precomputed_configs(), **self._decode_projection_configs()}
         self._dummy_float = Tensor(np.zeros(1, np.float32))
         self._dummy_index = Tensor(np.zeros(1, np.int32))
+        self._eps: dict[float, Tensor] = {}  # rms_norm's epsilon as the [1] tensor the kernel reads, per value
 
     def _config(self, op: str, num_tokens: int, *values: int) -> Tensor:
         """The int32 config tensor of a call. Made ahead for every key but prefill projections' (whose
@@ -183,14 +194,14 @@ class CpuKernels(BaseKernels):
 
     def _config_row(self, op: str, cls: str, *values: int) -> list[int]:
         p = self.params.get(op, cls)
-        if op == "rope":
+        if op in ("rope", "rms_norm", "swiglu"):
             return [p["threads"]]
         if op == "paged_attention":
             block_size, apply_rope = values
             return [block_size, p["threads"], p["query_tile"], p["key_tile"], p["parallel_min_work"], apply_rope]
-        num_language, has_bias = values  # an expert_linear op of PANEL_OPS
+        num_language, addend = values  # an expert_linear op of PANEL_OPS
         gemm = self._gemm_kind(p["gemm"]) if op == "expert_linear" else GEMM_OWN  # 16-bit weights: panels only
-        return [num_language, has_bias, p["threads"], gemm, p["k_block"], p["n_block"],
+        return [num_language, addend, p["threads"], gemm, p["k_block"], p["n_block"],
                 int(op == "expert_linear_bf16_dot"), int(self.bf16_fallback), p["tile_rows"]]
 
     def _gemm_kind(self, gemm: int) -> int:
@@ -218,11 +229,11 @@ class CpuKernels(BaseKernels):
 
     def _decode_projection_configs(self) -> dict[tuple, Tensor]:
         keys = [(op, "decode", language, bias) for op in dict.fromkeys(PANEL_OPS.values())
-                for language in range(DECODE_MAX_TOKENS + 1) for bias in (0, 1)]
+                for language in range(DECODE_MAX_TOKENS + 1) for bias in ADDENDS]
         return {key: Tensor(self._config_row(*key), mstype.int32) for key in keys}
 
     def _precomputed_configs(self) -> dict[tuple, Tensor]:
-        keys = [("rope", cls) for cls in ("decode", "prefill")]
+        keys = [(op, cls) for op in ("rope", "rms_norm", "swiglu") for cls in ("decode", "prefill")]
         keys += [("paged_attention", cls, 1 << b, r) for cls in ("decode", "prefill") for b in range(9) for r in (0, 1)]
         return {key: Tensor(self._config_row(*key), mstype.int32) for key in keys}
 
@@ -247,13 +258,27 @@ class CpuKernels(BaseKernels):
                                         _i32(seq_index), _i32(token_position), _i32(block_tables),
                                         _i32(context_lens), positions, cos, sin, config)
 
-    def expert_linear(self, x, num_language, wl, wv, bv):
+    def expert_linear(self, x, num_language, wl, wv, bv, residual=None):
+        if bv is not None and residual is not None:
+            raise ValueError("expert_linear: a bias and a residual together are not supported (the kernel adds one)")
         op = self._panel_op(wl.dtype)
         if wl.ndim == 2 and (op != "expert_linear" or  # 16-bit [out, in] (rows not in whole panels): widened
                              self.params.get("expert_linear", shape_class(x.shape[0]))["gemm"] == GEMM_MINDSPORE):
-            return reference.widened_expert_linear(x, num_language, wl, wv, bv, self._bf16_dot(wl))
-        config = self._config(op, x.shape[0], int(num_language), int(bv is not None))
-        return self.ops.expert_linear(x, wl, wv, self._dummy_float if bv is None else bv, config)
+            y = reference.widened_expert_linear(x, num_language, wl, wv, bv, self._bf16_dot(wl))
+            return y if residual is None else residual + y
+        addend = ADDEND_RESIDUAL if residual is not None else ADDEND_BIAS if bv is not None else ADDEND_NONE
+        config = self._config(op, x.shape[0], int(num_language), addend)
+        value = residual if residual is not None else bv if bv is not None else self._dummy_float
+        return self.ops.expert_linear(x, wl, wv, value, config)
+
+    def rms_norm(self, x, weight, eps):
+        eps_tensor = self._eps.get(eps)
+        if eps_tensor is None:
+            eps_tensor = self._eps.setdefault(eps, Tensor(np.array([eps], np.float32)))
+        return self.ops.rms_norm(x, weight, eps_tensor, self._config("rms_norm", x.shape[0]))
+
+    def swiglu(self, gate_up):
+        return self.ops.swiglu(gate_up, self._config("swiglu", gate_up.shape[0]))
 
 
 def resolve_backend(backend: str = "auto") -> str:

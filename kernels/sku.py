@@ -46,6 +46,8 @@ GEMM_OWN, GEMM_OPENBLAS, GEMM_ONEDNN, GEMM_MINDSPORE, GEMM_PREPACKED = 0, 1, 2, 
 # kernel's tuning parameters where no table sets them. kernels/tune.py writes tables of the same shape.
 DEFAULT_PARAMS: dict[str, dict[str, dict[str, int]]] = {
     "rope": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
+    "rms_norm": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
+    "swiglu": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
     "paged_attention": {
         "decode": {"threads": 2, "query_tile": 1, "key_tile": 64, "parallel_min_work": 1 << 20},
         "prefill": {"threads": 2, "query_tile": 8, "key_tile": 64, "parallel_min_work": 1 << 20},

@@ -23,7 +23,8 @@ from typing import Callable
 import numpy as np
 
 PANEL_OPS = ("expert_linear", "expert_linear_bf16", "expert_linear_bf16_dot", "expert_linear_f16")
-OPS = ("rope", "paged_attention") + PANEL_OPS
+ROW_OPS = ("rms_norm", "swiglu")  # one pass over rows of activations: only threads to choose
+OPS = ("rope",) + ROW_OPS + ("paged_attention",) + PANEL_OPS
 PAGED_CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -68,7 +69,7 @@ PANEL_CANDIDATES = [{"threads": t, "k_block": k, "tile_rows": r}
                     for t, k, r in itertools.product((1, 2), (512, 1024, 0, 4096), (0, 6, 12))]
 
 CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
-    "rope": {cls: [{"threads": t} for t in (1, 2)] for cls in SHAPES},
+    **{op: {cls: [{"threads": t} for t in (1, 2)] for cls in SHAPES} for op in ("rope",) + ROW_OPS},
     "paged_attention": {
         "decode": [{"threads": t, "query_tile": 1, "key_tile": k, "parallel_min_work": w}
                    for t, k, w in itertools.product((1, 2), (32, 64, 128), (1 << 16, 1 << 20))],
@@ -140,6 +141,12 @@ class Workload:
         cos, sin = normal(8192, s.head_dim), normal(8192, s.head_dim)
         if op == "rope":
             self.calls = [(q, k, positions, cos, sin)]
+            return
+        if op == "rms_norm":  # the decoder's norm over hidden-size rows
+            self.calls = [(normal(n, s.hidden), normal(s.hidden), 1e-5)]
+            return
+        if op == "swiglu":
+            self.calls = [(normal(n, 2 * s.mlp),)]
             return
         import ml_dtypes
         dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[cache_dtype]

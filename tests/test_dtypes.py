@@ -99,8 +99,8 @@ def test_demo_answers_are_exact_in_16_bit(goldens, dtype):
 
 def test_float32_on_a_bf16_checkpoint_holds_bf16_weights_and_bf16_kv_holds_twice_the_tokens():
     from engine import LLM
-    f32 = LLM("demo", dtype="float32", kv_cache_memory_gb=0.01, enforce_eager=True)
-    bf16 = LLM("demo", dtype="bfloat16", kv_cache_memory_gb=0.01, enforce_eager=True)
+    f32 = LLM("demo", dtype="float32", kv_cache_memory_gb=0.01)
+    bf16 = LLM("demo", dtype="bfloat16", kv_cache_memory_gb=0.01)
     model = f32.engine.executor.runner.model
     assert model.language.layers[0].language_qkv.dtype == NUMPY_DTYPES["bfloat16"] or \
         str(model.language.layers[0].language_qkv.dtype) == "BFloat16"

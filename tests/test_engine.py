@@ -107,21 +107,6 @@ def test_demo_examples_through_engine(llm, goldens):
         assert out.outputs[0].finish_reason == ex["finish_reason"]
 
 
-def test_eager_path_gives_the_same_goldens(golden_cases):
-    """enforce_eager=True (no compiled decoder graphs) must agree with the goldens too."""
-    llm = LLM("demo", enforce_eager=True)
-    assert llm.stats()["graph_buckets"] == []
-    outs = llm.generate([golden_prompt(c) for c in golden_cases], [greedy_params(c) for c in golden_cases], use_tqdm=False)
-    for case, out in zip(golden_cases, outs):
-        assert_golden(case, out.outputs[0].token_ids)
-    assert_no_leak(llm)
-
-
-def test_compiled_buckets_cover_the_token_budget():
-    llm = LLM("demo", max_num_batched_tokens=100)
-    assert llm.stats()["graph_buckets"] == [1, 2, 4, 8, 16, 32, 64, 128]
-
-
 def test_vision_encoder_runs_once_per_image():
     llm = LLM("demo", enable_prefix_caching=False)
     image = str(TINY / "demo_4.png")
@@ -144,11 +129,3 @@ def test_goldens_with_each_kernel_backend(golden_cases, backend):
     assert llm.stats()["num_prefill_chunks"] > 0  # chunks that split image spans went through the kernels too
     assert_no_leak(llm)
 
-
-def test_graph_max_tokens_caps_the_compiled_buckets(golden_cases):
-    """Buckets stop at graph_max_tokens; larger token sets (the prefills here) run eagerly and stay exact."""
-    llm = LLM("demo", graph_max_tokens=3)
-    assert llm.stats()["graph_buckets"] == [1, 2, 4]
-    case = golden_cases[0]
-    out = llm.generate(golden_prompt(case), greedy_params(case), use_tqdm=False)[0]
-    assert_golden(case, out.outputs[0].token_ids)

@@ -37,7 +37,7 @@ def test_parsed_flags_become_engine_args():
 @pytest.mark.parametrize("bad, field", [({"block_size": 0}, "block_size"), ({"max_num_seqs": True}, "max_num_seqs"),
                                         ({"kernels": "gpu"}, "kernels"), ({"max_model_len": 1}, "max_model_len"),
                                         ({"mm_encoder_tp_mode": "x"}, "mm_encoder_tp_mode"),
-                                        ({"graph_max_tokens": 0}, "graph_max_tokens")])
+                                        ({"num_kv_blocks": 0}, "num_kv_blocks")])
 def test_bad_settings_name_their_field(bad, field):
     with pytest.raises(ValueError, match=field):
         EngineArgs(**bad)

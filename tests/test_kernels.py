@@ -525,7 +525,7 @@ def test_rope_eager_twin_matches_the_aot_op_and_rejects_bad_positions():
     np.testing.assert_array_equal(eager_k.asnumpy(), aot_k.asnumpy())
     assert not np.array_equal(eager_q.asnumpy(), q)  # it did rotate
     bad = Tensor(np.full(9, 500, np.int32))  # past the 128-row table
-    with pytest.raises(RuntimeError, match="RopeInplace failed with status 4"):
+    with pytest.raises(RuntimeError, match="RopeInplace failed: its status is 4"):
         CPU.rope(Tensor(q.copy()), Tensor(k.copy()), bad, Tensor(cos), Tensor(sin))
     again_q, _ = CPU.rope(Tensor(q.copy()), Tensor(k.copy()), args[0], Tensor(cos), Tensor(sin))  # still serving
     np.testing.assert_array_equal(again_q.asnumpy(), aot_q.asnumpy())
@@ -820,6 +820,64 @@ def test_bf16_panels_inside_jit(compute):
     np.testing.assert_array_equal(dense.asnumpy(), kernels.linear(Tensor(x), pl).asnumpy())
 
 
+# ---------------------------------------------------------------- the layer's elementwise steps, residual adds
+
+@needs_cpu
+@pytest.mark.parametrize("n,d", [(1, 64), (3, 1000), (700, 1024)])  # 700 x 1024: two threads
+def test_rms_norm_matches_reference(n, d):
+    rng = np.random.default_rng(n + d)
+    x, w = Tensor(normal(rng, n, d) * 3), Tensor(normal(rng, d))
+    assert_close(CPU.rms_norm(x, w, 1e-5).asnumpy(), REF.rms_norm(x, w, 1e-5).asnumpy())
+    tiny = Tensor(np.full((2, d), 1e-4, np.float32))  # eps dominates: the kernel must add it, not drop it
+    assert_close(CPU.rms_norm(tiny, w, 1e-2).asnumpy(), REF.rms_norm(tiny, w, 1e-2).asnumpy())
+
+
+@needs_cpu
+@pytest.mark.parametrize("n,f", [(1, 16), (5, 2816), (300, 1408)])
+def test_swiglu_matches_reference(n, f):
+    rng = np.random.default_rng(n + f)
+    gate_up = Tensor(np.concatenate([normal(rng, n, f) * 6, normal(rng, n, f)], 1))  # gates well into both tails
+    got = CPU.swiglu(gate_up).asnumpy()
+    assert got.shape == (n, f)
+    assert_close(got, REF.swiglu(gate_up).asnumpy())
+
+
+@needs_cpu
+@pytest.mark.parametrize("n,num_language", [(1, 1), (9, 4), (70, 0), (300, 131)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("k_block", [0, 64])
+def test_expert_linear_adds_a_residual(n, num_language, dtype, k_block):
+    """residual + the routed products, for every row (the decoder's fused residual add), over k blocks too."""
+    kernels = CpuKernels(expert_params(sku.GEMM_PREPACKED, k_block, 0), compute_dtype=dtype)
+    rng = np.random.default_rng(n)
+    x, residual = normal(rng, n, 160), normal(rng, n, 96)
+    wl, wv = (normal(rng, 96, 160).astype(CACHE_DTYPES[dtype]) for _ in range(2))
+    pl, pv = kernels.prepare_weight(wl), kernels.prepare_weight(wv)
+    expected = residual + kernels.expert_linear(Tensor(x), num_language, pl, pv, None).asnumpy()
+    got = kernels.expert_linear(Tensor(x), num_language, pl, pv, None, residual=Tensor(residual)).asnumpy()
+    assert_close(got, expected)
+    ref = REF if dtype == "float32" else get_kernels("reference", compute_dtype=dtype)
+    assert_close(ref.expert_linear(Tensor(x), num_language, Tensor(wl), Tensor(wv), None,
+                                   residual=Tensor(residual)).asnumpy(), expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="bias and a residual"):
+        kernels.expert_linear(Tensor(x), num_language, pl, pv, Tensor(normal(rng, 96)), residual=Tensor(residual))
+
+
+@needs_cpu
+def test_layer_steps_inside_jit_match_eager():
+    """The AOT ops serve rms_norm, swiglu and the residual projection inside jit; eagerly, the pyboost twins."""
+    rng = np.random.default_rng(3)
+    kernels = CpuKernels(expert_params(sku.GEMM_PREPACKED, 0, 0))
+    x, w, wl = Tensor(normal(rng, 5, 64)), Tensor(normal(rng, 64)), kernels.prepare_weight(normal(rng, 128, 64))
+    wd = kernels.prepare_weight(normal(rng, 64, 64))
+
+    def block(x):
+        gate_up = kernels.expert_linear(kernels.rms_norm(x, w, 1e-5), 5, wl, wl, None)
+        return kernels.expert_linear(kernels.swiglu(gate_up), 5, wd, wd, None, residual=x)
+
+    np.testing.assert_array_equal(ms.jit(block)(x).asnumpy(), block(x).asnumpy())
+
+
 # ---------------------------------------------------------------- inside jit
 
 @needs_cpu
@@ -920,7 +978,8 @@ def test_registry_backends(monkeypatch):
         get_kernels()
 
 
-KERNEL_SET_OPS = ("rope", "write_kv", "paged_attention", "expert_linear", "linear", "prepare_weight")
+KERNEL_SET_OPS = ("rope", "write_kv", "paged_attention", "expert_linear", "rms_norm", "swiglu", "linear",
+                  "prepare_weight")
 
 
 def test_kernel_set_protocol_names_the_model_s_ops():
@@ -1019,7 +1078,7 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "GEMM_SHAPES", {"decode": [small], "prefill": []})
     panel = [{"threads": 1, "k_block": 0, "tile_rows": 0}, {"threads": 2, "k_block": 16, "tile_rows": 3}]
     monkeypatch.setattr(tune, "CANDIDATES", {
-        "rope": {c: [{"threads": 1}, {"threads": 2}] for c in ("decode", "prefill")},
+        **{op: {c: [{"threads": 1}, {"threads": 2}] for c in ("decode", "prefill")} for op in ("rope",) + tune.ROW_OPS},
         "paged_attention": {c: [dict(sku.DEFAULT_PARAMS["paged_attention"][c]),
                                 {"threads": 1, "query_tile": 2, "key_tile": 16, "parallel_min_work": 0}]
                             for c in ("decode", "prefill")},

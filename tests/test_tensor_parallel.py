@@ -265,5 +265,4 @@ def test_odd_vision_head_count_serves_under_tensor_parallel_2(tmp_path):
     with LLM(str(tmp_path / "odd"), tensor_parallel_size=2) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected
-        assert llm.stats()["graph_buckets"]  # the workers run the compiled graphs too
 

@@ -1,5 +1,6 @@
 // Expert-routed projection: x [N, in] in routed order (language rows first), y = x[:L] @ Wl^T and
-// y[L:] = x[L:] @ Wv^T + bv, as two GEMM calls on contiguous row ranges of x and y. Weights are either float32 in
+// y[L:] = x[L:] @ Wv^T + bv, or, with a residual r [N, out] instead of the bias, y = r + the same products (the
+// decoder's residual add, fused so that it costs no pass of its own), as two GEMM calls on contiguous row ranges of x and y. Weights are either float32 in
 // [out, in] layout, read transposed by the GEMM (nothing is copied), or panels prepacked at load time in float32,
 // bfloat16 or float16 (gemm.h), read by the panel GEMM in the call's math. For [out, in] weights, which GEMM is a
 // per-call choice (the tuned table's):
@@ -63,11 +64,15 @@ void gemm_columns(GemmKind kind, int64_t m, int64_t n, int64_t c0, int64_t c1, i
 
 void* open_library(const char* path) { return dlopen(path, RTLD_NOW | RTLD_LOCAL); }
 
-// The config tensor: [num_language, has_bias, threads, gemm, k_block, n_block] and, where present (else 0),
+// What the products are added to: nothing, the vision expert's bias [out] (vision rows only), or a residual
+// [N, out] (every row).
+enum Addend : int32_t { kNoAddend = 0, kVisionBias = 1, kResidual = 2 };
+
+// The config tensor: [num_language, addend, threads, gemm, k_block, n_block] and, where present (else 0),
 // [bf16_dot, portable, tile_rows] for panels (gemm.h PanelGemm).
 struct Config {
   int64_t language;
-  bool has_bias;
+  Addend addend;
   int threads;
   GemmKind kind;
   int64_t k_block, n_block;
@@ -77,7 +82,7 @@ struct Config {
 
 Config read_config(const int32_t* c, int64_t count) {
   auto at = [&](int64_t i) { return i < count ? c[i] : 0; };
-  return {c[0], c[1] != 0, std::max(1, c[2]), static_cast<GemmKind>(c[3]), c[4], c[5], at(6) != 0, at(7) != 0, at(8)};
+  return {c[0], static_cast<Addend>(c[1]), std::max(1, c[2]), static_cast<GemmKind>(c[3]), c[4], c[5], at(6) != 0, at(7) != 0, at(8)};
 }
 
 struct Weights {
@@ -113,7 +118,7 @@ Status check_weights(const Args& a, int64_t in, Weights* w) {
 
 // y = the routed projection, on up to cfg.threads threads: each owns ranges of output panels of both row ranges.
 void project_experts(const Config& cfg, const Weights& w, int64_t n, int64_t in, const float* x, const void* wl,
-                     const void* wv, const float* bias, float* y) {
+                     const void* wv, const float* addend, float* y) {
   const int64_t out = w.out, language = cfg.language, vision = n - language;
   const int workers = n * out * in >= (1 << 20) ? cfg.threads : 1;
   const PanelGemm g{w.dtype, cfg.bf16_dot ? PanelMath::kBf16Dot : PanelMath::kFloat32, cfg.portable, cfg.k_block,
@@ -126,14 +131,18 @@ void project_experts(const Config& cfg, const Weights& w, int64_t n, int64_t in,
     gemm_columns(cfg.kind, rows, out, p0 * kGemmColumnAlign, std::min(out, p1 * kGemmColumnAlign), in,
                  x + row0 * in, static_cast<const float*>(wt), ys, accumulate, cfg.k_block, cfg.n_block);
   };
+  // Rows [r0, r1)'s columns [c0, c1) of y set to what the products are then added to.
+  auto start_from = [&](const float* rows, int64_t stride, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    for (int64_t i = r0; i < r1; ++i) std::memcpy(y + i * out + c0, rows + i * stride + c0, (c1 - c0) * sizeof(float));
+  };
+  const bool residual = cfg.addend == kResidual;
   parallel_ranges((out + kGemmColumnAlign - 1) / kGemmColumnAlign, workers, [&](int64_t p0, int64_t p1) {
-    if (language > 0) project(language, 0, wl, y, false, p0, p1);
+    const int64_t c0 = p0 * kGemmColumnAlign, c1 = std::min(out, p1 * kGemmColumnAlign);
+    if (residual) start_from(addend, out, 0, n, c0, c1);
+    if (language > 0) project(language, 0, wl, y, residual, p0, p1);
     if (vision > 0) {
-      const int64_t c0 = p0 * kGemmColumnAlign, c1 = std::min(out, p1 * kGemmColumnAlign);
-      float* yv = y + language * out;
-      if (cfg.has_bias)
-        for (int64_t i = 0; i < vision; ++i) std::memcpy(yv + i * out + c0, bias + c0, (c1 - c0) * sizeof(float));
-      project(vision, language, wv, yv, cfg.has_bias, p0, p1);
+      if (cfg.addend == kVisionBias) start_from(addend, 0, language, n, c0, c1);
+      project(vision, language, wv, y + language * out, cfg.addend != kNoAddend, p0, p1);
     }
   });
 }
@@ -174,7 +183,8 @@ extern "C" int cogvlm2_load_onednn(const char* path) {
 extern "C" int cogvlm2_has_bf16_dot() { return cogvlm2::cpu_has_bf16_dot() ? 1 : 0; }
 
 // inputs: x [N,in] f32; wl and wv both f32 [out,in] or both panels (gemm.h) of one dtype: f32 or f16
-//         [out/32,in,32], bf16 [out/32,ceil(in/2),32,2]; bv [out] or [1] (f32); config (i32, Config above):
+//         [out/32,in,32], bf16 [out/32,ceil(in/2),32,2]; addend (f32): the bias [out], the residual [N,out], or
+//         [1] for none; config (i32, Config above):
 //         gemm and n_block apply to [out,in] weights only, bf16_dot to bf16 panels only (else kBadDtype).
 // output: y [N,out] f32
 COGVLM2_AOT(ExpertLinear) {
@@ -190,7 +200,9 @@ COGVLM2_AOT(ExpertLinear) {
   if (const Status status = check_weights(a, in, &w)) return status;
   const Config cfg = read_config(a.data<int32_t>(4), a.numel(4));
   if (cfg.bf16_dot && w.dtype != PanelDtype::kBf16) return kBadDtype;
-  if (cfg.language < 0 || cfg.language > n || (cfg.has_bias && a.numel(3) != w.out) || a.numel(5) != n * w.out)
+  const int64_t addend_numel = cfg.addend == kVisionBias ? w.out : cfg.addend == kResidual ? n * w.out : a.numel(3);
+  if (cfg.language < 0 || cfg.language > n || cfg.addend < kNoAddend || cfg.addend > kResidual ||
+      a.numel(3) != addend_numel || a.numel(5) != n * w.out)
     return kBadShape;
   if (!w.panels && !available(cfg.kind)) return kNoBlas;
   project_experts(cfg, w, n, in, a.data<float>(0), params[1], params[2], a.data<float>(3), a.data<float>(5));
