@@ -6,7 +6,7 @@
    OpenBLAS) and memory bandwidth (large array copy).
 2. Steady-state decode steps at 1, 8, 32 and 64 running sequences (context ~256) and a 2048-token prefill.
    For each: the bound max(FLOPs / peak, bytes / bandwidth), the measured step time (decode: the median step),
-   the fraction of the bound achieved, and a breakdown: host (scheduler + input preparation + postprocessing), decoder graph, sampling, other.
+   the fraction of the bound achieved, and a breakdown: host (scheduler + input preparation + postprocessing), decoder, sampling, other.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ $PY -m pytest -q -m slow
 $PY -m pytest -q benchmarks/ --benchmark-only
 $PY benchmarks/kernels.py --json out/benchmarks/kernels.json
 $PY benchmarks/loading.py --preset bench --json out/benchmarks/loading.json
-$PY benchmarks/roofline.py --model bench --json out/benchmarks/roofline.json
+$PY benchmarks/roofline.py --model bench --dtypes float32-weights,float32,bfloat16 --json out/benchmarks/roofline.json
 $PY benchmarks/throughput.py --model bench --num-prompts 16 --kernels compare --json out/benchmarks/kernels_on_off.json
 $PY benchmarks/throughput.py --model bench --one-at-a-time-limit 8 --json out/benchmarks/throughput.json
+$PY benchmarks/throughput.py --model bench --dtypes float32-weights,float32,bfloat16 --json out/benchmarks/throughput_dtypes.json
 $PY benchmarks/serving.py --launch tiny --num-requests 64 --concurrency 16 --json out/benchmarks/serving.json
