@@ -1,7 +1,8 @@
 """What a `--dtypes` entry of roofline.py and throughput.py runs: an engine dtype (auto, float32, bfloat16,
-float16), or "float32-weights": dtype float32 over a float32 copy of the model, i.e. every weight widened to and
-stored in float32, as the engine held every checkpoint before it kept 16-bit weights as stored. The copy of a
-preset's random weights is written to a temporary folder (~1 GB for bench) and deleted after the run."""
+float16), optionally with a weight quantization after a "+" (bfloat16+w8a16), or "float32-weights": dtype float32
+over a float32 copy of the model, i.e. every weight widened to and stored in float32, as the engine held every
+checkpoint before it kept 16-bit weights as stored. The copy of a preset's random weights is written to a
+temporary folder (~1 GB for bench) and deleted after the run."""
 from __future__ import annotations
 
 import tempfile
@@ -15,10 +16,11 @@ FLOAT32_WEIGHTS = "float32-weights"
 
 
 @contextmanager
-def engine_model(model: str, entry: str) -> Iterator[tuple[str, str]]:
-    """(the engine's model argument, its dtype) for one --dtypes entry."""
+def engine_model(model: str, entry: str) -> Iterator[tuple[str, dict]]:
+    """(the engine's model argument, its dtype and quantization arguments) for one --dtypes entry."""
     if entry != FLOAT32_WEIGHTS:
-        yield model, entry
+        dtype, _, quantization = entry.partition("+")
+        yield model, {"dtype": dtype, "quantization": quantization or None}
         return
     source = resolve_model(model)
     if source.checkpoint is not None:
@@ -26,4 +28,4 @@ def engine_model(model: str, entry: str) -> Iterator[tuple[str, str]]:
     with tempfile.TemporaryDirectory(prefix="cogvlm2-float32-weights-") as folder:
         print(f"[{entry}] writing a float32 copy of {model} to {folder}", flush=True)
         make_random_checkpoint(source.config, folder, source.random_seed, dtype="fp32")
-        yield folder, "float32"
+        yield folder, {"dtype": "float32", "quantization": None}

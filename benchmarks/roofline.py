@@ -156,8 +156,10 @@ def _prompt_of(engine: LLMEngine, num_tokens: int, salt: int) -> str:
 
 
 def _bytes_per(engine: LLMEngine) -> tuple[int, int]:
-    """Bytes per weight and per K/V value as the engine holds them."""
-    return engine.precision.weights.itemsize, engine.precision.kv_bytes
+    """Bytes per weight (int8 under weight quantization; its per-channel scales are ~0.1% more) and per K/V value
+    as the engine holds them."""
+    weight_bytes = 1 if engine.args.quantization else engine.precision.weights.itemsize
+    return weight_bytes, engine.precision.kv_bytes
 
 
 def run_decode(engine: LLMEngine, batch: int, context: int, steps: int, limits: MachineLimits) -> StepReport:
@@ -210,15 +212,15 @@ def _report(name, tokens, context, gflop, gbytes, gemm_gflop, seconds, breakdown
 
 
 def run_dtype(args: argparse.Namespace, entry: str) -> dict:
-    with engine_model(args.model, entry) as (model, engine_dtype):
-        return _run_engine(args, model, engine_dtype, entry)
+    with engine_model(args.model, entry) as (model, settings):
+        return _run_engine(args, model, settings, entry)
 
 
-def _run_engine(args: argparse.Namespace, model: str, engine_dtype: str, dtype: str) -> dict:
+def _run_engine(args: argparse.Namespace, model: str, settings: dict, dtype: str) -> dict:
     start = time.perf_counter()
     engine = LLMEngine(model, max_num_seqs=64, max_num_batched_tokens=args.prefill_tokens,
                        max_model_len=max(args.prefill_tokens, args.context + args.steps + 16) + 16,
-                       enable_prefix_caching=False, dtype=engine_dtype)
+                       enable_prefix_caching=False, **settings)
     cold_start = time.perf_counter() - start
     print(f"[{dtype}] cold start (load): {cold_start:.1f} s", flush=True)
     peak, source, table = measure_gemm(engine.config, dtype=engine.precision.compute)

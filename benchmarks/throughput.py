@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 def compare_dtypes(args: argparse.Namespace, workload, dtypes: list[str]) -> int:
     results, capacity = [], {}
     for dtype in dtypes:
-        with engine_model(args.model, dtype) as (model, engine_dtype):
-            llm = make_llm(args, args.kernels, dtype=engine_dtype, model=model)
+        with engine_model(args.model, dtype) as (model, settings):
+            llm = make_llm(args, args.kernels, model=model, **settings)
             stats = llm.stats()
             block_bytes = stats["kv_cache_bytes"] // stats["num_total_blocks"]
             capacity[dtype] = (int(DEFAULT_KV_CACHE_GB * 2 ** 30) // block_bytes * stats["block_size"],
@@ -259,10 +259,11 @@ def print_ceiling(llm: LLM, results: list[RunStats]) -> None:
         print(f"  at most {best_tokens_per_s / baseline.output_tokens_per_s:.1f}x {baseline.name} as measured")
 
 
-def make_llm(args: argparse.Namespace, kernels: str, dtype: str = "auto", model: str | None = None) -> LLM:
+def make_llm(args: argparse.Namespace, kernels: str, dtype: str = "auto", model: str | None = None,
+             quantization: str | None = None) -> LLM:
     start = time.perf_counter()
     llm = LLM(model or args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False, kernels=kernels, dtype=dtype)
+              enable_prefix_caching=False, kernels=kernels, dtype=dtype, quantization=quantization)
     print(f"engine ready in {time.perf_counter() - start:.1f} s ({args.model}, kernels={llm.stats()['kernels']})",
           file=sys.stderr)
     return llm

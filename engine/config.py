@@ -9,6 +9,7 @@ from typing import Any
 
 from cogvlm2.image import DEFAULT_MAX_PIXELS
 from cogvlm2.precision import DTYPES, KV_CACHE_DTYPES
+from kernels.quantization import QUANTIZATIONS
 from kernels.sku import BACKENDS as KERNEL_BACKENDS
 
 MM_ENCODER_TP_MODES = ("weights", "data")
@@ -38,6 +39,8 @@ class EngineArgs:
                               "else bfloat16 for a bf16 checkpoint on a CPU with bf16 dot products, else float32)",
                       choices=DTYPES)
     kv_cache_dtype: str = _arg("auto", "KV-cache storage (auto: the compute dtype)", choices=KV_CACHE_DTYPES)
+    quantization: str | None = _arg(None, "weight quantization: w8a16 (int8 weights, one scale per output channel, "
+                                          "dequantized inside the GEMMs)", choices=[q for q in QUANTIZATIONS if q])
     max_image_pixels: int = _arg(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels")
     encoder_cache_size: int = _arg(64, "images whose vision features are kept")
     enforce_eager: bool = _arg(False, "accepted for vLLM compatibility: the engine always runs eagerly (its kernels "
@@ -65,6 +68,8 @@ class EngineArgs:
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
                  f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        _require(self.quantization in QUANTIZATIONS,
+                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         _require(self.mm_encoder_tp_mode in MM_ENCODER_TP_MODES,
                  f"mm_encoder_tp_mode must be one of {MM_ENCODER_TP_MODES}, got {self.mm_encoder_tp_mode!r}")
 

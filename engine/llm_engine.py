@@ -72,7 +72,8 @@ class LLMEngine:
         self.images = ImagePlanner(self.args.encoder_cache_size)
         self.executor = make_executor(RunnerConfig(
             source, self.args.block_size, num_blocks, self.args.kernels, self.args.tensor_parallel_size,
-            mm_encoder_tp_mode=self.args.mm_encoder_tp_mode, precision=self.precision), self.timer)
+            mm_encoder_tp_mode=self.args.mm_encoder_tp_mode, precision=self.precision,
+            quantization=self.args.quantization), self.timer)
         self.sampler = Sampler(self.config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
@@ -247,6 +248,7 @@ class LLMEngine:
         block_bytes = self.kv_spec.bytes_per_block
         return {
             "dtype": self.precision.compute, "kv_cache_dtype": self.precision.kv_cache,
+            "quantization": self.args.quantization,
             "kv_cache_bytes": bm.num_total_blocks * block_bytes,
             "kv_cache_used_bytes": (bm.num_total_blocks - bm.num_free_blocks) * block_bytes,
             "num_total_blocks": bm.num_total_blocks, "num_free_blocks": bm.num_free_blocks,

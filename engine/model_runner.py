@@ -95,6 +95,7 @@ class RunnerConfig:
     rank: int = 0
     mm_encoder_tp_mode: str = "weights"
     precision: Precision = Precision("float32", NUMPY_DTYPES["float32"], "float32")
+    quantization: str | None = None
 
 
 @dataclass
@@ -159,7 +160,7 @@ class ModelRunner:
 
 def _load_model(config: RunnerConfig) -> CogVLM2Model:
     compute = config.precision.compute
-    kernels = get_kernels(config.kernels, compute_dtype=compute)
+    kernels = get_kernels(config.kernels, compute_dtype=compute, quantization=config.quantization)
     storage = None if compute == "float32" else NUMPY_DTYPES[compute]  # float32 math keeps 16-bit weights as stored
     if config.tensor_parallel_size == 1:
         return CogVLM2Model.from_source(config.source, kernels, storage)

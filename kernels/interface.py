@@ -48,7 +48,8 @@ class KernelSet(Protocol):
         """x [N, in] @ w^T (+ bias) for a weight from prepare_weight: the lm_head, the vision encoder."""
         ...
 
-    def prepare_weight(self, weight: np.ndarray) -> Tensor:
+    def prepare_weight(self, weight: np.ndarray, quantize: bool = True) -> Tensor:
         """A projection weight [out, in] in the layout this backend's expert_linear and linear read (done once, at
-        load time)."""
+        load time); with the set's quantization (kernels/quantization.py) an int8 QuantizedWeight, unless
+        `quantize` is False."""
         ...

@@ -50,12 +50,13 @@ def _token_dtype(*dtypes):
 
 PACKED_PANEL = 32  # kernels/cpu/gemm.h kPackedPanel
 BF16 = np.dtype(ml_dtypes.bfloat16)
-PANEL_DTYPES = (np.dtype(np.float32), BF16, np.dtype(np.float16))
+PANEL_DTYPES = (np.dtype(np.float32), BF16, np.dtype(np.float16), np.dtype(np.int8))
 
 
 def pack_weight(w: np.ndarray) -> np.ndarray:
     """[out, in] -> the panel GEMM's prepacked panels in w's dtype (out must be a multiple of 32; gemm.h has the
-    layouts): float32 and float16 k-major [out / 32, in, 32]; bfloat16 in k pairs [out / 32, ceil(in / 2), 32, 2]."""
+    layouts): float32, float16 and int8 k-major [out / 32, in, 32]; bfloat16 in k pairs [out / 32, ceil(in / 2),
+    32, 2]."""
     out = w.shape[0]
     if out % PACKED_PANEL:
         raise ValueError(f"pack_weight: out features {out} is not a multiple of {PACKED_PANEL}")
@@ -121,6 +122,7 @@ class CpuOps:
         self._write_kv = _custom("WriteKVCache", _token_shape, _token_dtype)
         self._paged_attention = _custom("PagedAttention", _paged_attention_shape, lambda q, *rest: q)
         self._expert_linear = _custom("ExpertLinear", _expert_linear_shape, lambda x, *rest: x)
+        self._expert_linear_int8 = _custom("ExpertLinearInt8", _expert_linear_shape, lambda x, *rest: x)
         self._rms_norm = _custom("RmsNorm", _first_shape, lambda x, *rest: x)
         self._swiglu = _custom("SwiGLU", _swiglu_shape, lambda x, *rest: x)
         # the pyboost twin for eager in-place calls (kernels/pyboost.py), or None: then the AOT ops serve them too
@@ -202,3 +204,10 @@ class CpuOps:
         (portable: the fallback of vdpbf16ps)."""
         out_shape = _expert_linear_shape(x.shape, wl.shape)
         return self._run("ExpertLinear", self._expert_linear, out_shape, x, wl, wv, addend, config)
+
+    def expert_linear_int8(self, x: Tensor, wl: Tensor, wv: Tensor, sl: Tensor, sv: Tensor, addend: Tensor,
+                           config: Tensor) -> Tensor:
+        """expert_linear over int8 panels (pack_weight of int8 [out, in]) with their per-output-channel scales
+        sl and sv [out] (fp32): each weight is q * scale, dequantized in registers; fp32 products."""
+        out_shape = _expert_linear_shape(x.shape, wl.shape)
+        return self._run("ExpertLinearInt8", self._expert_linear_int8, out_shape, x, wl, wv, sl, sv, addend, config)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from mindspore import Parameter, Tensor, ops
+
+from kernels.quantization import QuantizedWeight
 from mindspore import dtype as mstype
 
 from kernels.composites import expert_linear, linear, softmax_attention
@@ -69,8 +71,11 @@ def _gather_rows(cache: Tensor, slots: Tensor) -> Tensor:
     return ops.gather(cache, slots, 0).astype(mstype.float32)
 
 
-def widen(w: Tensor) -> Tensor:
-    """A weight of any storage dtype as float32 (exact for bfloat16 and float16)."""
+def widen(w: Tensor | QuantizedWeight) -> Tensor:
+    """A weight of any storage dtype as float32 (exact for bfloat16 and float16); an int8 one [out, in] as
+    q * scale per output row."""
+    if isinstance(w, QuantizedWeight):
+        return ops.cast(w.values, mstype.float32) * w.scales.reshape(-1, 1)
     return w if w.dtype == mstype.float32 else ops.cast(w, mstype.float32)
 
 

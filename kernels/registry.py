@@ -30,6 +30,7 @@ from mindspore import dtype as mstype
 
 from kernels import composites, reference
 from kernels.interface import KernelSet
+from kernels.quantization import QuantizedWeight, check_quantization, quantize_int8
 from kernels.sku import (BACKENDS, GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, GEMM_OWN, GEMM_PREPACKED, KernelParams,
                          load_params)
 
@@ -46,6 +47,7 @@ PANEL_OPS = {
     **{(mstype.float32, c): "expert_linear" for c in COMPUTE_DTYPES},
     (mstype.bfloat16, "float32"): "expert_linear_bf16", (mstype.bfloat16, "bfloat16"): "expert_linear_bf16_dot",
     (mstype.float16, "float32"): "expert_linear_f16", (mstype.float16, "float16"): "expert_linear_f16",
+    **{(mstype.int8, c): "expert_linear_i8" for c in COMPUTE_DTYPES},  # w8a16: dequantized to fp32 in registers
 }
 WEIGHT_DTYPES = {np.dtype(np.float32): mstype.float32, np.dtype(ml_dtypes.bfloat16): mstype.bfloat16,
                  np.dtype(np.float16): mstype.float16}
@@ -75,15 +77,20 @@ def pad_block_tables(block_tables: list[list[int]]) -> np.ndarray:
 
 
 class BaseKernels:
-    """What the backends share: the compute dtype, checkpoint-layout weights and MindSpore's MatMul for linear."""
+    """What the backends share: the compute dtype, the quantization, checkpoint-layout weights and MindSpore's
+    MatMul for linear."""
     backend: str
     params: KernelParams
     compute_dtype: str
+    quantization: str | None = None
 
     def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         return reference.widened_linear(x, w, bias, self._bf16_dot(w))
 
-    def prepare_weight(self, weight: np.ndarray) -> Tensor:
+    def prepare_weight(self, weight: np.ndarray, quantize: bool = True) -> Tensor | QuantizedWeight:
+        if self.quantization is not None and quantize:
+            q, scales = quantize_int8(weight)
+            return QuantizedWeight(composites.to_tensor(q), composites.to_tensor(scales))
         return composites.to_tensor(self._stored(weight))
 
     def _stored(self, weight: np.ndarray) -> np.ndarray:
@@ -97,7 +104,9 @@ class BaseKernels:
     def _panel_op(self, weight_dtype) -> str:
         """PANEL_OPS of this compute dtype, as comparisons (which also compile inside mindspore.jit)."""
         op = "expert_linear"
-        if weight_dtype == mstype.bfloat16:
+        if weight_dtype == mstype.int8:
+            op = PANEL_OPS.get((mstype.int8, self.compute_dtype))
+        elif weight_dtype == mstype.bfloat16:
             op = PANEL_OPS.get((mstype.bfloat16, self.compute_dtype))
         elif weight_dtype == mstype.float16:
             op = PANEL_OPS.get((mstype.float16, self.compute_dtype))
@@ -114,9 +123,10 @@ class ReferenceKernels(BaseKernels):
     """The composites. rope returns new tensors (the inputs are left as they were)."""
     backend = "reference"
 
-    def __init__(self, params: KernelParams, compute_dtype: str = "float32"):
+    def __init__(self, params: KernelParams, compute_dtype: str = "float32", quantization: str | None = None):
         self.params = params
         self.compute_dtype = _checked_compute_dtype(compute_dtype)
+        self.quantization = check_quantization(quantization)
         self._meta_key: tuple | None = None
         self._meta: reference.PagedAttentionMetadata | None = None
 
@@ -173,10 +183,11 @@ class CpuKernels(BaseKernels):
     and returns the rotated tensors: use what it returns."""
     backend = "cpu"
 
-    def __init__(self, params: KernelParams, compute_dtype: str = "float32"):
+    def __init__(self, params: KernelParams, compute_dtype: str = "float32", quantization: str | None = None):
         from kernels.ops import CpuOps  # noqa: PLC0415  (loading the library may fail: see get_kernels)
         self.params = with_panel_ops(params)
         self.compute_dtype = _checked_compute_dtype(compute_dtype)
+        self.quantization = check_quantization(quantization)
         self.bf16_fallback = os.environ.get(BF16_FALLBACK_ENV, "0") not in ("", "0")
         self.ops = CpuOps()
         self._configs = {**self._precomputed_configs(), **self._decode_projection_configs()}
@@ -213,10 +224,14 @@ class CpuKernels(BaseKernels):
     def prepacks_weights(self) -> bool:
         return any(self.params.get("expert_linear", cls)["gemm"] == GEMM_PREPACKED for cls in ("decode", "prefill"))
 
-    def prepare_weight(self, weight: np.ndarray) -> Tensor:
-        """Panels when the rows allow (16-bit weights always: only the panel GEMM reads them; float32 where the
-        table prepacks), else the [out, in] array."""
+    def prepare_weight(self, weight: np.ndarray, quantize: bool = True) -> Tensor | QuantizedWeight:
+        """Panels when the rows allow (16-bit and int8 weights always: only the panel GEMM reads them; float32
+        where the table prepacks), else the [out, in] array."""
         from kernels.ops import PACKED_PANEL, pack_weight  # noqa: PLC0415  (loaded with the library)
+        if self.quantization is not None and quantize:
+            q, scales = quantize_int8(weight)
+            values = pack_weight(q) if q.shape[0] % PACKED_PANEL == 0 else q
+            return QuantizedWeight(composites.to_tensor(values), composites.to_tensor(scales))
         weight = self._stored(weight)
         if weight.shape[0] % PACKED_PANEL == 0 and (weight.dtype != np.float32 or self.prepacks_weights):
             return composites.to_tensor(pack_weight(weight))
@@ -269,6 +284,8 @@ class CpuKernels(BaseKernels):
         addend = ADDEND_RESIDUAL if residual is not None else ADDEND_BIAS if bv is not None else ADDEND_NONE
         config = self._config(op, x.shape[0], int(num_language), addend)
         value = residual if residual is not None else bv if bv is not None else self._dummy_float
+        if isinstance(wl, QuantizedWeight):
+            return self.ops.expert_linear_int8(x, wl.values, wv.values, wl.scales, wv.scales, value, config)
         return self.ops.expert_linear(x, wl, wv, value, config)
 
     def rms_norm(self, x, weight, eps):
@@ -306,21 +323,24 @@ def _checked_compute_dtype(compute_dtype: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def _kernels(backend: str, config: str | None, compute_dtype: str) -> KernelSet:
+def _kernels(backend: str, config: str | None, compute_dtype: str, quantization: str | None) -> KernelSet:
     params = load_params(path=config)
     if backend == "reference":
-        return ReferenceKernels(params, compute_dtype)
+        return ReferenceKernels(params, compute_dtype, quantization)
     if backend == "cpu":
-        return CpuKernels(params, compute_dtype)
+        return CpuKernels(params, compute_dtype, quantization)
     try:
-        return CpuKernels(params, compute_dtype)
+        return CpuKernels(params, compute_dtype, quantization)
     except Exception as error:  # noqa: BLE001  (any load failure means: fall back)
         warnings.warn(f"cogvlm2 kernels: the CPU kernel library is unavailable ({error}); "
                       "using the reference composites", RuntimeWarning, stacklevel=3)
-        return ReferenceKernels(params, compute_dtype)
+        return ReferenceKernels(params, compute_dtype, quantization)
 
 
-def get_kernels(backend: str = "auto", config: str | None = None, compute_dtype: str = "float32") -> KernelSet:
+def get_kernels(backend: str = "auto", config: str | None = None, compute_dtype: str = "float32",
+                quantization: str | None = None) -> KernelSet:
     """The KernelSet of `backend` (COGVLM2_KERNELS overrides it), with parameters from `config` or this SKU's table,
-    multiplying 16-bit weights in `compute_dtype` (the module's docstring). One instance per argument triple."""
-    return _kernels(resolve_backend(backend), config, _checked_compute_dtype(compute_dtype))
+    multiplying 16-bit weights in `compute_dtype` (the module's docstring) and, with quantization "w8a16",
+    preparing every projection weight as int8 (kernels/quantization.py). One instance per argument set."""
+    return _kernels(resolve_backend(backend), config, _checked_compute_dtype(compute_dtype),
+                    check_quantization(quantization))

@@ -95,6 +95,7 @@ bool weight_dtype(const Args& a, int i, PanelDtype* dtype) {
   if (a.is_f32(i)) *dtype = PanelDtype::kF32;
   else if (a.is(i, "bfloat16")) *dtype = PanelDtype::kBf16;
   else if (a.is(i, "float16")) *dtype = PanelDtype::kF16;
+  else if (a.is(i, "int8")) *dtype = PanelDtype::kI8;
   else return false;
   return true;
 }
@@ -116,18 +117,25 @@ Status check_weights(const Args& a, int64_t in, Weights* w) {
   return kOk;
 }
 
+// Int8 panels come with their per-column scales (language, vision); else both are nullptr.
+struct Scales {
+  const float* language = nullptr;
+  const float* vision = nullptr;
+};
+
 // y = the routed projection, on up to cfg.threads threads: each owns ranges of output panels of both row ranges.
+
 void project_experts(const Config& cfg, const Weights& w, int64_t n, int64_t in, const float* x, const void* wl,
-                     const void* wv, const float* addend, float* y) {
+                     const void* wv, const float* addend, float* y, Scales scales) {
   const int64_t out = w.out, language = cfg.language, vision = n - language;
   const int workers = n * out * in >= (1 << 20) ? cfg.threads : 1;
   const PanelGemm g{w.dtype, cfg.bf16_dot ? PanelMath::kBf16Dot : PanelMath::kFloat32, cfg.portable, cfg.k_block,
                     cfg.tile_rows};
   thread_local ActivationStorage storage;  // kept between calls: the rounded activations of the largest call
   const Activations xs = w.panels ? prepare_activations(g, x, n, in, storage, workers) : Activations{x, in, 4};
-  auto project = [&](int64_t rows, int64_t row0, const void* wt, float* ys, bool accumulate, int64_t p0,
-                     int64_t p1) {
-    if (w.panels) return gemm_panels(g, rows, out, p0, p1, in, xs.rows_from(row0), wt, ys, accumulate);
+  auto project = [&](int64_t rows, int64_t row0, const void* wt, const float* scale, float* ys, bool accumulate,
+                     int64_t p0, int64_t p1) {
+    if (w.panels) return gemm_panels(g, rows, out, p0, p1, in, xs.rows_from(row0), wt, ys, accumulate, scale);
     gemm_columns(cfg.kind, rows, out, p0 * kGemmColumnAlign, std::min(out, p1 * kGemmColumnAlign), in,
                  x + row0 * in, static_cast<const float*>(wt), ys, accumulate, cfg.k_block, cfg.n_block);
   };
@@ -139,10 +147,10 @@ void project_experts(const Config& cfg, const Weights& w, int64_t n, int64_t in,
   parallel_ranges((out + kGemmColumnAlign - 1) / kGemmColumnAlign, workers, [&](int64_t p0, int64_t p1) {
     const int64_t c0 = p0 * kGemmColumnAlign, c1 = std::min(out, p1 * kGemmColumnAlign);
     if (residual) start_from(addend, out, 0, n, c0, c1);
-    if (language > 0) project(language, 0, wl, y, residual, p0, p1);
+    if (language > 0) project(language, 0, wl, scales.language, y, residual, p0, p1);
     if (vision > 0) {
       if (cfg.addend == kVisionBias) start_from(addend, 0, language, n, c0, c1);
-      project(vision, language, wv, y + language * out, cfg.addend != kNoAddend, p0, p1);
+      project(vision, language, wv, scales.vision, y + language * out, cfg.addend != kNoAddend, p0, p1);
     }
   });
 }
@@ -182,29 +190,57 @@ extern "C" int cogvlm2_load_onednn(const char* path) {
 // 1 when the panel GEMM's bf16 dot runs vdpbf16ps on this CPU, 0 when it takes the fallback.
 extern "C" int cogvlm2_has_bf16_dot() { return cogvlm2::cpu_has_bf16_dot() ? 1 : 0; }
 
+namespace cogvlm2 {
+namespace {
+
+// The checks and the call shared by both entry points: x at 0, wl and wv at 1 and 2, then (int8) their scales,
+// then the addend, the config and the output y.
+Status expert_linear(const Args& a, bool int8) {
+  const int addend_i = int8 ? 5 : 3, config_i = addend_i + 1, y_i = addend_i + 2;
+  if (a.nparam != y_i + 1) return kBadArity;
+  for (int i : {0, addend_i, y_i})
+    if (!a.is_f32(i)) return kBadDtype;
+  if (!a.is_i32(config_i) || a.numel(config_i) < 6) return kBadDtype;
+  if (a.rank(0) != 2) return kBadShape;
+  const int64_t n = a.dim(0, 0), in = a.dim(0, 1);
+  Weights w;
+  if (const Status status = check_weights(a, in, &w)) return status;
+  if ((w.dtype == PanelDtype::kI8) != int8) return kBadDtype;
+  Scales scales;
+  if (int8) {
+    if (!a.is_f32(3) || !a.is_f32(4)) return kBadDtype;
+    if (a.numel(3) != w.out || a.numel(4) != w.out) return kBadShape;
+    scales = {a.data<float>(3), a.data<float>(4)};
+  }
+  const Config cfg = read_config(a.data<int32_t>(config_i), a.numel(config_i));
+  if (cfg.bf16_dot && w.dtype != PanelDtype::kBf16) return kBadDtype;
+  const int64_t addend_numel = cfg.addend == kVisionBias   ? w.out
+                               : cfg.addend == kResidual ? n * w.out
+                                                         : a.numel(addend_i);
+  if (cfg.language < 0 || cfg.language > n || cfg.addend < kNoAddend || cfg.addend > kResidual ||
+      a.numel(addend_i) != addend_numel || a.numel(y_i) != n * w.out)
+    return kBadShape;
+  if (!w.panels && !available(cfg.kind)) return kNoBlas;
+  project_experts(cfg, w, n, in, a.data<float>(0), a.params[1], a.params[2], a.data<float>(addend_i),
+                  a.data<float>(y_i), scales);
+  return kOk;
+}
+
+}  // namespace
+}  // namespace cogvlm2
+
 // inputs: x [N,in] f32; wl and wv both f32 [out,in] or both panels (gemm.h) of one dtype: f32 or f16
 //         [out/32,in,32], bf16 [out/32,ceil(in/2),32,2]; addend (f32): the bias [out], the residual [N,out], or
 //         [1] for none; config (i32, Config above):
 //         gemm and n_block apply to [out,in] weights only, bf16_dot to bf16 panels only (else kBadDtype).
 // output: y [N,out] f32
 COGVLM2_AOT(ExpertLinear) {
-  using namespace cogvlm2;
-  Args a{nparam, params, ndims, shapes, dtypes};
-  if (nparam != 6) return kBadArity;
-  for (int i : {0, 3, 5})
-    if (!a.is_f32(i)) return kBadDtype;
-  if (!a.is_i32(4) || a.numel(4) < 6) return kBadDtype;
-  if (a.rank(0) != 2) return kBadShape;
-  const int64_t n = a.dim(0, 0), in = a.dim(0, 1);
-  Weights w;
-  if (const Status status = check_weights(a, in, &w)) return status;
-  const Config cfg = read_config(a.data<int32_t>(4), a.numel(4));
-  if (cfg.bf16_dot && w.dtype != PanelDtype::kBf16) return kBadDtype;
-  const int64_t addend_numel = cfg.addend == kVisionBias ? w.out : cfg.addend == kResidual ? n * w.out : a.numel(3);
-  if (cfg.language < 0 || cfg.language > n || cfg.addend < kNoAddend || cfg.addend > kResidual ||
-      a.numel(3) != addend_numel || a.numel(5) != n * w.out)
-    return kBadShape;
-  if (!w.panels && !available(cfg.kind)) return kNoBlas;
-  project_experts(cfg, w, n, in, a.data<float>(0), params[1], params[2], a.data<float>(3), a.data<float>(5));
-  return kOk;
+  return cogvlm2::expert_linear(cogvlm2::Args{nparam, params, ndims, shapes, dtypes}, false);
+}
+
+// ExpertLinear over int8 panels [out/32,in,32] (w8a16: each weight q * its output column's scale, dequantized in
+// registers). inputs: x, wl, wv, then the scales sl [out] and sv [out] (f32), then addend and config as above.
+// output: y [N,out] f32
+COGVLM2_AOT(ExpertLinearInt8) {
+  return cogvlm2::expert_linear(cogvlm2::Args{nparam, params, ndims, shapes, dtypes}, true);
 }

@@ -135,10 +135,11 @@ inline uint16_t float_to_bf16(float f) {
 
 // A tile of R tokens x 32 columns over one k slice of a panel: y[r][0, cols) = (y +) the slice's sums. It also
 // pulls `pf_lines` cache lines from `pf` into L2 as it goes (the slice read next, so that streaming it from memory
-// overlaps this slice's products instead of stalling the next tile).
+// overlaps this slice's products instead of stalling the next tile). `scale`: the 32 columns' dequantization
+// scales of an int8 panel (nullptr for the other dtypes).
 template <class X, class W>
 using Tile = void (*)(const X* x, int64_t ldx, const W* panel, int64_t len, float* y, int64_t ldy, int64_t cols,
-                      bool add, const char* pf, int64_t pf_lines);
+                      bool add, const char* pf, int64_t pf_lines, const float* scale);
 
 template <class X, class W>
 using Tiles = std::array<Tile<X, W>, kMaxTileRows>;  // by token count - 1
@@ -164,9 +165,9 @@ class Prefetcher {
 struct F32Panel {
   using W = float;
   static constexpr int kStep = 1;
-  static float get(const W* p, int /*s*/, int c) { return p[c]; }
+  static float get(const W* p, int /*s*/, int c, const float* /*scale*/) { return p[c]; }
 #ifdef __AVX512F__
-  static void load(const W* p, __m512 (&w)[kStep][2]) {
+  static void load(const W* p, __m512 (&w)[kStep][2], const __m512 (&/*scale*/)[2]) {
     w[0][0] = _mm512_loadu_ps(p);
     w[0][1] = _mm512_loadu_ps(p + 16);
   }
@@ -176,9 +177,9 @@ struct F32Panel {
 struct F16Panel {
   using W = uint16_t;
   static constexpr int kStep = 1;
-  static float get(const W* p, int /*s*/, int c) { return half_to_float(p[c]); }
+  static float get(const W* p, int /*s*/, int c, const float* /*scale*/) { return half_to_float(p[c]); }
 #ifdef __AVX512F__
-  static void load(const W* p, __m512 (&w)[kStep][2]) {
+  static void load(const W* p, __m512 (&w)[kStep][2], const __m512 (&/*scale*/)[2]) {
     w[0][0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     w[0][1] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
   }
@@ -188,9 +189,9 @@ struct F16Panel {
 struct Bf16Panel {
   using W = uint16_t;
   static constexpr int kStep = 2;
-  static float get(const W* p, int s, int c) { return bf16_to_float(p[2 * c + s]); }
+  static float get(const W* p, int s, int c, const float* /*scale*/) { return bf16_to_float(p[2 * c + s]); }
 #ifdef __AVX512F__
-  static void load(const W* p, __m512 (&w)[kStep][2]) {
+  static void load(const W* p, __m512 (&w)[kStep][2], const __m512 (&/*scale*/)[2]) {
     const __m512i odd = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
     for (int h = 0; h < 2; ++h) {
       const __m512i pairs = _mm512_loadu_si512(p + 32 * h);
@@ -201,11 +202,27 @@ struct Bf16Panel {
 #endif
 };
 
+// Symmetric int8 with one scale per output column (w8a16): the weight is q * scale, dequantized as it is loaded,
+// so the products are those of fp32 weights holding q * scale (rounded once to fp32).
+struct I8Panel {
+  using W = int8_t;
+  static constexpr int kStep = 1;
+  static float get(const W* p, int /*s*/, int c, const float* scale) { return static_cast<float>(p[c]) * scale[c]; }
+#ifdef __AVX512F__
+  static void load(const W* p, __m512 (&w)[kStep][2], const __m512 (&scale)[2]) {
+    for (int h = 0; h < 2; ++h) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h));
+      w[0][h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), scale[h]);
+    }
+  }
+#endif
+};
+
 // kDotOrder: the k order of vdpbf16ps within a pair (odd, then even) over activations padded to whole pairs;
 // otherwise the f32 panels' order (even, then odd; an odd k left over is the last product).
 template <class P, int R, bool kDotOrder>
 void portable_tile(const float* x, int64_t ldx, const typename P::W* panel, int64_t len, float* y, int64_t ldy,
-                   int64_t cols, bool add, const char* /*pf*/, int64_t /*pf_lines*/) {
+                   int64_t cols, bool add, const char* /*pf*/, int64_t /*pf_lines*/, const float* scale) {
   constexpr int S = P::kStep;
   float acc[R][kPackedPanel] = {};
   const int64_t whole = kDotOrder ? (len + S - 1) / S * S : len / S * S;
@@ -217,7 +234,7 @@ void portable_tile(const float* x, int64_t ldx, const typename P::W* panel, int6
         const int s = kDotOrder ? steps - 1 - i : i;
         const float a = x[r * ldx + kk + s];
 #pragma omp simd
-        for (int c = 0; c < kPackedPanel; ++c) acc[r][c] = std::fma(a, P::get(p, s, c), acc[r][c]);
+        for (int c = 0; c < kPackedPanel; ++c) acc[r][c] = std::fma(a, P::get(p, s, c, scale), acc[r][c]);
       }
   }
   for (int r = 0; r < R; ++r)
@@ -256,22 +273,24 @@ inline void fma_rows(const float* x, int64_t ldx, int s, const __m512 (&w)[S][2]
 // portable_tile's math with one broadcast of x and a widening load of the panel per k: 2 x R accumulators.
 template <class P, int R, bool kDotOrder>
 void widening_tile(const float* x, int64_t ldx, const typename P::W* panel, int64_t len, float* y, int64_t ldy,
-                   int64_t cols, bool add, const char* pf, int64_t pf_lines) {
+                   int64_t cols, bool add, const char* pf, int64_t pf_lines, const float* scale) {
   constexpr int S = P::kStep;
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const __m512 scales[2] = {scale ? _mm512_loadu_ps(scale) : _mm512_setzero_ps(),
+                            scale ? _mm512_loadu_ps(scale + 16) : _mm512_setzero_ps()};
   Prefetcher prefetch(pf, pf_lines, len);
   const int64_t whole = kDotOrder ? (len + S - 1) / S * S : len / S * S;
   int64_t kk = 0;
   for (; kk < whole; kk += S) {
     prefetch.at(kk);
     __m512 w[S][2];
-    P::load(panel + kk * kPackedPanel, w);
+    P::load(panel + kk * kPackedPanel, w, scales);
     for (int i = 0; i < S; ++i) fma_rows<R, S>(x + kk, ldx, kDotOrder ? S - 1 - i : i, w, acc);
   }
   if (kk < len) {
     __m512 w[S][2];
-    P::load(panel + kk * kPackedPanel, w);
+    P::load(panel + kk * kPackedPanel, w, scales);
     fma_rows<R, S>(x + kk, ldx, 0, w, acc);
   }
   store_tile<R>(acc, y, ldy, cols, add);
@@ -280,7 +299,8 @@ void widening_tile(const float* x, int64_t ldx, const typename P::W* panel, int6
 // vdpbf16ps over bf16 activations (ldx in bf16, rows of whole pairs): per pair of k, one broadcast of x's pair.
 template <int R>
 COGVLM2_BF16_TARGET void bf16_dot_tile(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t len, float* y,
-                                       int64_t ldy, int64_t cols, bool add, const char* pf, int64_t pf_lines) {
+                                       int64_t ldy, int64_t cols, bool add, const char* pf, int64_t pf_lines,
+                                       const float* /*scale*/) {
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   Prefetcher prefetch(pf, pf_lines, len);
@@ -336,6 +356,7 @@ const auto kF32Tiles = widening_tiles<F32Panel, false>(std::make_index_sequence<
 const auto kF16Tiles = widening_tiles<F16Panel, false>(std::make_index_sequence<kMaxTileRows>());
 const auto kBf16WideningTiles = widening_tiles<Bf16Panel, false>(std::make_index_sequence<kMaxTileRows>());
 const auto kBf16FallbackTiles = widening_tiles<Bf16Panel, true>(std::make_index_sequence<kMaxTileRows>());
+const auto kI8Tiles = widening_tiles<I8Panel, false>(std::make_index_sequence<kMaxTileRows>());
 
 #ifdef __AVX512F__
 
@@ -374,7 +395,7 @@ void gemm_columns_packed(int64_t m, int64_t n0, int64_t n1, int64_t k, const flo
       for (int64_t r0 = 0; r0 < m; r0 += kPanelRows) {
         const int64_t rows = std::min<int64_t>(kPanelRows, m - r0);
         kF32Tiles[rows - 1](x + r0 * k + k0, k, packed.data(), len, y + r0 * ldy + c0, ldy, cols,
-                            accumulate || k0 > 0, nullptr, 0);
+                            accumulate || k0 > 0, nullptr, 0, nullptr);
       }
     }
   }
@@ -402,6 +423,7 @@ struct PanelLoop {
   const W* wp;
   float* y;
   bool accumulate;
+  const float* scales;  // int8 panels: [n] per-column scales; else nullptr
 
   void run(int64_t p0, int64_t p1) const {
     const int64_t fit = kChunkBytes / (k_block * static_cast<int64_t>(sizeof(X))) / tile_rows * tile_rows;
@@ -425,7 +447,8 @@ struct PanelLoop {
     for (int64_t b = 0, row = r0; row < r1; ++b, row += tile_rows) {
       const int64_t rows = std::min<int64_t>(tile_rows, r1 - row), first = std::min(b * per_block, lines);
       tiles[rows - 1](x + row * ldx + k0, ldx, panel, len, y + row * n + c0, n, cols, accumulate || k0 > 0,
-                      reinterpret_cast<const char*>(next) + first * 64, std::min(per_block, lines - first));
+                      reinterpret_cast<const char*>(next) + first * 64, std::min(per_block, lines - first),
+                      scales ? scales + c0 : nullptr);
     }
   }
 };
@@ -434,14 +457,14 @@ bool uses_vdpbf16ps(const PanelGemm& g) { return g.math == PanelMath::kBf16Dot &
 
 template <class X, class W>
 void run_panels(const Tiles<X, W>& tiles, const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k,
-                const Activations& x, const void* wp, float* y, bool accumulate) {
+                const Activations& x, const void* wp, float* y, bool accumulate, const float* scales = nullptr) {
   const bool pairs = g.dtype == PanelDtype::kBf16;
   const int rows = g.tile_rows > 0 ? std::min(g.tile_rows, kMaxTileRows) : kDefaultTileRows;
   int64_t kb = g.k_block > 0 ? g.k_block : kDefaultKBlock;
   kb = pairs ? (kb + 1) / 2 * 2 : kb;
   const int64_t stored_k = pairs ? (k + 1) / 2 * 2 : k;
   const PanelLoop<X, W> loop{tiles, rows, m, n, k, kb, stored_k * kPackedPanel, static_cast<const X*>(x.data), x.ld,
-                             static_cast<const W*>(wp), y, accumulate};
+                             static_cast<const W*>(wp), y, accumulate, scales};
   loop.run(p0, p1);
 }
 
@@ -487,8 +510,9 @@ Activations prepare_activations(const PanelGemm& g, const float* x, int64_t m, i
 }
 
 void gemm_panels(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
-                 const void* wp, float* y, bool accumulate) {
+                 const void* wp, float* y, bool accumulate, const float* scales) {
   switch (g.dtype) {
+    case PanelDtype::kI8: return run_panels(kI8Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate, scales);
     case PanelDtype::kF32: return run_panels(kF32Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate);
     case PanelDtype::kF16: return run_panels(kF16Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate);
     case PanelDtype::kBf16: break;

@@ -22,12 +22,13 @@ constexpr int64_t kGemmColumnAlign = 32;
 // Weights packed once at load time (kernels/ops.py pack_weight) for the matmul they feed, as panels of 32 weight
 // rows, so that every call streams them in the order the tiles read them without repacking (a BLAS repacks per
 // call, which at decode's few tokens costs as much as the product). A short last panel is zero-padded.
-//   kF32, kF16: k-major [ceil(n / 32), k, 32], wp[p][kk][c] = w[32 p + c][kk].
+//   kF32, kF16, kI8: k-major [ceil(n / 32), k, 32], wp[p][kk][c] = w[32 p + c][kk] (kI8: symmetric int8, the
+//     weight being wp * scales[32 p + c], one fp32 scale per output column, passed beside the panels).
 //   kBf16: k pairs interleaved, [ceil(n / 32), ceil(k / 2), 32, 2], wp[p][kk / 2][c][kk % 2] = w[32 p + c][kk]
 //     (an odd k padded with zeros): vdpbf16ps's operand layout, and widened exactly to fp32 by a shift (even kk)
 //     or a mask (odd kk) of each 32-bit pair.
 constexpr int64_t kPackedPanel = 32;
-enum class PanelDtype { kF32, kF16, kBf16 };
+enum class PanelDtype { kF32, kF16, kBf16, kI8 };
 
 // How the products are taken.
 //   kFloat32: weights widened to fp32 in registers and fp32 FMAs over the fp32 activations, in the f32 panels'
@@ -70,9 +71,10 @@ struct ActivationStorage {
 Activations prepare_activations(const PanelGemm& g, const float* x, int64_t m, int64_t k, ActivationStorage& storage,
                                 int threads);
 
-// Panels [p0, p1) of y[m, n] = x @ w^T (+ y when accumulate), on the calling thread. wp: panels of g.dtype.
+// Panels [p0, p1) of y[m, n] = x @ w^T (+ y when accumulate), on the calling thread. wp: panels of g.dtype;
+// scales: kI8's [n] per-column scales (else ignored).
 void gemm_panels(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
-                 const void* wp, float* y, bool accumulate);
+                 const void* wp, float* y, bool accumulate, const float* scales = nullptr);
 
 // Whether this CPU runs vdpbf16ps (else kBf16Dot takes the fallback).
 bool cpu_has_bf16_dot();

@@ -36,6 +36,7 @@ const char* dtype_name(const ms::Tensor& t) {
     case mindspore::kNumberTypeInt32: return "int32";
     case mindspore::kNumberTypeBFloat16: return "bfloat16";
     case mindspore::kNumberTypeFloat16: return "float16";
+    case mindspore::kNumberTypeInt8: return "int8";
     default: return "unsupported";
   }
 }

@@ -1,0 +1,55 @@
+"""Weight quantization: `quantization="w8a16"` stores every projection weight as symmetric int8 with one fp32 scale
+per output channel (round to nearest, scale = max |w| over the channel / 127), and the GEMMs dequantize it in
+registers (q * scale, then fp32 products with the fp32 activations). Applied by a kernel set's prepare_weight, one
+tensor at a time as the model is built, to every projection of both experts, the lm_head and the vision encoder's
+transformer's linears; the embedding table, the vision adapter (cogvlm2/vision.py says why) and the small added
+tensors (norms, biases) keep the compute dtype."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mindspore import Tensor
+
+QUANTIZATIONS = (None, "w8a16")
+INT8_MAX = 127
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """An int8 weight as a kernel set holds it: `values` in that backend's layout (the CPU kernels' int8 panels
+    [out / 32, in, 32], or [out, in]) and `scales` [out] fp32; the weight is values * scales per output row."""
+    values: Tensor
+    scales: Tensor
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.values.ndim
+
+    @property
+    def out_features(self) -> int:
+        return int(self.scales.shape[0])
+
+
+def check_quantization(quantization: str | None) -> str | None:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    return quantization
+
+
+def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[out, in] (any float dtype) -> (int8 [out, in], fp32 scales [out]); an all-zero row gets scale 1."""
+    w = np.asarray(weight, np.float32)
+    absmax = np.abs(w).max(axis=1)
+    scales = np.where(absmax > 0, absmax / INT8_MAX, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scales[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scales
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The fp32 weight an int8 one stands for (what the kernels multiply by: q * scale, rounded once)."""
+    return q.astype(np.float32) * scales[:, None]

@@ -1,0 +1,106 @@
+"""quantization="w8a16" (kernels/quantization.py): the int8 weights, the int8 panel GEMM against its reference, and
+the engine against the float32 goldens (the rule of the quantization issue)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cogvlm2.runtime import configure_mindspore
+
+configure_mindspore()
+
+from mindspore import Tensor  # noqa: E402
+from mindspore import dtype as mstype  # noqa: E402
+
+from conftest import TINY, assert_close_to_goldens, demo_answers  # noqa: E402
+from kernels.quantization import QuantizedWeight, dequantize, quantize_int8  # noqa: E402
+from kernels.registry import get_kernels  # noqa: E402
+
+W8A16_MARGIN = 0.1  # greedy tokens must agree up to the first reference top-2 margin below this
+
+
+def test_int8_round_to_nearest_per_output_channel():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 40)).astype(np.float32) * np.array([[1e-3], [1], [30], [0.5], [0]], np.float32)
+    q, scales = quantize_int8(w)
+    assert q.dtype == np.int8 and scales.dtype == np.float32 and scales.shape == (5,)
+    assert np.abs(q[:4]).max(axis=1).tolist() == [127] * 4  # each channel's largest weight maps to +-127
+    assert scales[4] == 1 and not q[4].any()  # an all-zero channel
+    assert np.all(np.abs(dequantize(q, scales) - w) <= scales[:, None] / 2 * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n,num_language", [(1, 1), (9, 4), (70, 0), (300, 131)])
+def test_int8_panels_match_the_dequantized_reference(compute, n, num_language):
+    """The int8 panel GEMM = fp32 products over q * scale, routed, with the vision bias and with a residual."""
+    cpu = get_kernels("cpu", compute_dtype=compute, quantization="w8a16")
+    ref = get_kernels("reference", compute_dtype=compute, quantization="w8a16")
+    rng = np.random.default_rng(n)
+    wl, wv = (rng.standard_normal((96, 160)).astype(np.float32) for _ in range(2))
+    x, bias, residual = (Tensor(rng.standard_normal(s).astype(np.float32)) for s in ((n, 160), (96,), (n, 96)))
+    pl, pv = cpu.prepare_weight(wl), cpu.prepare_weight(wv)
+    assert isinstance(pl, QuantizedWeight) and pl.values.dtype == mstype.int8 and pl.values.shape == (3, 160, 32)
+    rl, rv = ref.prepare_weight(wl), ref.prepare_weight(wv)
+    expected = ref.expert_linear(x, num_language, rl, rv, bias).asnumpy()
+    direct = x.asnumpy()[:num_language] @ dequantize(*quantize_int8(wl)).T
+    np.testing.assert_allclose(expected[:num_language], direct, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(cpu.expert_linear(x, num_language, pl, pv, bias).asnumpy(), expected, rtol=1e-5,
+                               atol=1e-4)
+    with_residual = cpu.expert_linear(x, num_language, pl, pv, None, residual=residual).asnumpy()
+    np.testing.assert_allclose(with_residual, ref.expert_linear(x, num_language, rl, rv, None).asnumpy()
+                               + residual.asnumpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(cpu.linear(x, pl).asnumpy(), x.asnumpy() @ dequantize(*quantize_int8(wl)).T,
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_rows_not_in_whole_panels_take_the_dequantized_composite():
+    cpu = get_kernels("cpu", quantization="w8a16")
+    w = np.random.default_rng(1).standard_normal((40, 24)).astype(np.float32)  # 40 rows: not a multiple of 32
+    prepared = cpu.prepare_weight(w)
+    assert prepared.values.shape == (40, 24)
+    x = Tensor(np.ones((2, 24), np.float32))
+    np.testing.assert_allclose(cpu.linear(x, prepared).asnumpy(), np.ones((2, 24)) @ dequantize(*quantize_int8(w)).T,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_quantization_names_its_field():
+    from engine.config import EngineArgs
+    with pytest.raises(ValueError, match="quantization"):
+        EngineArgs(quantization="int4")
+    with pytest.raises(ValueError, match="quantization"):
+        get_kernels("cpu", quantization="w4a16")
+
+
+@pytest.fixture(scope="module")
+def w8a16_engine():
+    from engine.llm_engine import LLMEngine
+    return LLMEngine("demo", quantization="w8a16")
+
+
+def test_w8a16_logits_and_greedy_tokens_against_the_float32_goldens(w8a16_engine, golden_cases, golden_arrays):
+    assert w8a16_engine.stats()["quantization"] == "w8a16"
+    layer = w8a16_engine.executor.runner.model.language.layers[0]
+    assert layer.language_qkv.values.dtype == mstype.int8  # held as int8, no 16- or 32-bit copy
+    assert_close_to_goldens(w8a16_engine, golden_cases, golden_arrays, max_abs=0.5, min_cosine=0.9995,
+                            margin=W8A16_MARGIN)
+
+
+def test_w8a16_demo_answers_are_exact_but_at_near_ties(goldens):
+    """Every demo answer exact, except where the float32 answer's top-2 logprob margin at the first differing token
+    is below W8A16_MARGIN (measured: 40 of 41 exact; "Describe the image." of demo_1 lists two shapes in the other
+    order, at a float32 margin of 0.05)."""
+    from engine import LLM, SamplingParams
+    exact = demo_answers(LLM("demo", quantization="w8a16"), goldens)
+    assert sum(exact) >= len(exact) - 2, exact
+    examples = [ex for ex, ok in zip(goldens["demo"]["examples"], exact) if not ok]
+    reference = LLM("demo", dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=2)
+    quantized = LLM("demo", quantization="w8a16")
+    for ex in examples:
+        prompt = {"prompt": ex["prompt"], "template": ex["template"],
+                  **({"image": str(TINY / ex["image"])} if ex["image"] else {})}
+        want = reference.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        got = quantized.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        step = next(i for i, (a, b) in enumerate(zip(want.token_ids, got.token_ids)) if a != b)
+        top2 = sorted(want.logprobs[step].values(), reverse=True)[:2]  # {token id: logprob}
+        assert top2[0] - top2[1] < W8A16_MARGIN, (ex["prompt"], ex["image"], step, top2)
