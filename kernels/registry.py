@@ -47,7 +47,10 @@ PANEL_OPS = {
     **{(mstype.float32, c): "expert_linear" for c in COMPUTE_DTYPES},
     (mstype.bfloat16, "float32"): "expert_linear_bf16", (mstype.bfloat16, "bfloat16"): "expert_linear_bf16_dot",
     (mstype.float16, "float32"): "expert_linear_f16", (mstype.float16, "float16"): "expert_linear_f16",
-    **{(mstype.int8, c): "expert_linear_i8" for c in COMPUTE_DTYPES},  # w8a16: dequantized to fp32 in registers
+    # w8a16: the integers widened in registers, scaled per column as the sums are stored; under bfloat16 they are
+    # bf16 (exact) in bf16 products
+    (mstype.int8, "float32"): "expert_linear_i8", (mstype.int8, "float16"): "expert_linear_i8",
+    (mstype.int8, "bfloat16"): "expert_linear_i8_bf16_dot",
 }
 WEIGHT_DTYPES = {np.dtype(np.float32): mstype.float32, np.dtype(ml_dtypes.bfloat16): mstype.bfloat16,
                  np.dtype(np.float16): mstype.float16}
@@ -116,7 +119,7 @@ class BaseKernels:
         return op
 
     def _bf16_dot(self, w: Tensor) -> bool:
-        return self._panel_op(w.dtype) == "expert_linear_bf16_dot"
+        return self._panel_op(w.dtype).endswith("bf16_dot")
 
 
 class ReferenceKernels(BaseKernels):
@@ -213,7 +216,7 @@ class CpuKernels(BaseKernels):
         num_language, addend = values  # an expert_linear op of PANEL_OPS
         gemm = self._gemm_kind(p["gemm"]) if op == "expert_linear" else GEMM_OWN  # 16-bit weights: panels only
         return [num_language, addend, p["threads"], gemm, p["k_block"], p["n_block"],
-                int(op == "expert_linear_bf16_dot"), int(self.bf16_fallback), p["tile_rows"]]
+                int(op.endswith("bf16_dot")), int(self.bf16_fallback), p["tile_rows"]]
 
     def _gemm_kind(self, gemm: int) -> int:
         if (gemm == GEMM_OPENBLAS and self.ops.has_openblas) or (gemm == GEMM_ONEDNN and self.ops.has_onednn):

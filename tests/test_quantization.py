@@ -2,6 +2,7 @@
 the engine against the float32 goldens (the rule of the quantization issue)."""
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -16,7 +17,11 @@ from conftest import TINY, assert_close_to_goldens, demo_answers  # noqa: E402
 from kernels.quantization import QuantizedWeight, dequantize, quantize_int8  # noqa: E402
 from kernels.registry import get_kernels  # noqa: E402
 
-W8A16_MARGIN = 0.1  # greedy tokens must agree up to the first reference top-2 margin below this
+# (dtype, max abs logit error, min cosine, margin): greedy tokens must agree up to the first reference top-2 margin
+# below `margin`. float32 math over int8 weights has the quantization issue's w8a16 rule; bfloat16 adds the bf16
+# rounding of the activations and meets its looser w8a8 rule (measured: image_history moves at a margin of 0.236).
+RULES = {"float32": (0.5, 0.9995, 0.1), "bfloat16": (1.0, 0.999, 0.3)}
+W8A16_MARGIN = RULES["float32"][2]
 
 
 def test_int8_round_to_nearest_per_output_channel():
@@ -29,28 +34,34 @@ def test_int8_round_to_nearest_per_output_channel():
     assert np.all(np.abs(dequantize(q, scales) - w) <= scales[:, None] / 2 * (1 + 1e-6))
 
 
-@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+@pytest.mark.parametrize("compute,portable", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
 @pytest.mark.parametrize("n,num_language", [(1, 1), (9, 4), (70, 0), (300, 131)])
-def test_int8_panels_match_the_dequantized_reference(compute, n, num_language):
-    """The int8 panel GEMM = fp32 products over q * scale, routed, with the vision bias and with a residual."""
-    cpu = get_kernels("cpu", compute_dtype=compute, quantization="w8a16")
+@pytest.mark.parametrize("inner", [160, 77])  # 77: an odd k, paired with zeros in the bf16 products
+def test_int8_panels_match_the_dequantized_reference(monkeypatch, compute, portable, n, num_language, inner):
+    """The int8 panel GEMM = the products over q * scale (bfloat16: x rounded to bf16, q exact in bf16; also the
+    portable fallback of vdpbf16ps), routed, with the vision bias and with a residual."""
+    from kernels.registry import BF16_FALLBACK_ENV, CpuKernels
+    from kernels.sku import load_params
+    monkeypatch.setenv(BF16_FALLBACK_ENV, "1" if portable else "0")
+    cpu = CpuKernels(load_params(), compute_dtype=compute, quantization="w8a16")
     ref = get_kernels("reference", compute_dtype=compute, quantization="w8a16")
     rng = np.random.default_rng(n)
-    wl, wv = (rng.standard_normal((96, 160)).astype(np.float32) for _ in range(2))
-    x, bias, residual = (Tensor(rng.standard_normal(s).astype(np.float32)) for s in ((n, 160), (96,), (n, 96)))
+    wl, wv = (rng.standard_normal((96, inner)).astype(np.float32) for _ in range(2))
+    x, bias, residual = (Tensor(rng.standard_normal(s).astype(np.float32)) for s in ((n, inner), (96,), (n, 96)))
     pl, pv = cpu.prepare_weight(wl), cpu.prepare_weight(wv)
-    assert isinstance(pl, QuantizedWeight) and pl.values.dtype == mstype.int8 and pl.values.shape == (3, 160, 32)
+    assert isinstance(pl, QuantizedWeight) and pl.values.dtype == mstype.int8 and pl.values.shape == (3, inner, 32)
     rl, rv = ref.prepare_weight(wl), ref.prepare_weight(wv)
     expected = ref.expert_linear(x, num_language, rl, rv, bias).asnumpy()
-    direct = x.asnumpy()[:num_language] @ dequantize(*quantize_int8(wl)).T
+    xs = x.asnumpy() if compute == "float32" else x.asnumpy().astype(ml_dtypes.bfloat16).astype(np.float32)
+    direct = xs[:num_language] @ dequantize(*quantize_int8(wl)).T
     np.testing.assert_allclose(expected[:num_language], direct, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(cpu.expert_linear(x, num_language, pl, pv, bias).asnumpy(), expected, rtol=1e-5,
                                atol=1e-4)
     with_residual = cpu.expert_linear(x, num_language, pl, pv, None, residual=residual).asnumpy()
     np.testing.assert_allclose(with_residual, ref.expert_linear(x, num_language, rl, rv, None).asnumpy()
                                + residual.asnumpy(), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(cpu.linear(x, pl).asnumpy(), x.asnumpy() @ dequantize(*quantize_int8(wl)).T,
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(cpu.linear(x, pl).asnumpy(), xs @ dequantize(*quantize_int8(wl)).T, rtol=1e-5,
+                               atol=1e-4)
 
 
 def test_rows_not_in_whole_panels_take_the_dequantized_composite():
@@ -71,31 +82,30 @@ def test_unknown_quantization_names_its_field():
         get_kernels("cpu", quantization="w4a16")
 
 
-@pytest.fixture(scope="module")
-def w8a16_engine():
+@pytest.mark.parametrize("dtype", list(RULES))
+def test_w8a16_logits_and_greedy_tokens_against_the_float32_goldens(dtype, golden_cases, golden_arrays):
     from engine.llm_engine import LLMEngine
-    return LLMEngine("demo", quantization="w8a16")
-
-
-def test_w8a16_logits_and_greedy_tokens_against_the_float32_goldens(w8a16_engine, golden_cases, golden_arrays):
-    assert w8a16_engine.stats()["quantization"] == "w8a16"
-    layer = w8a16_engine.executor.runner.model.language.layers[0]
+    engine = LLMEngine("demo", dtype=dtype, quantization="w8a16")
+    assert engine.stats()["quantization"] == "w8a16" and engine.stats()["dtype"] == dtype
+    layer = engine.executor.runner.model.language.layers[0]
     assert layer.language_qkv.values.dtype == mstype.int8  # held as int8, no 16- or 32-bit copy
-    assert_close_to_goldens(w8a16_engine, golden_cases, golden_arrays, max_abs=0.5, min_cosine=0.9995,
-                            margin=W8A16_MARGIN)
+    max_abs, min_cosine, margin = RULES[dtype]
+    assert_close_to_goldens(engine, golden_cases, golden_arrays, max_abs=max_abs, min_cosine=min_cosine,
+                            margin=margin)
 
 
-def test_w8a16_demo_answers_are_exact_but_at_near_ties(goldens):
+@pytest.mark.parametrize("dtype", list(RULES))
+def test_w8a16_demo_answers_are_exact_but_at_near_ties(goldens, dtype):
     """Every demo answer exact, except where the float32 answer's top-2 logprob margin at the first differing token
     is below W8A16_MARGIN (measured: 40 of 41 exact; "Describe the image." of demo_1 lists two shapes in the other
     order, at a float32 margin of 0.05)."""
     from engine import LLM, SamplingParams
-    exact = demo_answers(LLM("demo", quantization="w8a16"), goldens)
+    exact = demo_answers(LLM("demo", dtype=dtype, quantization="w8a16"), goldens)
     assert sum(exact) >= len(exact) - 2, exact
     examples = [ex for ex, ok in zip(goldens["demo"]["examples"], exact) if not ok]
     reference = LLM("demo", dtype="float32")
     params = SamplingParams(temperature=0, max_tokens=24, logprobs=2)
-    quantized = LLM("demo", quantization="w8a16")
+    quantized = LLM("demo", dtype=dtype, quantization="w8a16")
     for ex in examples:
         prompt = {"prompt": ex["prompt"], "template": ex["template"],
                   **({"image": str(TINY / ex["image"])} if ex["image"] else {})}

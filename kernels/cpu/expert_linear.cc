@@ -213,7 +213,7 @@ Status expert_linear(const Args& a, bool int8) {
     scales = {a.data<float>(3), a.data<float>(4)};
   }
   const Config cfg = read_config(a.data<int32_t>(config_i), a.numel(config_i));
-  if (cfg.bf16_dot && w.dtype != PanelDtype::kBf16) return kBadDtype;
+  if (cfg.bf16_dot && w.dtype != PanelDtype::kBf16 && w.dtype != PanelDtype::kI8) return kBadDtype;
   const int64_t addend_numel = cfg.addend == kVisionBias   ? w.out
                                : cfg.addend == kResidual ? n * w.out
                                                          : a.numel(addend_i);

@@ -165,9 +165,9 @@ class Prefetcher {
 struct F32Panel {
   using W = float;
   static constexpr int kStep = 1;
-  static float get(const W* p, int /*s*/, int c, const float* /*scale*/) { return p[c]; }
+  static float get(const W* p, int /*s*/, int c) { return p[c]; }
 #ifdef __AVX512F__
-  static void load(const W* p, __m512 (&w)[kStep][2], const __m512 (&/*scale*/)[2]) {
+  static void load(const W* p, __m512 (&w)[kStep][2]) {
     w[0][0] = _mm512_loadu_ps(p);
     w[0][1] = _mm512_loadu_ps(p + 16);
   }
@@ -177,9 +177,9 @@ struct F32Panel {
 struct F16Panel {
   using W = uint16_t;
   static constexpr int kStep = 1;
-  static float get(const W* p, int /*s*/, int c, const float* /*scale*/) { return half_to_float(p[c]); }
+  static float get(const W* p, int /*s*/, int c) { return half_to_float(p[c]); }
 #ifdef __AVX512F__
-  static void load(const W* p, __m512 (&w)[kStep][2], const __m512 (&/*scale*/)[2]) {
+  static void load(const W* p, __m512 (&w)[kStep][2]) {
     w[0][0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     w[0][1] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
   }
@@ -189,9 +189,9 @@ struct F16Panel {
 struct Bf16Panel {
   using W = uint16_t;
   static constexpr int kStep = 2;
-  static float get(const W* p, int s, int c, const float* /*scale*/) { return bf16_to_float(p[2 * c + s]); }
+  static float get(const W* p, int s, int c) { return bf16_to_float(p[2 * c + s]); }
 #ifdef __AVX512F__
-  static void load(const W* p, __m512 (&w)[kStep][2], const __m512 (&/*scale*/)[2]) {
+  static void load(const W* p, __m512 (&w)[kStep][2]) {
     const __m512i odd = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
     for (int h = 0; h < 2; ++h) {
       const __m512i pairs = _mm512_loadu_si512(p + 32 * h);
@@ -202,18 +202,16 @@ struct Bf16Panel {
 #endif
 };
 
-// Symmetric int8 with one scale per output column (w8a16): the weight is q * scale, dequantized as it is loaded,
-// so the products are those of fp32 weights holding q * scale (rounded once to fp32).
+// Symmetric int8 with one scale per output column (w8a16): the integers widened exactly to fp32 as they are loaded;
+// the tile multiplies each column's sums by its scale as it stores them (y = (x . q) * scale).
 struct I8Panel {
   using W = int8_t;
   static constexpr int kStep = 1;
-  static float get(const W* p, int /*s*/, int c, const float* scale) { return static_cast<float>(p[c]) * scale[c]; }
+  static float get(const W* p, int /*s*/, int c) { return static_cast<float>(p[c]); }
 #ifdef __AVX512F__
-  static void load(const W* p, __m512 (&w)[kStep][2], const __m512 (&scale)[2]) {
-    for (int h = 0; h < 2; ++h) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h));
-      w[0][h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), scale[h]);
-    }
+  static void load(const W* p, __m512 (&w)[kStep][2]) {
+    for (int h = 0; h < 2; ++h)
+      w[0][h] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h))));
   }
 #endif
 };
@@ -234,22 +232,33 @@ void portable_tile(const float* x, int64_t ldx, const typename P::W* panel, int6
         const int s = kDotOrder ? steps - 1 - i : i;
         const float a = x[r * ldx + kk + s];
 #pragma omp simd
-        for (int c = 0; c < kPackedPanel; ++c) acc[r][c] = std::fma(a, P::get(p, s, c, scale), acc[r][c]);
+        for (int c = 0; c < kPackedPanel; ++c) acc[r][c] = std::fma(a, P::get(p, s, c), acc[r][c]);
       }
   }
   for (int r = 0; r < R; ++r)
-    for (int64_t c = 0; c < cols; ++c) y[r * ldy + c] = add ? y[r * ldy + c] + acc[r][c] : acc[r][c];
+    for (int64_t c = 0; c < cols; ++c) {
+      const float sum = scale ? acc[r][c] * scale[c] : acc[r][c];
+      y[r * ldy + c] = add ? y[r * ldy + c] + sum : sum;
+    }
 }
 
 #ifdef __AVX512F__
 
 #define COGVLM2_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
+// y[r][0, cols) = (y +) acc[r] (* scale per column, an int8 panel's, when there is one).
 template <int R>
-inline void store_tile(__m512 (&acc)[R][2], float* y, int64_t ldy, int64_t cols, bool add) {
+inline void store_tile(__m512 (&acc)[R][2], float* y, int64_t ldy, int64_t cols, bool add, const float* scale) {
   const __mmask16 m0 = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
   const __mmask16 m1 = cols >= 32 ? static_cast<__mmask16>(0xFFFF)
                                   : static_cast<__mmask16>(cols > 16 ? (1u << (cols - 16)) - 1 : 0);
+  if (scale) {
+    const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm512_mul_ps(acc[r][0], s0);
+      acc[r][1] = _mm512_mul_ps(acc[r][1], s1);
+    }
+  }
   for (int r = 0; r < R; ++r) {
     float* out = y + r * ldy;
     if (add) {
@@ -277,30 +286,28 @@ void widening_tile(const float* x, int64_t ldx, const typename P::W* panel, int6
   constexpr int S = P::kStep;
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const __m512 scales[2] = {scale ? _mm512_loadu_ps(scale) : _mm512_setzero_ps(),
-                            scale ? _mm512_loadu_ps(scale + 16) : _mm512_setzero_ps()};
   Prefetcher prefetch(pf, pf_lines, len);
   const int64_t whole = kDotOrder ? (len + S - 1) / S * S : len / S * S;
   int64_t kk = 0;
   for (; kk < whole; kk += S) {
     prefetch.at(kk);
     __m512 w[S][2];
-    P::load(panel + kk * kPackedPanel, w, scales);
+    P::load(panel + kk * kPackedPanel, w);
     for (int i = 0; i < S; ++i) fma_rows<R, S>(x + kk, ldx, kDotOrder ? S - 1 - i : i, w, acc);
   }
   if (kk < len) {
     __m512 w[S][2];
-    P::load(panel + kk * kPackedPanel, w, scales);
+    P::load(panel + kk * kPackedPanel, w);
     fma_rows<R, S>(x + kk, ldx, 0, w, acc);
   }
-  store_tile<R>(acc, y, ldy, cols, add);
+  store_tile<R>(acc, y, ldy, cols, add, scale);
 }
 
 // vdpbf16ps over bf16 activations (ldx in bf16, rows of whole pairs): per pair of k, one broadcast of x's pair.
 template <int R>
 COGVLM2_BF16_TARGET void bf16_dot_tile(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t len, float* y,
                                        int64_t ldy, int64_t cols, bool add, const char* pf, int64_t pf_lines,
-                                       const float* /*scale*/) {
+                                       const float* scale) {
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   Prefetcher prefetch(pf, pf_lines, len);
@@ -316,7 +323,7 @@ COGVLM2_BF16_TARGET void bf16_dot_tile(const uint16_t* x, int64_t ldx, const uin
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
     }
   }
-  store_tile<R>(acc, y, ldy, cols, add);
+  store_tile<R>(acc, y, ldy, cols, add, scale);
 }
 
 COGVLM2_BF16_TARGET void round_row_native(const float* x, int64_t k, uint16_t* out) {
@@ -412,9 +419,11 @@ constexpr int64_t kChunkBytes = 512 << 10;
 
 // One thread's panels [p0, p1): token chunks, then k blocks, then panels, then tiles of tile_rows tokens. Each y
 // element gets its k blocks' sums in k order whatever the loop order, so the results do not depend on it.
-template <class X, class W>
+// W: the stored panels' element; TileW: what the tiles read, when it differs (int8 panels under bf16 products:
+// `convert` turns each k slice of a panel into bf16 k pairs once, for all the tiles of a token chunk).
+template <class X, class W, class TileW = W>
 struct PanelLoop {
-  const Tiles<X, W>& tiles;
+  const Tiles<X, TileW>& tiles;
   int tile_rows;
   int64_t m, n, k, k_block;
   int64_t panel_stride;  // W elements per panel
@@ -424,6 +433,7 @@ struct PanelLoop {
   float* y;
   bool accumulate;
   const float* scales;  // int8 panels: [n] per-column scales; else nullptr
+  const TileW* (*convert)(const W* slice, int64_t len) = nullptr;
 
   void run(int64_t p0, int64_t p1) const {
     const int64_t fit = kChunkBytes / (k_block * static_cast<int64_t>(sizeof(X))) / tile_rows * tile_rows;
@@ -437,7 +447,8 @@ struct PanelLoop {
   // panel's, else the first panel's next k block).
   void slice(int64_t r0, int64_t r1, int64_t k0, int64_t p, int64_t p0, int64_t p1) const {
     const int64_t len = std::min(k_block, k - k0), c0 = p * kPackedPanel, cols = std::min(kPackedPanel, n - c0);
-    const W* panel = wp + p * panel_stride + k0 * kPackedPanel;
+    const W* stored = wp + p * panel_stride + k0 * kPackedPanel;
+    const TileW* panel = tile_panel(stored, len);
     const bool last = p + 1 == p1;
     const int64_t next_k0 = last ? k0 + k_block : k0;
     const W* next = wp + (last ? p0 : p + 1) * panel_stride + next_k0 * kPackedPanel;
@@ -451,20 +462,64 @@ struct PanelLoop {
                       scales ? scales + c0 : nullptr);
     }
   }
+
+  const TileW* tile_panel(const W* stored, int64_t len) const {
+    if constexpr (std::is_same_v<W, TileW>) return stored;
+    else return convert(stored, len);
+  }
 };
+
+// An int8 k-major panel slice [len][32] as bf16 k pairs [ceil(len / 2)][32][2] (exact: |q| <= 127), in a buffer of
+// this thread's valid until its next call; an odd last k is paired with zeros.
+const uint16_t* i8_slice_to_bf16_pairs_portable(const int8_t* slice, int64_t len) {
+  thread_local std::vector<uint16_t> buffer;
+  const int64_t pairs = (len + 1) / 2;
+  buffer.resize(pairs * 2 * kPackedPanel);
+  for (int64_t j = 0; j < pairs; ++j)
+    for (int s = 0; s < 2; ++s)
+      for (int64_t c = 0; c < kPackedPanel; ++c)
+        buffer[(j * kPackedPanel + c) * 2 + s] =
+            2 * j + s < len ? float_to_bf16(static_cast<float>(slice[(2 * j + s) * kPackedPanel + c])) : 0;
+  return buffer.data();
+}
+
+#ifdef __AVX512F__
+// The same with AVX-512: the two k rows' bytes interleaved into pairs (in 128-bit lanes: columns 0-7 and 16-23 in
+// the low unpack, 8-15 and 24-31 in the high one), widened to fp32 and packed to bf16 (vcvtne2ps2bf16).
+COGVLM2_BF16_TARGET const uint16_t* i8_slice_to_bf16_pairs_native(const int8_t* slice, int64_t len) {
+  thread_local std::vector<uint16_t> buffer;
+  const int64_t pairs = (len + 1) / 2;
+  buffer.resize(pairs * 2 * kPackedPanel);
+  auto widen = [](__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); };
+  for (int64_t j = 0; j < pairs; ++j) {
+    const int8_t* row = slice + 2 * j * kPackedPanel;
+    const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+    const __m256i odd = 2 * j + 1 < len ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + kPackedPanel))
+                                        : _mm256_setzero_si256();
+    const __m256i lo = _mm256_unpacklo_epi8(even, odd), hi = _mm256_unpackhi_epi8(even, odd);
+    const __m512 c0_7 = widen(_mm256_castsi256_si128(lo)), c8_15 = widen(_mm256_castsi256_si128(hi));
+    const __m512 c16_23 = widen(_mm256_extracti128_si256(lo, 1)), c24_31 = widen(_mm256_extracti128_si256(hi, 1));
+    uint16_t* out = buffer.data() + j * 2 * kPackedPanel;
+    _mm512_storeu_si512(out, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(c8_15, c0_7)));
+    _mm512_storeu_si512(out + kPackedPanel, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(c24_31, c16_23)));
+  }
+  return buffer.data();
+}
+#endif
 
 bool uses_vdpbf16ps(const PanelGemm& g) { return g.math == PanelMath::kBf16Dot && !g.portable && cpu_has_bf16_dot(); }
 
-template <class X, class W>
-void run_panels(const Tiles<X, W>& tiles, const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k,
-                const Activations& x, const void* wp, float* y, bool accumulate, const float* scales = nullptr) {
-  const bool pairs = g.dtype == PanelDtype::kBf16;
+template <class X, class TileW, class W = TileW>
+void run_panels(const Tiles<X, TileW>& tiles, const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1,
+                int64_t k, const Activations& x, const void* wp, float* y, bool accumulate,
+                const float* scales = nullptr, const TileW* (*convert)(const W*, int64_t) = nullptr) {
+  const bool pairs = g.dtype == PanelDtype::kBf16;  // stored in k pairs
   const int rows = g.tile_rows > 0 ? std::min(g.tile_rows, kMaxTileRows) : kDefaultTileRows;
   int64_t kb = g.k_block > 0 ? g.k_block : kDefaultKBlock;
-  kb = pairs ? (kb + 1) / 2 * 2 : kb;
+  kb = pairs || g.math == PanelMath::kBf16Dot ? (kb + 1) / 2 * 2 : kb;  // bf16 products read whole k pairs
   const int64_t stored_k = pairs ? (k + 1) / 2 * 2 : k;
-  const PanelLoop<X, W> loop{tiles, rows, m, n, k, kb, stored_k * kPackedPanel, static_cast<const X*>(x.data), x.ld,
-                             static_cast<const W*>(wp), y, accumulate, scales};
+  const PanelLoop<X, W, TileW> loop{tiles, rows, m, n, k, kb, stored_k * kPackedPanel, static_cast<const X*>(x.data),
+                                    x.ld, static_cast<const W*>(wp), y, accumulate, scales, convert};
   loop.run(p0, p1);
 }
 
@@ -512,7 +567,15 @@ Activations prepare_activations(const PanelGemm& g, const float* x, int64_t m, i
 void gemm_panels(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
                  const void* wp, float* y, bool accumulate, const float* scales) {
   switch (g.dtype) {
-    case PanelDtype::kI8: return run_panels(kI8Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate, scales);
+    case PanelDtype::kI8:
+      if (g.math == PanelMath::kFloat32) return run_panels(kI8Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate, scales);
+#ifdef __AVX512F__
+      if (uses_vdpbf16ps(g))
+        return run_panels<uint16_t, uint16_t, int8_t>(kBf16DotTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, scales,
+                                                       &i8_slice_to_bf16_pairs_native);
+#endif
+      return run_panels<float, uint16_t, int8_t>(kBf16FallbackTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, scales,
+                                                 &i8_slice_to_bf16_pairs_portable);
     case PanelDtype::kF32: return run_panels(kF32Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate);
     case PanelDtype::kF16: return run_panels(kF16Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate);
     case PanelDtype::kBf16: break;
