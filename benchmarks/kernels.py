@@ -238,7 +238,10 @@ def bench_expert_linear(cpu: KernelSet, ref: KernelSet, m: Model, case: str, n: 
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # (name, weight dtype, compute dtype): the 16-bit panel GEMM variants (kernels.registry.PANEL_OPS)
-PANEL_VARIANTS = (("bf16 widen", BF16, "float32"), ("bf16 dot", BF16, "bfloat16"), ("f16 widen", np.float16, "float32"))
+# (name, stored dtype, compute dtype, quantization): w8a16's int8 panels are quantized from the float32 weights
+PANEL_VARIANTS = (("bf16 widen", BF16, "float32", None), ("bf16 dot", BF16, "bfloat16", None),
+                  ("f16 widen", np.float16, "float32", None), ("i8 widen", np.float32, "float32", "w8a16"),
+                  ("i8 bf16 dot", np.float32, "bfloat16", "w8a16"))
 PANEL_TOKENS = (1, 8, 32, 64, 2048)
 
 
@@ -256,15 +259,15 @@ def bench_panel_gemm(m: Model, tokens: int, repeat: int, rng: np.random.Generato
     shape = f"{name} M={tokens} {out}x{inner}"
     gflop = 2 * tokens * out * inner / 1e9
     results = []
-    for variant, dtype, compute in PANEL_VARIANTS:
+    for variant, dtype, compute, quantization in PANEL_VARIANTS:
         stored = w.astype(dtype)
-        cpu, ref, twin = get_kernels("cpu", compute_dtype=compute), get_kernels("reference", compute_dtype=compute), \
-            get_kernels("cpu")
+        cpu = get_kernels("cpu", compute_dtype=compute, quantization=quantization)
+        ref, twin = get_kernels("reference", compute_dtype=compute, quantization=quantization), get_kernels("cpu")
         wp, wr, wt = cpu.prepare_weight(stored), ref.prepare_weight(stored), twin.prepare_weight(stored.astype(np.float32))
         kernel = lambda: cpu.linear(x, wp)  # noqa: E731
         kernel_ms, twin_ms = time_pair(kernel, lambda: twin.linear(x, wt), repeat)
         target = ">= 1.7x" if tokens in (1, 8) and dtype == BF16 else ">= 1.6x" if tokens == 2048 and compute == \
-            "bfloat16" else ""
+            "bfloat16" and not quantization else ""
         results.append(Result(f"gemm {variant}", m.name, shape, kernel_ms, twin_ms, "f32 panels", target,
                               gflop=gflop))
         kernel2_ms, ref_ms = time_pair(kernel, lambda: ref.linear(x, wr), repeat)
