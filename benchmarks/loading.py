@@ -86,10 +86,11 @@ def child_model(checkpoint: str, dtype: str) -> None:
     from kernels.registry import get_kernels
 
     source = resolve_model(checkpoint)
-    compute = "float32" if dtype == "float32-widened" else dtype
-    storage = np.dtype(np.float32) if dtype == "float32-widened" else (
+    base, _, quantization = dtype.partition("+")  # e.g. bfloat16+w8a16
+    compute = "float32" if base == "float32-widened" else base
+    storage = np.dtype(np.float32) if base == "float32-widened" else (
         None if compute == "float32" else NUMPY_DTYPES[compute])
-    kernels = get_kernels("auto", compute_dtype=compute)
+    kernels = get_kernels("auto", compute_dtype=compute, quantization=quantization or None)
     baseline = _max_rss_bytes()
     start = time.perf_counter()
     model = CogVLM2Model.from_source(source, kernels, storage)

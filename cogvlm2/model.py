@@ -57,8 +57,8 @@ class CogVLM2Model:
     def from_source(cls, source: ModelSource, kernels: KernelSet,
                     storage: np.dtype | None = np.dtype(np.float32)) -> "CogVLM2Model":
         """`storage`: the weights' dtype (None: each tensor as the checkpoint stores it; cogvlm2/precision.py)."""
-        from cogvlm2.weights import load_weights
-        weights = load_weights(source, storage=storage)
+        from cogvlm2.weights import lazy_weights, load_weights
+        weights = lazy_weights(source, storage=storage) or load_weights(source, storage=storage)
         return cls(source.config, weights.tensors, weights.inv_freq, kernels)
 
     def encode_images(self, pixel_values: np.ndarray) -> Tensor:

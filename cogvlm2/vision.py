@@ -1,6 +1,7 @@
 """EVA2-CLIP vision encoder + the 2x2 conv / GLU adapter, producing one image's boi + patch + eoi embeddings."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -9,6 +10,7 @@ from mindspore import Tensor, ops
 
 from cogvlm2.config import CogVLM2Config
 from cogvlm2.layers import fp32_tensor, gelu_exact, layer_norm, softmax_attention, swiglu
+from cogvlm2.weights import tensor_shape
 
 if TYPE_CHECKING:
     from kernels.interface import KernelSet
@@ -36,6 +38,16 @@ def _no_reduce(x: Tensor) -> Tensor:
     return x
 
 
+class _Prefixed:
+    """tensors[prefix + name] as t[name]."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], prefix: str):
+        self.tensors, self.prefix = tensors, prefix
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.tensors[self.prefix + name]
+
+
 class VisionEncoder:
     """pixel_values [B, 3, S, S] -> features [B, tokens_per_image, lm_hidden].
 
@@ -43,7 +55,7 @@ class VisionEncoder:
     the head count comes from the QKV weight it is given, and `reduce` sums the partial outputs of the dense and
     fc2 projections across ranks (their biases are held by one rank only, so they are added once)."""
 
-    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], kernels: KernelSet,
+    def __init__(self, config: CogVLM2Config, tensors: Mapping[str, np.ndarray], kernels: KernelSet,
                  reduce: Callable[[Tensor], Tensor] = _no_reduce):
         """`kernels`: the kernel set whose linear (and weight layout) the projections use."""
         self.config = config
@@ -51,8 +63,9 @@ class VisionEncoder:
         self.reduce = reduce
         weight = self.kernels.prepare_weight
         v = config.vision
-        t = {name[len(PREFIX):]: arr for name, arr in tensors.items() if name.startswith(PREFIX)}
-        self.num_heads = t["transformer.layers.0.attention.query_key_value.weight"].shape[0] // (3 * v.head_dim)
+        t = _Prefixed(tensors, PREFIX)  # read tensor by tensor: a lazy mapping stays lazy
+        qkv_rows = tensor_shape(tensors, PREFIX + "transformer.layers.0.attention.query_key_value.weight")[0]
+        self.num_heads = qkv_rows // (3 * v.head_dim)  # this rank's, under tensor parallelism
         # Conv kernels with stride == kernel size are matmuls over flattened patches: [out, in * k * k].
         self.patch_w = weight(t["patch_embedding.proj.weight"].reshape(v.hidden_size, -1))
         self.patch_b = fp32_tensor(t["patch_embedding.proj.bias"])
@@ -73,7 +86,7 @@ class VisionEncoder:
         self.boi = fp32_tensor(t["boi"].reshape(1, config.hidden_size))
         self.eoi = fp32_tensor(t["eoi"].reshape(1, config.hidden_size))
 
-    def _layer(self, t: dict[str, np.ndarray], p: str) -> VisionLayerWeights:
+    def _layer(self, t: _Prefixed, p: str) -> VisionLayerWeights:
         get = lambda name: fp32_tensor(t[p + name])  # noqa: E731
         weight = lambda name: self.kernels.prepare_weight(t[p + name])  # noqa: E731
         return VisionLayerWeights(

@@ -46,6 +46,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Iterator
 
 import ml_dtypes  # also registers numpy's 'bfloat16' dtype, which safetensors' numpy reader needs
@@ -144,11 +145,12 @@ class TensorInfo:
 
 @dataclass
 class CheckpointReader:
-    """What a checkpoint holds (HF names, stored shapes and dtypes; known before reading data) and a
-    tensor-by-tensor iterator over it in the stored dtype."""
+    """What a checkpoint holds (HF names, stored shapes and dtypes; known before reading data), a tensor-by-tensor
+    iterator over it in the stored dtype and, where the format allows, one tensor by name (`get`)."""
     where: str
     infos: dict[str, TensorInfo]
     read: Callable[[], Iterator[tuple[str, np.ndarray]]]
+    get: Callable[[str], np.ndarray] | None = None
 
 
 def hf_shard_map(model_dir: str | Path) -> dict[str, Path]:
@@ -227,7 +229,13 @@ def iter_hf_tensors(model_dir: str | Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def hf_reader(model_dir: str | Path) -> CheckpointReader:
-    return CheckpointReader(str(model_dir), hf_tensor_infos(model_dir), lambda: iter_hf_tensors(model_dir))
+    shards = hf_shard_map(model_dir)
+
+    def get(name: str) -> np.ndarray:
+        with safe_open(shards[name], framework="numpy", backend="pread") as f:
+            return f.get_tensor(name)
+
+    return CheckpointReader(str(model_dir), hf_tensor_infos(model_dir), lambda: iter_hf_tensors(model_dir), get)
 
 
 # ---- random weights --------------------------------------------------------------------------------------------
@@ -263,7 +271,11 @@ def random_weights(config: CogVLM2Config, seed: int = 0) -> Iterator[tuple[str, 
 def random_reader(config: CogVLM2Config, seed: int) -> CheckpointReader:
     infos = {name: TensorInfo(shape, FP32 if name.endswith(INV_FREQ_SUFFIX) else checkpoint_dtype(config))
              for name, shape in hf_weight_shapes(config).items()}
-    return CheckpointReader(f"random weights (seed {seed})", infos, lambda: random_weights(config, seed))
+    def get(name: str) -> np.ndarray:
+        value = random_tensor(config, name, infos[name].shape, seed)
+        return value if name.endswith(INV_FREQ_SUFFIX) else value.astype(infos[name].dtype)
+
+    return CheckpointReader(f"random weights (seed {seed})", infos, lambda: random_weights(config, seed), get)
 
 
 # ---- MindFormers names ---------------------------------------------------------------------------------------
@@ -474,7 +486,7 @@ def open_checkpoint(source: ModelSource) -> CheckpointReader:
 @dataclass
 class LoadedWeights:
     """Tensors under HF names and shapes (inv_freq excluded), layer 0's inv_freq in its stored dtype."""
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    tensors: Mapping[str, np.ndarray] = field(default_factory=dict)
     inv_freq: np.ndarray | None = None
     source_dtype: str = "float32"
 
@@ -504,6 +516,50 @@ def load_weights(source: ModelSource, consume: Callable[[str, np.ndarray], None]
         else:
             consume(name, value)
     return weights
+
+
+class LazyTensors(Mapping):
+    """The checkpoint's tensors (inv_freq excluded) read one at a time when the model asks for them and not kept,
+    in `storage`: a model built from it holds its prepared weights plus one checkpoint tensor at a time (with a
+    quantizing kernel set, never a 16- or 32-bit copy of the model)."""
+
+    def __init__(self, reader: CheckpointReader, names: list[str], storage: np.dtype | None, progress: bool):
+        self._reader, self._names, self._storage = reader, names, storage
+        self._bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=None if progress else True)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._reader.infos or is_optional_tensor(name):
+            raise KeyError(name)
+        self._bar.update(1)
+        return to_storage(self._reader.get(name), self._storage)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._reader.infos[name].shape
+
+
+def tensor_shape(tensors: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    """A tensor's shape without reading a lazy one."""
+    return tensors.shape(name) if isinstance(tensors, LazyTensors) else tuple(tensors[name].shape)
+
+
+def lazy_weights(source: ModelSource, progress: bool = True, storage: np.dtype | None = FP32) -> LoadedWeights | None:
+    """load_weights' validation and result, with `tensors` a LazyTensors; None where the format has no random
+    access (a MindFormers .ckpt): then load_weights reads it whole."""
+    reader = open_checkpoint(source)
+    if reader.get is None:
+        return None
+    expected = validate_tensor_infos(reader.infos, hf_weight_shapes(source.config), reader.where)
+    inv_freq_names = sorted((name for name in expected if is_optional_tensor(name)), key=_layer_of)
+    names = [name for name in reader.infos if name in expected and not is_optional_tensor(name)]
+    return LoadedWeights(LazyTensors(reader, names, storage, progress),
+                         reader.get(inv_freq_names[0]) if inv_freq_names else None,
+                         _source_dtype(reader.infos, expected))
 
 
 def _source_dtype(infos: dict[str, TensorInfo], names: set[str]) -> str:

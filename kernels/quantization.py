@@ -41,12 +41,20 @@ def check_quantization(quantization: str | None) -> str | None:
     return quantization
 
 
+QUANTIZE_CHUNK_ELEMENTS = 1 << 22  # rows widened to fp32 at a time: bounds the temporaries (16 MB), not the model
+
+
 def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[out, in] (any float dtype) -> (int8 [out, in], fp32 scales [out]); an all-zero row gets scale 1."""
-    w = np.asarray(weight, np.float32)
-    absmax = np.abs(w).max(axis=1)
-    scales = np.where(absmax > 0, absmax / INT8_MAX, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scales[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+    out, inner = weight.shape
+    q, scales = np.empty((out, inner), np.int8), np.empty(out, np.float32)
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // max(inner, 1))
+    for r0 in range(0, out, step):
+        w = np.asarray(weight[r0:r0 + step], np.float32)
+        absmax = np.abs(w).max(axis=1)
+        chunk_scales = np.where(absmax > 0, absmax / INT8_MAX, 1.0).astype(np.float32)
+        q[r0:r0 + step] = np.clip(np.rint(w / chunk_scales[:, None]), -INT8_MAX, INT8_MAX)
+        scales[r0:r0 + step] = chunk_scales
     return q, scales
 
 
