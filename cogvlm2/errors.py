@@ -54,5 +54,9 @@ class TooManyImagesError(MessagesError):
     """A conversation carries more than the one image CogVLM2 takes."""
 
 
+class ImagesDisabledError(ImageError):
+    """An image was sent to an engine serving text only (limit_mm_per_prompt image=0: no vision tower loaded)."""
+
+
 class TemplateError(InputError):
     """Unknown prompt template."""

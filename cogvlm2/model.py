@@ -1,6 +1,7 @@
 """CogVLM2 for causal LM: vision encoder + language model with the visual expert, over a flat batch of tokens."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,22 +45,23 @@ class TokenBatch:
 
 
 class CogVLM2Model:
-    def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None,
-                 kernels: KernelSet):
-        """`kernels`: the kernel set (kernels.registry.get_kernels) the decoder's and encoder's hot ops run on."""
+    def __init__(self, config: CogVLM2Config, tensors: Mapping[str, np.ndarray], inv_freq: np.ndarray | None,
+                 kernels: KernelSet, with_vision: bool = True):
+        """`kernels`: the kernel set (kernels.registry.get_kernels) the decoder's and encoder's hot ops run on.
+        Without vision (text-only serving) the encoder and adapter are not built and their tensors never read."""
         configure_mindspore()
         self.config = config
         self.kernels = kernels
-        self.vision = VisionEncoder(config, tensors, kernels)
+        self.vision = VisionEncoder(config, tensors, kernels) if with_vision else None
         self.language = LanguageModel(config, tensors, inv_freq, kernels)
 
     @classmethod
-    def from_source(cls, source: ModelSource, kernels: KernelSet,
-                    storage: np.dtype | None = np.dtype(np.float32)) -> "CogVLM2Model":
+    def from_source(cls, source: ModelSource, kernels: KernelSet, storage: np.dtype | None = np.dtype(np.float32),
+                    with_vision: bool = True) -> "CogVLM2Model":
         """`storage`: the weights' dtype (None: each tensor as the checkpoint stores it; cogvlm2/precision.py)."""
         from cogvlm2.weights import lazy_weights, load_weights
         weights = lazy_weights(source, storage=storage) or load_weights(source, storage=storage)
-        return cls(source.config, weights.tensors, weights.inv_freq, kernels)
+        return cls(source.config, weights.tensors, weights.inv_freq, kernels, with_vision)
 
     def encode_images(self, pixel_values: np.ndarray) -> Tensor:
         """[B, 3, S, S] -> [B, tokens_per_image, hidden]."""

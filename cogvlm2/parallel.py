@@ -28,6 +28,7 @@ from cogvlm2.language_model import LanguageModel
 from cogvlm2.model import CogVLM2Model
 from cogvlm2.model_source import ModelSource
 from cogvlm2.runtime import configure_mindspore
+from cogvlm2.vision import PREFIX as VISION_PREFIX
 from cogvlm2.vision import VisionEncoder
 
 if TYPE_CHECKING:
@@ -211,11 +212,11 @@ class ParallelCogVLM2Model(CogVLM2Model):
     """One rank's shard. `forward` returns logits for this rank's vocabulary slice only."""
 
     def __init__(self, config: CogVLM2Config, tensors: dict[str, np.ndarray], inv_freq: np.ndarray | None,
-                 layout: ShardLayout, kernels: KernelSet):
+                 layout: ShardLayout, kernels: KernelSet, with_vision: bool = True):
         configure_mindspore()
         self.config, self.layout, self.kernels = config, layout, kernels
         reduce = (lambda x: x) if layout.vision_data_parallel else ops.AllReduce()
-        self.vision = VisionEncoder(config, tensors, kernels, reduce)
+        self.vision = VisionEncoder(config, tensors, kernels, reduce) if with_vision else None
         self.language = ParallelLanguageModel(config, tensors, inv_freq, layout, kernels)
         self._all_gather = ops.AllGather()
 
@@ -235,7 +236,8 @@ class ParallelCogVLM2Model(CogVLM2Model):
 
 
 def load_shard(source: ModelSource, size: int, rank: int, kernels: KernelSet, mm_encoder_tp_mode: str = "weights",
-               progress: bool = False, storage: np.dtype | None = None) -> ParallelCogVLM2Model:
+               progress: bool = False, storage: np.dtype | None = None,
+               with_vision: bool = True) -> ParallelCogVLM2Model:
     """Stream the checkpoint and keep only this rank's slices (peak: the shard plus one full tensor).
     Call after mindspore.communication.init()."""
     from cogvlm2.weights import load_weights
@@ -243,7 +245,8 @@ def load_shard(source: ModelSource, size: int, rank: int, kernels: KernelSet, mm
     tensors: dict[str, np.ndarray] = {}
 
     def keep(name: str, array: np.ndarray) -> None:
-        tensors[name] = shard_tensor(name, array, source.config, layout)
+        if with_vision or not name.startswith(VISION_PREFIX):
+            tensors[name] = shard_tensor(name, array, source.config, layout)
 
     weights = load_weights(source, consume=keep, progress=progress, storage=storage)
-    return ParallelCogVLM2Model(source.config, tensors, weights.inv_freq, layout, kernels)
+    return ParallelCogVLM2Model(source.config, tensors, weights.inv_freq, layout, kernels, with_vision)

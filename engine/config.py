@@ -42,6 +42,9 @@ class EngineArgs:
     quantization: str | None = _arg(None, "weight quantization: w8a16 (int8 weights, one scale per output channel, "
                                           "dequantized inside the GEMMs)", choices=[q for q in QUANTIZATIONS if q])
     max_image_pixels: int = _arg(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels")
+    limit_mm_per_prompt: dict | None = _arg(None, "most items per prompt by modality, e.g. image=0: text only, the "
+                                                  "vision tower not loaded (CogVLM2 takes one image; vLLM's flag)",
+                                            parse=lambda text: parse_mm_limits(text))
     encoder_cache_size: int = _arg(64, "images whose vision features are kept")
     enforce_eager: bool = _arg(False, "accepted for vLLM compatibility: the engine always runs eagerly (its kernels "
                                       "dispatch in ~3 us; MindSpore graphs measured slower here)")
@@ -68,10 +71,44 @@ class EngineArgs:
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
                  f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.limit_mm_per_prompt is not None:
+            _check_mm_limits(self.limit_mm_per_prompt)
         _require(self.quantization in QUANTIZATIONS,
                  f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         _require(self.mm_encoder_tp_mode in MM_ENCODER_TP_MODES,
                  f"mm_encoder_tp_mode must be one of {MM_ENCODER_TP_MODES}, got {self.mm_encoder_tp_mode!r}")
+
+
+MAX_IMAGES_PER_PROMPT = 1  # CogVLM2 takes one image per conversation
+
+
+def image_limit(args: EngineArgs) -> int:
+    """Images a prompt may carry: 1 (CogVLM2's most), or 0 when limit_mm_per_prompt says so."""
+    return (args.limit_mm_per_prompt or {}).get("image", MAX_IMAGES_PER_PROMPT)
+
+
+def parse_mm_limits(text: str) -> dict[str, int]:
+    """--limit-mm-per-prompt: "image=0" (key=value pairs, comma-separated) or a JSON object."""
+    import json
+    text = text.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    limits = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"--limit-mm-per-prompt: expected modality=count, got {item!r}")
+        limits[key.strip()] = int(value)
+    return limits
+
+
+def _check_mm_limits(limits: Any) -> None:
+    _require(isinstance(limits, dict) and set(limits) <= {"image"},
+             f"limit_mm_per_prompt must be a dict over the modality 'image', got {limits!r}")
+    count = limits.get("image", MAX_IMAGES_PER_PROMPT)
+    _require(_is_int(count) and 0 <= count <= MAX_IMAGES_PER_PROMPT,
+             f"limit_mm_per_prompt['image'] must be 0 or {MAX_IMAGES_PER_PROMPT} (CogVLM2 takes one image per "
+             f"prompt), got {count!r}")
 
 
 def _is_int(value: Any) -> bool:
@@ -98,7 +135,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _value_type(f)
+            kwargs["type"] = f.metadata.get("parse") or _value_type(f)
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(flag_of(f), **kwargs)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from cogvlm2.errors import CogVLM2Error
+from cogvlm2.errors import CogVLM2Error, ImagesDisabledError
 from cogvlm2.model_source import resolve_model
 from cogvlm2.parallel import check_tensor_parallel
 from cogvlm2.precision import checkpoint_dtype, resolve_precision
@@ -17,7 +17,7 @@ from cogvlm2.processor import CogVLM2Processor, ProcessedPrompt
 from cogvlm2.tokenizer import Llama3Tokenizer
 from engine.batch import ImagePlanner
 from engine.block_manager import BlockManager
-from engine.config import EngineArgs
+from engine.config import EngineArgs, image_limit
 from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed import WorkerFailure
 from engine.executor import make_executor
@@ -73,7 +73,7 @@ class LLMEngine:
         self.executor = make_executor(RunnerConfig(
             source, self.args.block_size, num_blocks, self.args.kernels, self.args.tensor_parallel_size,
             mm_encoder_tp_mode=self.args.mm_encoder_tp_mode, precision=self.precision,
-            quantization=self.args.quantization), self.timer)
+            quantization=self.args.quantization, with_vision=image_limit(self.args) > 0), self.timer)
         self.sampler = Sampler(self.config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
@@ -131,6 +131,9 @@ class LLMEngine:
             raise ValueError(f"prompt dict has unknown keys {sorted(unknown)}; allowed: {sorted(PROMPT_KEYS)}")
         if "prompt" not in prompt:
             raise ValueError("prompt dict needs the key 'prompt'")
+        if prompt.get("image") is not None and image_limit(self.args) == 0:
+            raise ImagesDisabledError("this engine serves text only (limit_mm_per_prompt={'image': 0}: no vision "
+                                      "tower loaded); the request's 'image' cannot be used")
         processed = self.processor(prompt["prompt"], image=prompt.get("image"), history=prompt.get("history"),
                                    template=prompt.get("template"))
         return processed, prompt["prompt"]
@@ -248,7 +251,7 @@ class LLMEngine:
         block_bytes = self.kv_spec.bytes_per_block
         return {
             "dtype": self.precision.compute, "kv_cache_dtype": self.precision.kv_cache,
-            "quantization": self.args.quantization,
+            "quantization": self.args.quantization, "limit_mm_per_prompt": self.args.limit_mm_per_prompt,
             "kv_cache_bytes": bm.num_total_blocks * block_bytes,
             "kv_cache_used_bytes": (bm.num_total_blocks - bm.num_free_blocks) * block_bytes,
             "num_total_blocks": bm.num_total_blocks, "num_free_blocks": bm.num_free_blocks,

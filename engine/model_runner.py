@@ -96,6 +96,7 @@ class RunnerConfig:
     mm_encoder_tp_mode: str = "weights"
     precision: Precision = Precision("float32", NUMPY_DTYPES["float32"], "float32")
     quantization: str | None = None
+    with_vision: bool = True  # False: text-only serving (limit_mm_per_prompt image=0), no vision tower loaded
 
 
 @dataclass
@@ -163,7 +164,7 @@ def _load_model(config: RunnerConfig) -> CogVLM2Model:
     kernels = get_kernels(config.kernels, compute_dtype=compute, quantization=config.quantization)
     storage = None if compute == "float32" else NUMPY_DTYPES[compute]  # float32 math keeps 16-bit weights as stored
     if config.tensor_parallel_size == 1:
-        return CogVLM2Model.from_source(config.source, kernels, storage)
+        return CogVLM2Model.from_source(config.source, kernels, storage, config.with_vision)
     return load_shard(config.source, config.tensor_parallel_size, config.rank, kernels, config.mm_encoder_tp_mode,
-                      storage=storage)
+                      storage=storage, with_vision=config.with_vision)
 

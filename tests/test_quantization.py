@@ -114,3 +114,38 @@ def test_w8a16_demo_answers_are_exact_but_at_near_ties(goldens, dtype):
         step = next(i for i, (a, b) in enumerate(zip(want.token_ids, got.token_ids)) if a != b)
         top2 = sorted(want.logprobs[step].values(), reverse=True)[:2]  # {token id: logprob}
         assert top2[0] - top2[1] < W8A16_MARGIN, (ex["prompt"], ex["image"], step, top2)
+
+
+def test_text_only_serving_skips_the_vision_tower_and_rejects_images():
+    """limit_mm_per_prompt={"image": 0}: no vision tensor read, text answers as with the tower, an image request
+    fails alone with ImagesDisabledError naming the setting while the others are served."""
+    from engine import LLM, SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=8)
+    with_tower = LLM("demo").generate("What is a circle?", params, use_tqdm=False)[0].outputs[0].text
+    llm = LLM("demo", limit_mm_per_prompt={"image": 0})
+    assert llm.engine.executor.runner.model.vision is None
+    assert llm.stats()["limit_mm_per_prompt"] == {"image": 0}
+    image = {"prompt": "Describe the image.", "image": str(TINY / "demo_0.png")}
+    failed, served = llm.generate([image, "What is a circle?"], params, use_tqdm=False)
+    assert failed.outputs[0].finish_reason == "error"
+    assert failed.error.startswith("ImagesDisabledError") and "limit_mm_per_prompt" in failed.error
+    assert served.outputs[0].text == with_tower
+
+
+@pytest.mark.parametrize("limits, message", [({"image": 2}, "0 or 1"), ({"video": 0}, "modality"),
+                                             ({"image": -1}, "0 or 1")])
+def test_bad_mm_limits_name_the_setting(limits, message):
+    from engine.config import EngineArgs
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(limit_mm_per_prompt=limits)
+
+
+def test_mm_limits_from_the_command_line():
+    import argparse
+
+    from engine.config import add_cli_args, engine_kwargs
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    assert engine_kwargs(parser.parse_args(["--limit-mm-per-prompt", "image=0"]))["limit_mm_per_prompt"] == {"image": 0}
+    assert engine_kwargs(parser.parse_args(["--limit-mm-per-prompt", '{"image": 1}']))["limit_mm_per_prompt"] == \
+        {"image": 1}

@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from cogvlm2.errors import (ImageError, ImageNotFoundError, ImageTooLargeError, InputError, MessagesError,
-                            TooManyImagesError, UnreadableImageError, UnsupportedImageError)
+from cogvlm2.errors import (ImageError, ImageNotFoundError, ImagesDisabledError, ImageTooLargeError, InputError,
+                            MessagesError, TooManyImagesError, UnreadableImageError, UnsupportedImageError)
 from engine.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -20,6 +20,7 @@ INPUT_ERRORS: dict[type[InputError], tuple[int, str]] = {
     UnreadableImageError: (400, "invalid_image"),
     ImageNotFoundError: (400, "image_not_found"),
     UnsupportedImageError: (400, "invalid_image"),
+    ImagesDisabledError: (400, "images_disabled"),
     ImageError: (400, "invalid_image"),
     TooManyImagesError: (400, "too_many_images"),
     MessagesError: (400, "invalid_messages"),
