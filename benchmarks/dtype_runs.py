@@ -15,6 +15,13 @@ from cogvlm2.weights import make_random_checkpoint
 FLOAT32_WEIGHTS = "float32-weights"
 
 
+def entries(dtypes: str, quantizations: str | None) -> list[str]:
+    """The --dtypes entries crossed with --quantizations ("none" for unquantized): bfloat16 x none,w8a16 ->
+    bfloat16, bfloat16+w8a16."""
+    quants = (quantizations or "none").split(",")
+    return [d if q == "none" or d == FLOAT32_WEIGHTS else f"{d}+{q}" for d in dtypes.split(",") for q in quants]
+
+
 @contextmanager
 def engine_model(model: str, entry: str) -> Iterator[tuple[str, dict]]:
     """(the engine's model argument, its dtype and quantization arguments) for one --dtypes entry."""

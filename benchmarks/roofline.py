@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogvlm2.config import CogVLM2Config  # noqa: E402
 from engine import SamplingParams  # noqa: E402
-from benchmarks.dtype_runs import engine_model  # noqa: E402
+from benchmarks.dtype_runs import engine_model, entries  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 
 HOST_PHASES = ("schedule", "prepare_inputs", "postprocess")
@@ -269,13 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default="auto", help="comma-separated engine dtypes, measured one after the other "
                                                     "(e.g. float32-weights,float32,bfloat16: benchmarks/dtype_runs.py; "
                                                     "each run's ratios printed against every earlier one)")
+    p.add_argument("--quantizations", default=None, help="comma-separated, crossed with --dtypes: none,w8a16")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    runs = [run_dtype(args, dtype) for dtype in args.dtypes.split(",")]
+    runs = [run_dtype(args, entry) for entry in entries(args.dtypes, args.quantizations)]
     print_speedups(runs)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "runs": runs}, indent=2))

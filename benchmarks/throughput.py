@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.dtype_runs import engine_model  # noqa: E402
+from benchmarks.dtype_runs import engine_model, entries  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.outputs import RequestOutput  # noqa: E402
 from engine.model_runner import DEFAULT_KV_CACHE_GB  # noqa: E402
@@ -189,13 +189,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated dtypes (float32-weights,float32,bfloat16,...: benchmarks/dtype_runs.py): the "
                         "same workload on one engine per dtype, side by side, with each one's KV capacity at the "
                         "default budget")
+    p.add_argument("--quantizations", default=None,
+                   help="comma-separated, crossed with --dtypes (default bfloat16): none,w8a16")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write results as JSON (to a file or -)")
     args = p.parse_args(argv)
 
     workload = make_workload(args.num_prompts, args.image_ratio, args.min_prompt_words, args.max_prompt_words,
                              args.min_output_tokens, args.max_output_tokens, args.seed)
-    if args.dtypes:
-        return compare_dtypes(args, workload, args.dtypes.split(","))
+    if args.dtypes or args.quantizations:
+        return compare_dtypes(args, workload, entries(args.dtypes or "bfloat16", args.quantizations))
     if args.kernels == "compare":
         results = [run_engine(make_llm(args, backend), workload, f"engine, kernels={backend}")
                    for backend in ("cpu", "reference")]
