@@ -498,8 +498,7 @@ def load_weights(source: ModelSource, consume: Callable[[str, np.ndarray], None]
     it arrives and not kept (`tensors` stays empty), so the caller can turn it into a Parameter and peak memory
     stays near the model's final size."""
     reader = open_checkpoint(source)
-    expected = validate_tensor_infos(reader.infos, hf_weight_shapes(source.config), reader.where)
-    inv_freq_names = sorted((name for name in expected if is_optional_tensor(name)), key=_layer_of)
+    expected, inv_freq_names = _validated(reader, source)
     weights = LoadedWeights(source_dtype=_source_dtype(reader.infos, expected))
     for name, array in tqdm(reader.read(), total=len(reader.infos), desc="loading weights", unit="tensor",
                             disable=None if progress else True):
@@ -518,6 +517,12 @@ def load_weights(source: ModelSource, consume: Callable[[str, np.ndarray], None]
     return weights
 
 
+def _validated(reader: CheckpointReader, source: ModelSource) -> tuple[set[str], list[str]]:
+    """The checkpoint's tensors checked against the config: the expected names, and the inv_freq ones by layer."""
+    expected = validate_tensor_infos(reader.infos, hf_weight_shapes(source.config), reader.where)
+    return expected, sorted((name for name in expected if is_optional_tensor(name)), key=_layer_of)
+
+
 class LazyTensors(Mapping):
     """The checkpoint's tensors (inv_freq excluded) read one at a time when the model asks for them and not kept,
     in `storage`: a model built from it holds its prepared weights plus one checkpoint tensor at a time (with a
@@ -525,10 +530,11 @@ class LazyTensors(Mapping):
 
     def __init__(self, reader: CheckpointReader, names: list[str], storage: np.dtype | None, progress: bool):
         self._reader, self._names, self._storage = reader, names, storage
+        self._known = set(names)
         self._bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=None if progress else True)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._reader.infos or is_optional_tensor(name):
+        if name not in self._known:
             raise KeyError(name)
         self._bar.update(1)
         return to_storage(self._reader.get(name), self._storage)
@@ -554,8 +560,7 @@ def lazy_weights(source: ModelSource, progress: bool = True, storage: np.dtype |
     reader = open_checkpoint(source)
     if reader.get is None:
         return None
-    expected = validate_tensor_infos(reader.infos, hf_weight_shapes(source.config), reader.where)
-    inv_freq_names = sorted((name for name in expected if is_optional_tensor(name)), key=_layer_of)
+    expected, inv_freq_names = _validated(reader, source)
     names = [name for name in reader.infos if name in expected and not is_optional_tensor(name)]
     return LoadedWeights(LazyTensors(reader, names, storage, progress),
                          reader.get(inv_freq_names[0]) if inv_freq_names else None,

@@ -20,6 +20,29 @@ def _arg(default: Any, help: str, flag: str | None = None, cli: bool = True, **k
     return field(default=default, metadata={"help": help, "flag": flag, "cli": cli, **kwargs})
 
 
+MAX_IMAGES_PER_PROMPT = 1  # CogVLM2 takes one image per conversation
+
+
+def image_limit(args: EngineArgs) -> int:
+    """Images a prompt may carry: 1 (CogVLM2's most), or 0 when limit_mm_per_prompt says so."""
+    return (args.limit_mm_per_prompt or {}).get("image", MAX_IMAGES_PER_PROMPT)
+
+
+def parse_mm_limits(text: str) -> dict[str, int]:
+    """--limit-mm-per-prompt: "image=0" (key=value pairs, comma-separated) or a JSON object."""
+    import json
+    text = text.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    limits = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"--limit-mm-per-prompt: expected modality=count, got {item!r}")
+        limits[key.strip()] = int(value)
+    return limits
+
+
 @dataclass
 class EngineArgs:
     model: str | None = _arg(None, "checkpoint folder, .ckpt file or preset (default: demo)")
@@ -44,7 +67,7 @@ class EngineArgs:
     max_image_pixels: int = _arg(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels")
     limit_mm_per_prompt: dict | None = _arg(None, "most items per prompt by modality, e.g. image=0: text only, the "
                                                   "vision tower not loaded (CogVLM2 takes one image; vLLM's flag)",
-                                            parse=lambda text: parse_mm_limits(text))
+                                            parse=parse_mm_limits)
     encoder_cache_size: int = _arg(64, "images whose vision features are kept")
     enforce_eager: bool = _arg(False, "accepted for vLLM compatibility: the engine always runs eagerly (its kernels "
                                       "dispatch in ~3 us; MindSpore graphs measured slower here)")
@@ -77,29 +100,6 @@ class EngineArgs:
                  f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         _require(self.mm_encoder_tp_mode in MM_ENCODER_TP_MODES,
                  f"mm_encoder_tp_mode must be one of {MM_ENCODER_TP_MODES}, got {self.mm_encoder_tp_mode!r}")
-
-
-MAX_IMAGES_PER_PROMPT = 1  # CogVLM2 takes one image per conversation
-
-
-def image_limit(args: EngineArgs) -> int:
-    """Images a prompt may carry: 1 (CogVLM2's most), or 0 when limit_mm_per_prompt says so."""
-    return (args.limit_mm_per_prompt or {}).get("image", MAX_IMAGES_PER_PROMPT)
-
-
-def parse_mm_limits(text: str) -> dict[str, int]:
-    """--limit-mm-per-prompt: "image=0" (key=value pairs, comma-separated) or a JSON object."""
-    import json
-    text = text.strip()
-    if text.startswith("{"):
-        return json.loads(text)
-    limits = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not value.strip().lstrip("-").isdigit():
-            raise argparse.ArgumentTypeError(f"--limit-mm-per-prompt: expected modality=count, got {item!r}")
-        limits[key.strip()] = int(value)
-    return limits
 
 
 def _check_mm_limits(limits: Any) -> None:

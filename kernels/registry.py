@@ -37,6 +37,7 @@ from kernels.sku import (BACKENDS, GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, G
 # expert_linear's addend (kernels/cpu/expert_linear.cc): none, the vision expert's bias, a residual for every row
 ADDEND_NONE, ADDEND_BIAS, ADDEND_RESIDUAL = 0, 1, 2
 ADDENDS = (ADDEND_NONE, ADDEND_BIAS, ADDEND_RESIDUAL)
+THREADS_ONLY_OPS = ("rope", "rms_norm", "swiglu")  # ops whose config is [threads]
 DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" parameters, larger ones "prefill"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 BF16_FALLBACK_ENV = "COGVLM2_BF16_FALLBACK"
@@ -92,9 +93,18 @@ class BaseKernels:
 
     def prepare_weight(self, weight: np.ndarray, quantize: bool = True) -> Tensor | QuantizedWeight:
         if self.quantization is not None and quantize:
-            q, scales = quantize_int8(weight)
-            return QuantizedWeight(composites.to_tensor(q), composites.to_tensor(scales))
+            return self._quantized(weight)
         return composites.to_tensor(self._stored(weight))
+
+    def _quantized(self, weight: np.ndarray, layout=lambda q: q) -> QuantizedWeight:
+        """The int8 weight and its scales, the integers in `layout` (this backend's; [out, in] by default)."""
+        q, scales = quantize_int8(weight)
+        return QuantizedWeight(composites.to_tensor(layout(q)), composites.to_tensor(scales))
+
+    @staticmethod
+    def _composite_expert_linear(x, num_language, wl, wv, bv, residual, bf16_dot: bool) -> Tensor:
+        y = reference.widened_expert_linear(x, num_language, wl, wv, bv, bf16_dot)
+        return y if residual is None else residual + y
 
     def _stored(self, weight: np.ndarray) -> np.ndarray:
         """weight in its storage dtype (other dtypes as float32), checked against the compute dtype."""
@@ -156,8 +166,7 @@ class ReferenceKernels(BaseKernels):
         return reference.paged_attention(q, key_cache, value_cache, meta)
 
     def expert_linear(self, x, num_language, wl, wv, bv, residual=None):
-        y = reference.widened_expert_linear(x, num_language, wl, wv, bv, self._bf16_dot(wl))
-        return y if residual is None else residual + y
+        return self._composite_expert_linear(x, num_language, wl, wv, bv, residual, self._bf16_dot(wl))
 
     def rms_norm(self, x, weight, eps):
         return composites.rms_norm(x, weight, eps)
@@ -208,7 +217,7 @@ class CpuKernels(BaseKernels):
 
     def _config_row(self, op: str, cls: str, *values: int) -> list[int]:
         p = self.params.get(op, cls)
-        if op in ("rope", "rms_norm", "swiglu"):
+        if op in THREADS_ONLY_OPS:
             return [p["threads"]]
         if op == "paged_attention":
             block_size, apply_rope = values
@@ -232,9 +241,7 @@ class CpuKernels(BaseKernels):
         where the table prepacks), else the [out, in] array."""
         from kernels.ops import PACKED_PANEL, pack_weight  # noqa: PLC0415  (loaded with the library)
         if self.quantization is not None and quantize:
-            q, scales = quantize_int8(weight)
-            values = pack_weight(q) if q.shape[0] % PACKED_PANEL == 0 else q
-            return QuantizedWeight(composites.to_tensor(values), composites.to_tensor(scales))
+            return self._quantized(weight, lambda q: pack_weight(q) if q.shape[0] % PACKED_PANEL == 0 else q)
         weight = self._stored(weight)
         if weight.shape[0] % PACKED_PANEL == 0 and (weight.dtype != np.float32 or self.prepacks_weights):
             return composites.to_tensor(pack_weight(weight))
@@ -251,7 +258,7 @@ class CpuKernels(BaseKernels):
         return {key: Tensor(self._config_row(*key), mstype.int32) for key in keys}
 
     def _precomputed_configs(self) -> dict[tuple, Tensor]:
-        keys = [(op, cls) for op in ("rope", "rms_norm", "swiglu") for cls in ("decode", "prefill")]
+        keys = [(op, cls) for op in THREADS_ONLY_OPS for cls in ("decode", "prefill")]
         keys += [("paged_attention", cls, 1 << b, r) for cls in ("decode", "prefill") for b in range(9) for r in (0, 1)]
         return {key: Tensor(self._config_row(*key), mstype.int32) for key in keys}
 
@@ -282,8 +289,7 @@ class CpuKernels(BaseKernels):
         op = self._panel_op(wl.dtype)
         if wl.ndim == 2 and (op != "expert_linear" or  # 16-bit [out, in] (rows not in whole panels): widened
                              self.params.get("expert_linear", shape_class(x.shape[0]))["gemm"] == GEMM_MINDSPORE):
-            y = reference.widened_expert_linear(x, num_language, wl, wv, bv, self._bf16_dot(wl))
-            return y if residual is None else residual + y
+            return self._composite_expert_linear(x, num_language, wl, wv, bv, residual, self._bf16_dot(wl))
         addend = ADDEND_RESIDUAL if residual is not None else ADDEND_BIAS if bv is not None else ADDEND_NONE
         config = self._config(op, x.shape[0], int(num_language), addend)
         value = residual if residual is not None else bv if bv is not None else self._dummy_float
@@ -292,10 +298,9 @@ class CpuKernels(BaseKernels):
         return self.ops.expert_linear(x, wl, wv, value, config)
 
     def rms_norm(self, x, weight, eps):
-        eps_tensor = self._eps.get(eps)
-        if eps_tensor is None:
-            eps_tensor = self._eps.setdefault(eps, Tensor(np.array([eps], np.float32)))
-        return self.ops.rms_norm(x, weight, eps_tensor, self._config("rms_norm", x.shape[0]))
+        if eps not in self._eps:
+            self._eps[eps] = Tensor(np.array([eps], np.float32))
+        return self.ops.rms_norm(x, weight, self._eps[eps], self._config("rms_norm", x.shape[0]))
 
     def swiglu(self, gate_up):
         return self.ops.swiglu(gate_up, self._config("swiglu", gate_up.shape[0]))
