@@ -64,6 +64,8 @@ class CogVLM2Config:
     template_version: str = "chat"
     torch_dtype: str = "bfloat16"  # the checkpoint's dtype (config.json), or a yaml's param_init_type
     compute_dtype: str | None = None  # a MindFormers yaml's compute_dtype: what dtype="auto" then means
+    # a quantized checkpoint's method (config.json's quantization_config, written by `cogvlm2 quantize`)
+    quantization: str | None = None
     vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self) -> None:
@@ -124,6 +126,7 @@ class CogVLM2Config:
             pad_token_id=raw.get("pad_token_id", IMAGE_PLACEHOLDER_ID),
             template_version=raw.get("template_version", "chat"),
             torch_dtype=raw.get("torch_dtype", "bfloat16"),
+            quantization=(raw.get("quantization_config") or {}).get("quant_method"),
             vision=vision,
         )
 

@@ -16,6 +16,7 @@ from mindspore import Tensor, ops
 from cogvlm2.config import CogVLM2Config
 from cogvlm2.layers import fp32_tensor
 from cogvlm2.rope import default_inv_freq, rope_table
+from kernels.quantization import concat_rows
 
 if TYPE_CHECKING:
     from kernels.interface import KernelSet
@@ -71,7 +72,7 @@ class LanguageModel:
         """Norms and the bias as they are; projection weights in the kernels' layout, gate and up stacked."""
         weight = lambda name: self.kernels.prepare_weight(t[p + name])  # noqa: E731
         gate_up = lambda mlp: self.kernels.prepare_weight(  # noqa: E731
-            np.concatenate([t[f"{p}mlp.{mlp}.gate_proj.weight"], t[f"{p}mlp.{mlp}.up_proj.weight"]]))
+            concat_rows([t[f"{p}mlp.{mlp}.gate_proj.weight"], t[f"{p}mlp.{mlp}.up_proj.weight"]]))
         return DecoderLayerWeights(
             fp32_tensor(t[p + "input_layernorm.weight"]), fp32_tensor(t[p + "post_attention_layernorm.weight"]),
             weight("self_attn.language_expert_query_key_value.weight"),

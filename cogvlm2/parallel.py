@@ -30,6 +30,7 @@ from cogvlm2.model_source import ModelSource
 from cogvlm2.runtime import configure_mindspore
 from cogvlm2.vision import PREFIX as VISION_PREFIX
 from cogvlm2.vision import VisionEncoder
+from kernels.quantization import Int8Rows
 
 if TYPE_CHECKING:
     from kernels.interface import KernelSet
@@ -172,11 +173,23 @@ _VISION_SLICERS: list[tuple[re.Pattern[str], Slicer]] = [(re.compile(pattern), s
 def shard_tensor(name: str, array: np.ndarray, config: CogVLM2Config, layout: ShardLayout) -> np.ndarray:
     """This rank's part of one checkpoint tensor (HF name): a contiguous copy of its slice, or the array itself
     when the tensor is replicated."""
+    if isinstance(array, Int8Rows):
+        return _shard_int8_rows(name, array, config, layout)
     slicers = _DECODER_SLICERS + (_VISION_SLICERS if not layout.vision_data_parallel else [])
     for pattern, slicer in slicers:
         if pattern.fullmatch(name):
             return np.ascontiguousarray(slicer(array, config, layout))
     return array
+
+
+def _shard_int8_rows(name: str, weight: Int8Rows, config: CogVLM2Config, layout: ShardLayout) -> Int8Rows:
+    """A quantized weight's slice: its scales (one per row) go with the rows, sliced where the rows are
+    (column-parallel), whole where the columns are (row-parallel) or the weight is replicated."""
+    values = shard_tensor(name, weight.values, config, layout)
+    scales = weight.scales
+    if values.shape[0] != weight.values.shape[0]:
+        scales = np.ascontiguousarray(shard_tensor(name, weight.scales, config, layout))
+    return Int8Rows(values, scales)
 
 
 def shard_shape(name: str, shape: tuple[int, ...], config: CogVLM2Config, layout: ShardLayout) -> tuple[int, ...]:

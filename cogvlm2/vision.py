@@ -74,6 +74,7 @@ class VisionEncoder:
         self.layers = [self._layer(t, f"transformer.layers.{j}.") for j in range(v.num_hidden_layers)]
         # The adapter keeps the compute dtype under weight quantization (measured on the shared fixture: its linears
         # in int8 move image_chat's greedy tokens at a reference top-2 margin of 0.19); it is ~1% of the model.
+        # A quantized checkpoint leaves it unquantized for the same reason (weights.UNQUANTIZED_PREFIXES).
         adapter = lambda w: self.kernels.prepare_weight(w, quantize=False)  # noqa: E731
         self.conv_w = adapter(t["conv.weight"].reshape(v.hidden_size, -1))
         self.conv_b = fp32_tensor(t["conv.bias"])

@@ -58,14 +58,16 @@ from tqdm import tqdm
 from cogvlm2.config import CogVLM2Config
 from cogvlm2.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from cogvlm2.model_source import ModelSource, resolve_model
-from cogvlm2.precision import checkpoint_dtype, to_storage
+from cogvlm2.precision import checkpoint_dtype, held_in_storage_dtype, to_storage
+from kernels.quantization import Int8Rows
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP16 = np.dtype(np.float16)
 FP32 = np.dtype(np.float32)
 DTYPES = {"bf16": BF16, "fp16": FP16, "fp32": FP32}
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-SAFETENSORS_DTYPES = {"BF16": BF16, "F16": FP16, "F32": FP32}
+INT8 = np.dtype(np.int8)
+SAFETENSORS_DTYPES = {"BF16": BF16, "F16": FP16, "F32": FP32, "I8": INT8}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_SHARD_SIZE = 5 * 10**9  # Hugging Face's max_shard_size="5GB"
@@ -73,6 +75,11 @@ INV_FREQ_SUFFIX = ".self_attn.rotary_emb.inv_freq"
 INIT_STD = 0.02
 MAX_LISTED = 5
 GC_EVERY_BYTES = 256 * 2**20
+# A quantized checkpoint (`cogvlm2 quantize`) stores each quantized weight "<name>" in int8 and its fp32 per-row
+# scales as "<name>_scale"; these keep the source dtype: the embedding table and the vision adapter (cogvlm2/vision.py
+# says why), besides the small added tensors (norms, biases, position and cls embeddings, boi/eoi).
+SCALE_SUFFIX = "_scale"
+UNQUANTIZED_PREFIXES = ("model.embed_tokens.", "model.vision.conv.", "model.vision.linear_proj.")
 
 
 # ---- the HF tensor list ----------------------------------------------------------------------------------------
@@ -85,7 +92,16 @@ def hf_weight_shapes(config: CogVLM2Config) -> dict[str, tuple[int, ...]]:
     shapes["model.norm.weight"] = (config.hidden_size,)
     shapes.update(_vision_shapes(config))
     shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    if config.quantization is not None:
+        shapes.update({name + SCALE_SUFFIX: shape[:1] for name, shape in list(shapes.items())
+                       if is_quantized_weight(name, shape)})
     return shapes
+
+
+def is_quantized_weight(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether weight quantization applies to this tensor: the projection weights of both experts, the lm_head and
+    the vision encoder's patch embedding and transformer linears."""
+    return held_in_storage_dtype(name, shape) and not name.startswith(UNQUANTIZED_PREFIXES)
 
 
 def _decoder_layer_shapes(config: CogVLM2Config, i: int) -> dict[str, tuple[int, ...]]:
@@ -500,15 +516,12 @@ def load_weights(source: ModelSource, consume: Callable[[str, np.ndarray], None]
     reader = open_checkpoint(source)
     expected, inv_freq_names = _validated(reader, source)
     weights = LoadedWeights(source_dtype=_source_dtype(reader.infos, expected))
-    for name, array in tqdm(reader.read(), total=len(reader.infos), desc="loading weights", unit="tensor",
-                            disable=None if progress else True):
-        if name not in expected:
-            continue
+    for name, array in _expected_tensors(reader, expected, progress):
         if is_optional_tensor(name):
             if name == inv_freq_names[0]:
                 weights.inv_freq = array
             continue
-        value = to_storage(array, storage)
+        value = array if isinstance(array, Int8Rows) else to_storage(array, storage)
         del array
         if consume is None:
             weights.tensors[name] = value
@@ -517,10 +530,54 @@ def load_weights(source: ModelSource, consume: Callable[[str, np.ndarray], None]
     return weights
 
 
+def checkpoint_tensors(source: ModelSource, progress: bool = True) -> Iterator[tuple[str, np.ndarray | Int8Rows]]:
+    """The checkpoint, once validated against `source.config`, one expected tensor at a time in the stored dtype
+    (quantized weights as Int8Rows; every layer's inv_freq included)."""
+    reader = open_checkpoint(source)
+    expected, _ = _validated(reader, source)
+    yield from _expected_tensors(reader, expected, progress)
+
+
+def _expected_tensors(reader: CheckpointReader, expected: set[str], progress: bool
+                      ) -> Iterator[tuple[str, np.ndarray | Int8Rows]]:
+    stream = tqdm(reader.read(), total=len(reader.infos), desc="loading weights", unit="tensor",
+                  disable=None if progress else True)
+    return _with_scales((item for item in stream if item[0] in expected), reader.infos)
+
+
+def _with_scales(stream: Iterator[tuple[str, np.ndarray]], infos: dict[str, TensorInfo]
+                 ) -> Iterator[tuple[str, np.ndarray | Int8Rows]]:
+    """The stream with each quantized weight and its scales (in either order) joined into one Int8Rows."""
+    held: dict[str, np.ndarray] = {}
+    for name, array in stream:
+        values_name = name.removesuffix(SCALE_SUFFIX)
+        if values_name + SCALE_SUFFIX not in infos:
+            yield name, array
+        elif values_name in held:
+            other = held.pop(values_name)
+            values, scales = (other, array) if name != values_name else (array, other)
+            yield values_name, Int8Rows(values, scales)
+        else:
+            held[values_name] = array
+
+
 def _validated(reader: CheckpointReader, source: ModelSource) -> tuple[set[str], list[str]]:
     """The checkpoint's tensors checked against the config: the expected names, and the inv_freq ones by layer."""
     expected = validate_tensor_infos(reader.infos, hf_weight_shapes(source.config), reader.where)
+    _check_quantized_dtypes(reader.infos, expected, reader.where)
     return expected, sorted((name for name in expected if is_optional_tensor(name)), key=_layer_of)
+
+
+def _check_quantized_dtypes(infos: dict[str, TensorInfo], expected: set[str], where: str) -> None:
+    """int8 exactly where a scale accompanies the tensor, and fp32 scales."""
+    for name in expected:
+        scaled = name + SCALE_SUFFIX in expected
+        if (infos[name].dtype == INT8) != scaled:
+            raise CheckpointError(f"checkpoint {where}: tensor '{name}' is {infos[name].dtype}, expected "
+                                  + ("int8 (its config states a quantization)" if scaled else
+                                     "a float dtype (int8 weights need config.json's quantization_config)"))
+        if name.endswith(SCALE_SUFFIX) and infos[name].dtype != FP32:
+            raise CheckpointError(f"checkpoint {where}: scales '{name}' are {infos[name].dtype}, expected float32")
 
 
 class LazyTensors(Mapping):
@@ -531,12 +588,15 @@ class LazyTensors(Mapping):
     def __init__(self, reader: CheckpointReader, names: list[str], storage: np.dtype | None, progress: bool):
         self._reader, self._names, self._storage = reader, names, storage
         self._known = set(names)
+        self._scaled = {name for name in names if name + SCALE_SUFFIX in reader.infos}
         self._bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=None if progress else True)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._known:
             raise KeyError(name)
         self._bar.update(1)
+        if name in self._scaled:
+            return Int8Rows(self._reader.get(name), self._reader.get(name + SCALE_SUFFIX))
         return to_storage(self._reader.get(name), self._storage)
 
     def __iter__(self) -> Iterator[str]:
@@ -561,7 +621,8 @@ def lazy_weights(source: ModelSource, progress: bool = True, storage: np.dtype |
     if reader.get is None:
         return None
     expected, inv_freq_names = _validated(reader, source)
-    names = [name for name in reader.infos if name in expected and not is_optional_tensor(name)]
+    names = [name for name in reader.infos
+             if name in expected and not is_optional_tensor(name) and not name.endswith(SCALE_SUFFIX)]
     return LoadedWeights(LazyTensors(reader, names, storage, progress),
                          reader.get(inv_freq_names[0]) if inv_freq_names else None,
                          _source_dtype(reader.infos, expected))

@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     from cogvlm2.convert import add_convert_parser, add_make_random_parser
     add_convert_parser(subparsers)
     add_make_random_parser(subparsers)
+    from cogvlm2.quantize import add_quantize_parser
+    add_quantize_parser(subparsers)
     from kernels.tune import add_tune_parser
     add_tune_parser(subparsers)
     return parser

@@ -28,6 +28,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.timing import PhaseTimer
+from kernels.quantization import check_quantization
 from kernels.sku import detect_sku_info
 
 PROMPT_KEYS = {"prompt", "image", "history", "template"}
@@ -53,6 +54,8 @@ class LLMEngine:
                           else Llama3Tokenizer.for_model_dir(source.model_dir))
         self.processor = CogVLM2Processor(self.config, self.tokenizer, max_image_pixels=self.args.max_image_pixels)
         check_tensor_parallel(self.config, self.args.tensor_parallel_size)
+        # a quantized checkpoint serves with its method unless another int8 method is asked for (same weights)
+        self.quantization = check_quantization(self.args.quantization or self.config.quantization)
         self.precision = resolve_precision(self.args.dtype, self.args.kv_cache_dtype, self.config,
                                            checkpoint_dtype(self.config), detect_sku_info().has_bf16_dot)
         self.max_model_len = self.args.max_model_len or self.config.max_position_embeddings
@@ -73,7 +76,7 @@ class LLMEngine:
         self.executor = make_executor(RunnerConfig(
             source, self.args.block_size, num_blocks, self.args.kernels, self.args.tensor_parallel_size,
             mm_encoder_tp_mode=self.args.mm_encoder_tp_mode, precision=self.precision,
-            quantization=self.args.quantization, with_vision=image_limit(self.args) > 0), self.timer)
+            quantization=self.quantization, with_vision=image_limit(self.args) > 0), self.timer)
         self.sampler = Sampler(self.config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
@@ -251,7 +254,7 @@ class LLMEngine:
         block_bytes = self.kv_spec.bytes_per_block
         return {
             "dtype": self.precision.compute, "kv_cache_dtype": self.precision.kv_cache,
-            "quantization": self.args.quantization, "limit_mm_per_prompt": self.args.limit_mm_per_prompt,
+            "quantization": self.quantization, "limit_mm_per_prompt": self.args.limit_mm_per_prompt,
             "kv_cache_bytes": bm.num_total_blocks * block_bytes,
             "kv_cache_used_bytes": (bm.num_total_blocks - bm.num_free_blocks) * block_bytes,
             "num_total_blocks": bm.num_total_blocks, "num_free_blocks": bm.num_free_blocks,

@@ -35,6 +35,42 @@ class QuantizedWeight:
         return int(self.scales.shape[0])
 
 
+@dataclass(frozen=True)
+class Int8Rows:
+    """A weight quantized before it reaches a kernel set, as a quantized checkpoint stores it: int8 `values`
+    [out, ...] and fp32 `scales` [out], the weight being values * scales per output row. prepare_weight takes it
+    as it is, without quantizing again."""
+    values: np.ndarray
+    scales: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def reshape(self, *shape: int) -> "Int8Rows":
+        """The rows reshaped (the leading, output dimension stays: one scale per row)."""
+        values = self.values.reshape(*shape)
+        if values.shape[0] != self.values.shape[0]:
+            raise ValueError(f"reshaping int8 rows must keep the {self.values.shape[0]} output rows, got {shape}")
+        return Int8Rows(values, self.scales)
+
+
+def concat_rows(weights: list) -> "np.ndarray | Int8Rows":
+    """Weights stacked along their output rows (gate over up): arrays, or int8 rows with their scales."""
+    if all(isinstance(w, Int8Rows) for w in weights):
+        return Int8Rows(np.concatenate([w.values for w in weights]), np.concatenate([w.scales for w in weights]))
+    if any(isinstance(w, Int8Rows) for w in weights):
+        raise TypeError("cannot stack quantized and unquantized weights")
+    return np.concatenate(weights)
+
+
+def int8_rows(weight: "np.ndarray | Int8Rows") -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, fp32 scales) of a weight: a float one quantized here, an Int8Rows as it came."""
+    if isinstance(weight, Int8Rows):
+        return np.ascontiguousarray(weight.values, np.int8), np.ascontiguousarray(weight.scales, np.float32)
+    return quantize_int8(weight)
+
+
 def check_quantization(quantization: str | None) -> str | None:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")

@@ -30,7 +30,7 @@ from mindspore import dtype as mstype
 
 from kernels import composites, reference
 from kernels.interface import KernelSet
-from kernels.quantization import QuantizedWeight, check_quantization, quantize_int8
+from kernels.quantization import Int8Rows, QuantizedWeight, check_quantization, dequantize, int8_rows
 from kernels.sku import (BACKENDS, GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, GEMM_OWN, GEMM_PREPACKED, KernelParams,
                          load_params)
 
@@ -98,7 +98,7 @@ class BaseKernels:
 
     def _quantized(self, weight: np.ndarray, layout=lambda q: q) -> QuantizedWeight:
         """The int8 weight and its scales, the integers in `layout` (this backend's; [out, in] by default)."""
-        q, scales = quantize_int8(weight)
+        q, scales = int8_rows(weight)
         return QuantizedWeight(composites.to_tensor(layout(q)), composites.to_tensor(scales))
 
     @staticmethod
@@ -107,8 +107,9 @@ class BaseKernels:
         return y if residual is None else residual + y
 
     def _stored(self, weight: np.ndarray) -> np.ndarray:
-        """weight in its storage dtype (other dtypes as float32), checked against the compute dtype."""
-        weight = np.asarray(weight)
+        """weight in its storage dtype (other dtypes as float32; int8 rows as the float32 weight they stand for),
+        checked against the compute dtype."""
+        weight = dequantize(weight.values, weight.scales) if isinstance(weight, Int8Rows) else np.asarray(weight)
         if weight.dtype not in WEIGHT_DTYPES:
             weight = weight.astype(np.float32)
         self._panel_op(WEIGHT_DTYPES[weight.dtype])
