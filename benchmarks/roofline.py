@@ -270,13 +270,14 @@ def main(argv: list[str] | None = None) -> int:
                                                     "(e.g. float32-weights,float32,bfloat16: benchmarks/dtype_runs.py; "
                                                     "each run's ratios printed against every earlier one)")
     p.add_argument("--quantizations", default=None, help="comma-separated, crossed with --dtypes: none,w8a16")
+    p.add_argument("--kv-cache-dtypes", default=None, help="comma-separated, crossed with --dtypes: auto,int8")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    runs = [run_dtype(args, entry) for entry in entries(args.dtypes, args.quantizations)]
+    runs = [run_dtype(args, entry) for entry in entries(args.dtypes, args.quantizations, args.kv_cache_dtypes)]
     print_speedups(runs)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "runs": runs}, indent=2))

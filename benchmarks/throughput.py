@@ -191,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
                         "default budget")
     p.add_argument("--quantizations", default=None,
                    help="comma-separated, crossed with --dtypes (default bfloat16): none,w8a16")
+    p.add_argument("--kv-cache-dtypes", default=None,
+                   help="comma-separated, crossed with --dtypes (default bfloat16): auto,int8")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write results as JSON (to a file or -)")
     args = p.parse_args(argv)
 
     workload = make_workload(args.num_prompts, args.image_ratio, args.min_prompt_words, args.max_prompt_words,
                              args.min_output_tokens, args.max_output_tokens, args.seed)
-    if args.dtypes or args.quantizations:
-        return compare_dtypes(args, workload, entries(args.dtypes or "bfloat16", args.quantizations))
+    if args.dtypes or args.quantizations or args.kv_cache_dtypes:
+        return compare_dtypes(args, workload, entries(args.dtypes or "bfloat16", args.quantizations,
+                                                      args.kv_cache_dtypes))
     if args.kernels == "compare":
         results = [run_engine(make_llm(args, backend), workload, f"engine, kernels={backend}")
                    for backend in ("cpu", "reference")]
@@ -262,10 +265,11 @@ def print_ceiling(llm: LLM, results: list[RunStats]) -> None:
 
 
 def make_llm(args: argparse.Namespace, kernels: str, dtype: str = "auto", model: str | None = None,
-             quantization: str | None = None) -> LLM:
+             quantization: str | None = None, kv_cache_dtype: str = "auto") -> LLM:
     start = time.perf_counter()
     llm = LLM(model or args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False, kernels=kernels, dtype=dtype, quantization=quantization)
+              enable_prefix_caching=False, kernels=kernels, dtype=dtype, quantization=quantization,
+              kv_cache_dtype=kv_cache_dtype)
     print(f"engine ready in {time.perf_counter() - start:.1f} s ({args.model}, kernels={llm.stats()['kernels']})",
           file=sys.stderr)
     return llm

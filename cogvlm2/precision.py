@@ -20,20 +20,22 @@ import numpy as np
 from cogvlm2.config import CogVLM2Config
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
                 "float16": np.dtype(np.float16)}
+KV_NUMPY_DTYPES = {**NUMPY_DTYPES, "int8": np.dtype(np.int8)}  # int8: with per-token, per-head scales (kernels)
 
 
 @dataclass(frozen=True)
 class Precision:
     compute: str       # "float32" | "bfloat16" | "float16": what the GEMMs compute in
     weights: np.dtype  # storage of the GEMM weights and the embedding table
-    kv_cache: str      # "float32" | "bfloat16" | "float16"
+    kv_cache: str      # "float32" | "bfloat16" | "float16" | "int8"
 
     @property
     def kv_bytes(self) -> int:
-        return NUMPY_DTYPES[self.kv_cache].itemsize
+        """Bytes per cached K or V value (int8's scales aside)."""
+        return KV_NUMPY_DTYPES[self.kv_cache].itemsize
 
 
 def resolve_precision(dtype: str, kv_cache_dtype: str, config: CogVLM2Config, checkpoint_dtype: np.dtype,

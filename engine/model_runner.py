@@ -13,10 +13,11 @@ from cogvlm2.language_model import RopeInputs
 from cogvlm2.model import CogVLM2Model, TokenBatch
 from cogvlm2.model_source import ModelSource
 from cogvlm2.parallel import kv_heads_per_rank, load_shard
-from cogvlm2.precision import NUMPY_DTYPES, Precision
+from cogvlm2.precision import KV_NUMPY_DTYPES, NUMPY_DTYPES, Precision
 from engine.batch import StepInputs, StepRequest
 from engine.timing import PhaseTimer
 from kernels.interface import KernelSet
+from kernels.reference import cache_head_elements
 from kernels.registry import get_kernels, pad_block_tables
 
 DEFAULT_KV_CACHE_GB = 1.0
@@ -41,8 +42,12 @@ class KVCacheSpec:
 
     @property
     def bytes_per_block(self) -> int:
-        values = 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
-        return values * NUMPY_DTYPES[self.dtype].itemsize
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_bytes
+
+    @property
+    def head_bytes(self) -> int:
+        """One token's cache row of one KV head (an int8 row carries its scale)."""
+        return cache_head_elements(self.head_dim, self.dtype) * KV_NUMPY_DTYPES[self.dtype].itemsize
 
     def blocks_for_budget(self, budget_gb: float | None, max_num_seqs: int, max_model_len: int) -> int:
         """Blocks that fit the per-device budget, but never more than every sequence at full length needs."""
@@ -59,8 +64,8 @@ class PagedKVCache:
 
     def __init__(self, spec: KVCacheSpec):
         self.spec = spec
-        shape = (spec.num_blocks * spec.block_size, spec.num_kv_heads, spec.head_dim)
-        dtype = NUMPY_DTYPES[spec.dtype]
+        shape = (spec.num_blocks * spec.block_size, spec.num_kv_heads, cache_head_elements(spec.head_dim, spec.dtype))
+        dtype = KV_NUMPY_DTYPES[spec.dtype]
         self.keys = [Parameter(Tensor.from_numpy(np.zeros(shape, dtype)), name=f"k_cache_{i}", requires_grad=False)
                      for i in range(spec.num_layers)]
         self.values = [Parameter(Tensor.from_numpy(np.zeros(shape, dtype)), name=f"v_cache_{i}",

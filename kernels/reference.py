@@ -6,7 +6,10 @@
 The rotary and expert-routed projection composites are the leaf math of kernels/composites.py.
 
 A KV cache holds float32, bfloat16 or float16 (CACHE_DTYPES; the cache tensor's dtype says which): fp32 values are
-rounded to nearest even on write (MindSpore's Cast) and widened to fp32 on read, so the attention math is fp32.
+rounded to nearest even on write (MindSpore's Cast) and widened to fp32 on read, so the attention math is fp32. An
+int8 cache is [num_slots, kv_heads, head_dim + 4]: each token's row of each KV head quantized on write as
+kernels.quantization.quantize_int8 quantizes a weight row (symmetric, round to nearest, scale max |x| / 127), its
+fp32 scale in the row's last 4 bytes; read as q * scale in fp32.
 MindSpore 2.10's CPU Gather and ScatterUpdate have no bfloat16 kernel: a bfloat16 cache is read by gathering its
 uint16 view, and written through that view by slice assignment (the one in-place write that reaches the cache's
 memory through a view), one slice per run of consecutive slots.
@@ -18,14 +21,20 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Parameter, Tensor, ops
 
-from kernels.quantization import QuantizedWeight
+from kernels.quantization import QuantizedWeight, quantize_int8
 from mindspore import dtype as mstype
 
 from kernels.composites import expert_linear, linear, softmax_attention
 
 _NEG_INF = np.float32(-np.inf)
 
-CACHE_DTYPES = (mstype.float32, mstype.bfloat16, mstype.float16)
+CACHE_DTYPES = (mstype.float32, mstype.bfloat16, mstype.float16, mstype.int8)
+INT8_KV_SCALE_BYTES = 4
+
+
+def cache_head_elements(head_dim: int, dtype: str) -> int:
+    """Elements of one token's cache row of one KV head, for a cache dtype by name."""
+    return head_dim + INT8_KV_SCALE_BYTES if dtype == "int8" else head_dim
 
 
 def cache_dtype(key_cache: Tensor, value_cache: Tensor | None = None):
@@ -42,6 +51,8 @@ def write_kv_cache(cache: Parameter, slot_mapping: Tensor, values: Tensor) -> No
     """cache [num_slots, kv_heads, head_dim] (a CACHE_DTYPES dtype); slot_mapping [N] int32; values [N, kv_heads,
     head_dim], rounded to the cache's dtype."""
     dtype = cache_dtype(cache)
+    if dtype == mstype.int8:
+        return ops.scatter_update(cache, slot_mapping, _quantized_rows(values))
     if values.dtype != dtype:
         values = values.astype(dtype)
     if dtype == mstype.bfloat16:
@@ -62,8 +73,25 @@ def _write_bf16_rows(cache: Parameter, slot_mapping: Tensor, values: Tensor) -> 
         target[first:first + end - begin] = rows[begin:end]
 
 
+def _quantized_rows(values: Tensor) -> Tensor:
+    """[N, KV, d] fp32 -> the int8 cache rows [N, KV, d + 4]: values, then the scale's bytes."""
+    n, kv, d = values.shape
+    q, scales = quantize_int8(values.asnumpy().reshape(n * kv, d))
+    rows = np.concatenate([q, scales.reshape(-1, 1).view(np.int8)], axis=1)
+    return Tensor.from_numpy(rows.reshape(n, kv, d + INT8_KV_SCALE_BYTES))
+
+
+def _dequantized_rows(rows: Tensor) -> Tensor:
+    rows = rows.asnumpy()
+    d = rows.shape[-1] - INT8_KV_SCALE_BYTES
+    scales = np.ascontiguousarray(rows[..., d:]).view(np.float32)
+    return Tensor.from_numpy(rows[..., :d].astype(np.float32) * scales)
+
+
 def _gather_rows(cache: Tensor, slots: Tensor) -> Tensor:
-    """The cache's rows at slots, widened to fp32."""
+    """The cache's rows at slots, widened (or dequantized) to fp32."""
+    if cache.dtype == mstype.int8:
+        return _dequantized_rows(ops.gather(cache, slots, 0))
     if cache.dtype == mstype.float32:
         return ops.gather(cache, slots, 0)
     if cache.dtype == mstype.bfloat16:
@@ -186,8 +214,9 @@ def paged_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, meta: Pag
 
 
 def _gather_batched(cache: Tensor, slots: Tensor, batch: int, max_len: int) -> Tensor:
-    num_kv, head_dim = cache.shape[1], cache.shape[2]
-    gathered = _gather_rows(cache, slots).reshape(batch, max_len, num_kv, head_dim)
+    gathered = _gather_rows(cache, slots)
+    num_kv, head_dim = gathered.shape[1], gathered.shape[2]
+    gathered = gathered.reshape(batch, max_len, num_kv, head_dim)
     return gathered.transpose(0, 2, 1, 3).reshape(batch * num_kv, max_len, head_dim)
 
 

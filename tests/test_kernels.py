@@ -382,7 +382,7 @@ def test_paged_attention_kernel_status_for_mixed_caches():
 # through the AOT convention directly (ctypes), against the library built for this machine.
 
 AOT_DTYPES = {np.dtype(np.float32): b"float32", np.dtype(np.int32): b"int32",
-              np.dtype(ml_dtypes.bfloat16): b"bfloat16", np.dtype(np.float16): b"float16"}
+              np.dtype(ml_dtypes.bfloat16): b"bfloat16", np.dtype(np.float16): b"float16", np.dtype(np.int8): b"int8"}
 KERNEL_SOURCES = Path(__file__).resolve().parents[1] / "kernels" / "cpu"
 
 

@@ -1,9 +1,13 @@
-// The KV cache's element types and its write. A cache holds float32, bfloat16 or float16 (the cache tensor's
-// dtype); 16-bit caches are rounded to nearest even on write and widened to fp32 on read, so all the attention
-// arithmetic stays fp32.
+// The KV cache's element types and its write. A cache holds float32, bfloat16, float16 or int8 (the cache
+// tensor's dtype); 16-bit caches are rounded to nearest even on write and widened to fp32 on read, so all the
+// attention arithmetic stays fp32. An int8 cache row of one KV head is [d + 4] bytes: the head's d values quantized
+// symmetrically (round to nearest even, scale = max |x| / 127, 1 for an all-zero row), then that fp32 scale, so
+// the scale is written with its entry and read with it; reading gives q * scale in fp32.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "common.h"
 
@@ -19,14 +23,28 @@ struct Bf16 {
 struct Fp16 {
   uint16_t bits;
 };
+struct I8 {
+  int8_t value;
+};
 
-enum class CacheType { kF32, kBF16, kF16 };
+enum class CacheType { kF32, kBF16, kF16, kI8 };
+
+constexpr int64_t kI8ScaleBytes = sizeof(float);
+constexpr float kI8Max = 127.f;
+
+// Cache elements per KV head row.
+inline int64_t head_elems(CacheType type, int64_t d) { return type == CacheType::kI8 ? d + kI8ScaleBytes : d; }
+template <typename T>
+constexpr int64_t head_elems(int64_t d) {
+  return std::is_same_v<T, I8> ? d + kI8ScaleBytes : d;
+}
 
 // The cache element type of parameter i, from its dtype name; false for any other dtype.
 inline bool cache_type(const Args& a, int i, CacheType& type) {
   if (a.is_f32(i)) type = CacheType::kF32;
   else if (a.is_bf16(i)) type = CacheType::kBF16;
   else if (a.is_f16(i)) type = CacheType::kF16;
+  else if (a.is(i, "int8")) type = CacheType::kI8;
   else return false;
   return true;
 }
@@ -42,6 +60,7 @@ auto with_cache_type(CacheType type, Body body) {
   switch (type) {
     case CacheType::kBF16: return body(Tag<Bf16>{});
     case CacheType::kF16: return body(Tag<Fp16>{});
+    case CacheType::kI8: return body(Tag<I8>{});
     default: return body(Tag<float>{});
   }
 }
@@ -143,10 +162,29 @@ inline void store_row<Fp16>(const float* src, Fp16* dst, int64_t n) {
 }
 #endif
 
-// cache rows [slots, row] <- values rows [n, row] (fp32, rounded to T) at slot_mapping; kBadIndex (nothing
-// written) on a bad slot. values_stride: floats between consecutive value rows (<= 0: row, i.e. contiguous).
+// One KV head's d values into an int8 cache row (values, then the scale).
+inline void quantize_head(const float* x, int64_t d, I8* row) {
+  float absmax = 0.f;
+  for (int64_t i = 0; i < d; ++i) absmax = std::max(absmax, std::fabs(x[i]));
+  const float scale = absmax > 0.f ? absmax / kI8Max : 1.f;
+  for (int64_t i = 0; i < d; ++i)
+    row[i].value = static_cast<int8_t>(std::min(kI8Max, std::max(-kI8Max, std::nearbyint(x[i] / scale))));
+  std::memcpy(row + d, &scale, sizeof(scale));
+}
+
+// An int8 cache row's d values in fp32: q * scale.
+inline void dequantize_head(const I8* row, int64_t d, float* out) {
+  float scale;
+  std::memcpy(&scale, row + d, sizeof(scale));
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) out[i] = static_cast<float>(row[i].value) * scale;
+}
+
+// cache [slots, kv, head_elems<T>(d)] <- values rows [n, kv * d] (fp32, rounded or quantized to T) at slot_mapping;
+// kBadIndex (nothing written) on a bad slot. values_stride: floats between consecutive value rows (<= 0: kv * d,
+// i.e. contiguous).
 template <typename T>
-int write_rows(T* cache, int64_t slots, int64_t row, const float* values, const int32_t* slot_mapping, int64_t n,
-               int64_t values_stride = 0);
+int write_rows(T* cache, int64_t slots, int64_t kv, int64_t d, const float* values, const int32_t* slot_mapping,
+               int64_t n, int64_t values_stride = 0);
 
 }  // namespace cogvlm2

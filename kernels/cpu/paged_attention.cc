@@ -4,8 +4,9 @@
 // its position in that sequence, and attends causally to positions [0, position] of its sequence, read through the
 // sequence's block table straight from the cache (no gathered K/V). Queries of one sequence are grouped into tiles
 // of consecutive positions so that each K/V row fetched serves tile x (heads per KV head) query rows; the softmax is
-// computed online over key tiles. The caches hold float32, bfloat16 or float16 (kv_cache.h): K/V rows are widened
-// to fp32 as they are read, so a 16-bit cache halves the bytes that bound decode attention at long contexts.
+// computed online over key tiles. The caches hold float32, bfloat16, float16 or int8 (kv_cache.h): 16-bit K/V rows
+// are widened to fp32 as they are read, int8 ones dequantized into a per-thread buffer once per key tile, so a
+// 16-bit cache halves the bytes that bound decode attention at long contexts and an int8 one nearly quarters them.
 
 #include <cmath>
 #include <limits>
@@ -50,12 +51,40 @@ std::vector<Tile> make_tiles(const int32_t* seq_index, const int32_t* position, 
   return tiles;
 }
 
+// Rows dequantized to fp32 (an int8 cache's), valid until the buffer is filled again.
+struct RowBuffer {
+  std::vector<float> values;
+  std::vector<const float*> rows;
+};
+
 template <typename T>
 struct Scratch {
   std::vector<float> q, qt, out, scores, row_max, row_sum, correction;
   std::vector<int64_t> slots;
   std::vector<const T*> key_rows, value_rows;
+  RowBuffer keys, values;
 };
+
+// The rows as the score and P @ V loops read them: a float or 16-bit cache's own rows; an int8 cache's rows of
+// `heads` KV heads each (consecutive head rows of head_elems<I8>(d)) dequantized into `buffer`, [heads * d] apiece.
+template <typename T>
+const T* const* readable(const T* const* rows, int64_t, int64_t, int64_t, RowBuffer&) {
+  return rows;
+}
+
+inline const float* const* readable(const I8* const* rows, int64_t width, int64_t heads, int64_t d,
+                                    RowBuffer& buffer) {
+  const int64_t row = heads * d;
+  buffer.values.resize(width * row);
+  buffer.rows.resize(width);
+  for (int64_t j = 0; j < width; ++j) {
+    if (j + kPrefetchKeys < width) prefetch_row(rows[j + kPrefetchKeys], heads * head_elems<I8>(d));
+    float* out = buffer.values.data() + j * row;
+    for (int64_t g = 0; g < heads; ++g) dequantize_head(rows[j] + g * head_elems<I8>(d), d, out + g * d);
+    buffer.rows[j] = out;
+  }
+  return buffer.rows.data();
+}
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -163,7 +192,7 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
                  const int32_t* block_table, const int64_t* order, const int32_t* position, float* out,
                  Scratch<T>& w) {
   const int64_t group = s.heads / s.kv, d = s.d, tokens = tile.end - tile.begin, count = tokens * group;
-  const int64_t stride = (count + 15) / 16 * 16, kt = c.key_tile, row_stride = s.kv * d;
+  const int64_t stride = (count + 15) / 16 * 16, kt = c.key_tile, head = head_elems<T>(d), row_stride = s.kv * head;
   load_queries(tile, s, q, order, stride, w);
   reset_scratch(w, s.kv * stride, d, kt, stride);
   std::vector<int64_t> visible(tokens);
@@ -174,8 +203,8 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
     key_slots(block_table, c.block_size, k0, width, w.slots.data());
     for (int64_t g = 0; g < s.kv; ++g) {
       for (int64_t j = 0; j < width; ++j) {
-        w.key_rows[j] = keys + w.slots[j] * row_stride + g * d;
-        w.value_rows[j] = values + w.slots[j] * row_stride + g * d;
+        w.key_rows[j] = keys + w.slots[j] * row_stride + g * head;
+        w.value_rows[j] = values + w.slots[j] * row_stride + g * head;
       }
       // the inner loops ask for rows kPrefetchKeys ahead: the first ones of each pass are asked for here
       for (int64_t j = 0; j < std::min(width, kPrefetchKeys); ++j) {
@@ -185,7 +214,8 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
       const Lanes lanes{count, stride, w.row_max.data() + g * stride, w.row_sum.data() + g * stride,
                         w.out.data() + g * stride * d};
       update_lanes(lanes, group, d, w.q.data() + g * stride * d, w.qt.data() + g * d * stride, visible.data(),
-                   w.key_rows.data(), w.value_rows.data(), width, w.scores.data(), w.correction.data());
+                   readable(w.key_rows.data(), width, 1, d, w.keys), readable(w.value_rows.data(), width, 1, d, w.values),
+                   width, w.scores.data(), w.correction.data());
     }
   }
   for (int64_t t = 0; t < tokens; ++t)
@@ -203,7 +233,7 @@ void attend_decode(const Tile& tile, const Shapes& s, const Config& c, const flo
                    const T* values, const int32_t* block_table, const int32_t* position, int64_t token, float* out,
                    Scratch<T>& w) {
   const int64_t group = s.heads / s.kv, d = s.d, stride = (s.heads + 15) / 16 * 16, kt = c.key_tile;
-  const int64_t row_stride = s.kv * d;
+  const int64_t head = head_elems<T>(d), row_stride = s.kv * head;
   const float scale = query_scale(d);
   w.q.resize(s.heads * d);
   for (int64_t i = 0; i < s.heads * d; ++i) w.q[i] = q[token * s.q_stride + i] * scale;
@@ -215,13 +245,14 @@ void attend_decode(const Tile& tile, const Shapes& s, const Config& c, const flo
     key_slots(block_table, c.block_size, k0, width, w.slots.data());
     for (int64_t j = 0; j < width; ++j) w.key_rows[j] = keys + w.slots[j] * row_stride;
     for (int64_t j = 0; j < std::min(width, kPrefetchKeys); ++j) prefetch_row(w.key_rows[j], row_stride);
-    score_heads_dot(w.q.data(), group, s.kv, w.key_rows.data(), width, d, stride, w.scores.data());
+    score_heads_dot(w.q.data(), group, s.kv, readable(w.key_rows.data(), width, s.kv, d, w.keys), width, d, stride,
+                    w.scores.data());
     const int64_t seen = softmax_step(lanes, stride, &visible, width, w.scores.data(), w.correction.data());
     for (int64_t g = 0; g < s.kv; ++g) {
-      for (int64_t j = 0; j < seen; ++j) w.value_rows[j] = values + w.slots[j] * row_stride + g * d;
+      for (int64_t j = 0; j < seen; ++j) w.value_rows[j] = values + w.slots[j] * row_stride + g * head;
       for (int64_t j = 0; j < std::min(seen, kPrefetchKeys); ++j) prefetch_row(w.value_rows[j], d);
       accumulate_pv(w.out.data() + g * group * d, d, w.correction.data() + g * group, w.scores.data() + g * group,
-                    stride, w.value_rows.data(), seen, group);
+                    stride, readable(w.value_rows.data(), seen, 1, d, w.values), seen, group);
     }
   }
   for (int64_t head = 0; head < s.heads; ++head)
@@ -305,9 +336,9 @@ int read_call(const Args& a, Call& call) {
   const int32_t* cfg = a.data<int32_t>(13);
   call.c = Config{cfg[0], std::max(1, cfg[1]), cfg[2], cfg[3], cfg[4]};
   call.apply_rope = cfg[5] != 0;
-  const int64_t row = s.kv * s.d;
-  if ((!call.fused && (a.numel(1) != s.n * row || a.numel(2) != s.n * row)) || a.dim(3, 2) != s.d ||
-      a.numel(4) != s.slots * row || a.numel(5) != s.n || a.numel(6) != s.n || a.numel(7) != s.n ||
+  const int64_t row = s.kv * s.d, cache_row = s.kv * head_elems(call.cache, s.d);
+  if ((!call.fused && (a.numel(1) != s.n * row || a.numel(2) != s.n * row)) ||
+      a.dim(3, 2) != head_elems(call.cache, s.d) || a.numel(4) != s.slots * cache_row || a.numel(5) != s.n || a.numel(6) != s.n || a.numel(7) != s.n ||
       a.numel(9) != s.seqs || a.numel(14) != s.n * s.heads * s.d)
     return kBadShape;
   if (call.apply_rope && (a.numel(10) != s.n || a.rank(11) != 2 || a.dim(11, 1) != s.d || a.rank(12) != 2 ||
@@ -345,10 +376,9 @@ int prepare_inputs(const Args& a, const Call& call, Rotated& rotated, Inputs& in
 
 template <typename T>
 int write_caches(const Args& a, const Shapes& s, const Inputs& in) {
-  const int64_t row = s.kv * s.d;
   const int32_t* slot_mapping = a.data<int32_t>(5);
-  if (int status = write_rows(a.data<T>(3), s.slots, row, in.k, slot_mapping, s.n, in.k_stride)) return status;
-  return write_rows(a.data<T>(4), s.slots, row, in.v, slot_mapping, s.n, in.v_stride);
+  if (int status = write_rows(a.data<T>(3), s.slots, s.kv, s.d, in.k, slot_mapping, s.n, in.k_stride)) return status;
+  return write_rows(a.data<T>(4), s.slots, s.kv, s.d, in.v, slot_mapping, s.n, in.v_stride);
 }
 
 // Query tiles of the whole batch, largest first: the atomic hand-out then balances the threads.
@@ -397,7 +427,7 @@ void attend_all(const Args& a, const Call& call, const Inputs& in) {
 }  // namespace cogvlm2
 
 // inputs: q [N,H,d], k_new [N,KV,d], v_new [N,KV,d] (f32), key_cache [S,KV,d], value_cache [S,KV,d] (both f32,
-//         both bf16 or both f16),
+//         both bf16 or both f16; or both int8 [S,KV,d+4], kv_cache.h),
 //         slot_mapping [N], seq_index [N], token_position [N], block_tables [B,M], context_lens [B] (i32),
 //         rope_positions [N] (i32), cos [P,d], sin [P,d] (f32; any [1] tensors when rotary is off),
 //         config [block_size, threads, query_tile, key_tile, parallel_min_work, apply_rope] (i32)
