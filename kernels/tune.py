@@ -1,7 +1,8 @@
 """`cogvlm2 tune`: sweeps each CPU kernel's parameters (threads, tiles, GEMM choice) over the decode and prefill
 shape classes on this device and writes configs/kernels/<sku>.yaml, the table the registry loads. The projection
 has one op per weight dtype and compute dtype (kernels.registry.PANEL_OPS): expert_linear (float32 weights),
-expert_linear_bf16 (bf16 weights, fp32 math), expert_linear_bf16_dot (bf16 products), expert_linear_f16.
+expert_linear_bf16 (bf16 weights, fp32 math), expert_linear_bf16_dot (bf16 products), expert_linear_f16, and for
+int8 weights (quantization) expert_linear_i8 (widened, fp32 math) and expert_linear_i8_bf16_dot (bf16 products).
 
 A candidate's score over a class is the mean over the class's shapes of time / best time of that shape, so that
 every shape counts equally whatever its size. Times are minima over repeated runs (the machine is shared).
@@ -22,7 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-PANEL_OPS = ("expert_linear", "expert_linear_bf16", "expert_linear_bf16_dot", "expert_linear_f16")
+PANEL_OPS = ("expert_linear", "expert_linear_bf16", "expert_linear_bf16_dot", "expert_linear_f16", "expert_linear_i8",
+             "expert_linear_i8_bf16_dot")
 ROW_OPS = ("rms_norm", "swiglu")  # one pass over rows of activations: only threads to choose
 OPS = ("rope",) + ROW_OPS + ("paged_attention",) + PANEL_OPS
 PAGED_CACHE_DTYPES = ("float32", "bfloat16", "float16")
@@ -93,9 +95,11 @@ def shapes_of(op: str, cls: str) -> list[Shape]:
 
 def panel_variant(op: str) -> tuple[np.dtype, str]:
     """(weight dtype, compute dtype) of a projection op: the first pair kernels.registry.PANEL_OPS maps to it."""
+    from mindspore import dtype as mstype
+
     from kernels.registry import PANEL_OPS as OPS_BY_DTYPES
     from kernels.registry import WEIGHT_DTYPES
-    numpy_dtype = {ms_dtype: np_dtype for np_dtype, ms_dtype in WEIGHT_DTYPES.items()}
+    numpy_dtype = {ms_dtype: np_dtype for np_dtype, ms_dtype in WEIGHT_DTYPES.items()} | {mstype.int8: np.int8}
     return next((numpy_dtype[w], c) for (w, c), variant in OPS_BY_DTYPES.items() if variant == op)
 
 
@@ -125,9 +129,14 @@ class Workload:
             qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
             weights = [(rng.standard_normal((qkv, s.hidden)), rng.standard_normal((qkv, s.hidden))),
                        (rng.standard_normal((s.hidden, s.mlp)), rng.standard_normal((s.hidden, s.mlp)))]
-            weights = [tuple(w.astype(np.float32).astype(dtype) for w in pair) for pair in weights]
             x = [normal(n, s.hidden), normal(n, s.mlp)]
             biases = [normal(qkv), None]
+            if dtype == np.int8:
+                self.prepacked_calls = [(x[i], n // 2, _int8_panels(wl), _int8_panels(wv), biases[i])
+                                        for i, (wl, wv) in enumerate(weights)]
+                self.calls = self.prepacked_calls  # int8 weights are always panels
+                return
+            weights = [tuple(w.astype(np.float32).astype(dtype) for w in pair) for pair in weights]
             # the same projections on weights in the prepacked layout, for candidates that load them so (16-bit
             # weights: always)
             self.prepacked_calls = [(x[i], n // 2, Tensor.from_numpy(pack_weight(wl)),
@@ -161,6 +170,16 @@ class Workload:
             calls = self.prepacked_calls if kernels.prepacks_weights else self.calls
             return [kernels.expert_linear(*args) for args in calls][-1]
         return [getattr(kernels, self.op)(*args) for args in self.calls][-1]
+
+
+def _int8_panels(weight: np.ndarray):
+    """A weight as quantization="w8a16" prepares it: int8 panels and per-row scales."""
+    from mindspore import Tensor
+
+    from kernels.ops import pack_weight
+    from kernels.quantization import QuantizedWeight, quantize_int8
+    q, scales = quantize_int8(weight)
+    return QuantizedWeight(Tensor.from_numpy(pack_weight(q)), Tensor.from_numpy(scales))
 
 
 def _workloads(op: str, shapes: list[Shape], rng: np.random.Generator) -> dict[str, Workload]:
