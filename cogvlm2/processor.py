@@ -161,7 +161,8 @@ class CogVLM2Processor:
 
     def preprocess(self, image: Any) -> np.ndarray:
         """Load (with the pixel limit) and preprocess one image: float32 [3, S, S]."""
-        return preprocess_image(load_image(image, self.max_image_pixels), self.config.vision.image_size)
+        size = self.config.vision.image_size
+        return preprocess_image(load_image(image, self.max_image_pixels, size), size)
 
     def _check_template(self, template: Any) -> str:
         if template is None:

@@ -40,8 +40,15 @@ class LLM:
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params = _per_prompt(sampling_params, len(prompts))
         request_ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        for request_id, prompt, sp in zip(request_ids, prompts, params):
-            self.engine.add_request(request_id, prompt, sp)
+        added: list[str] = []
+        try:
+            for request_id, prompt, sp in zip(request_ids, prompts, params):
+                self.engine.add_request(request_id, prompt, sp)
+                added.append(request_id)
+        except BaseException:  # the call fails as a whole: none of its requests stays in the engine
+            for request_id in added:
+                self.engine.abort_request(request_id)
+            raise
         return self._run(request_ids, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

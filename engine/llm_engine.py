@@ -3,6 +3,7 @@ out."""
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ from engine.sequence import Sequence
 from engine.timing import PhaseTimer
 from kernels.quantization import check_quantization
 from kernels.sku import detect_sku_info
+
+logger = logging.getLogger(__name__)
 
 PROMPT_KEYS = {"prompt", "image", "history", "template"}
 
@@ -100,9 +103,9 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         try:
             state = self._admit(request_id, prompt, sampling_params, arrival)
-        except (CogVLM2Error, ValueError, TypeError, FileNotFoundError) as e:
+        except Exception as e:  # noqa: BLE001  (whatever admitting raises fails this request, and only it)
             self._pending_outputs.append(RequestOutput.failed(request_id, _prompt_text(prompt), arrival,
-                                                              f"{type(e).__name__}: {e}"))
+                                                              _admission_error(request_id, e)))
             return
         self.requests[request_id] = state
         if not self.scheduler.add_request(state.seq):
@@ -113,6 +116,7 @@ class LLMEngine:
         """Everything that can fail for one request, before it touches the scheduler."""
         params = _as_sampling_params(sampling_params)
         processed, prompt_text = self._process(prompt)
+        self._check_reachable(params, len(processed.input_ids))
         seq = Sequence(request_id=request_id, prompt_token_ids=processed.input_ids,
                        prompt_token_type_ids=processed.token_type_ids, prompt_position_ids=processed.position_ids,
                        prompt_vision_expert_mask=processed.vision_expert_mask, image_hash=processed.image_hash,
@@ -122,6 +126,12 @@ class LLMEngine:
         sampling = SamplingState.create(params, processed.input_ids, self.args.seed, next(self._request_counter),
                                         output_token_ids=seq.output_token_ids)
         return RequestState(seq, prompt_text, detokenizer, sampling)
+
+    def _check_reachable(self, params: SamplingParams, prompt_len: int) -> None:
+        room = self.max_model_len - prompt_len
+        if 0 < params.min_tokens > room:
+            raise ValueError(f"min_tokens {params.min_tokens} cannot be reached: the prompt has {prompt_len} tokens "
+                             f"and max_model_len is {self.max_model_len}, so at most {max(room, 0)} can be generated")
 
     def _process(self, prompt: str | dict) -> tuple[ProcessedPrompt, str]:
         if isinstance(prompt, str):
@@ -275,6 +285,20 @@ def _as_sampling_params(params: SamplingParams | dict | None) -> SamplingParams:
     if isinstance(params, dict):
         return SamplingParams(**params)
     raise TypeError(f"sampling_params must be a SamplingParams or a dict, got {type(params).__name__}")
+
+
+# Errors that describe the request itself: their message goes back to its caller.
+INPUT_ERRORS = (CogVLM2Error, ValueError, TypeError, FileNotFoundError)
+INTERNAL_ERROR = "InternalError"  # the error text's prefix for anything else (not the request's fault)
+
+
+def _admission_error(request_id: str, error: Exception) -> str:
+    """The failed request's error text: an input error's own message; anything else is logged with its traceback
+    and the caller gets a generic message with the request id (the exception text may describe the server)."""
+    if isinstance(error, INPUT_ERRORS):
+        return f"{type(error).__name__}: {error}"
+    logger.error("request %s failed while being admitted", request_id, exc_info=error)
+    return f"{INTERNAL_ERROR}: the request could not be admitted (request id {request_id}; see the server log)"
 
 
 def _prompt_text(prompt: Any) -> str | None:

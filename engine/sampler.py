@@ -154,7 +154,8 @@ def _apply_repetition_penalty(logits: np.ndarray, states: list[SamplingState]) -
     r, t = np.divmod(flat, vocab)
     penalty = np.array([s.params.repetition_penalty for s in states], dtype=np.float32)[r]
     values = logits[r, t]
-    logits[r, t] = np.where(values > 0, values / penalty, values * penalty)
+    with np.errstate(over="ignore"):  # extreme penalties overflow to +-inf, which the draw handles
+        logits[r, t] = np.where(values > 0, values / penalty, values * penalty)
 
 
 def _apply_frequency_presence_penalties(logits: np.ndarray, states: list[SamplingState]) -> None:
@@ -202,7 +203,8 @@ class TokenDistribution:
 
 def filtered_distribution(logits: np.ndarray, params: SamplingParams) -> TokenDistribution:
     """Steps 4-7 on one row of processed logits."""
-    x = logits / np.float32(params.temperature)
+    with np.errstate(over="ignore"):
+        x = _finite_shape(logits / np.float32(params.temperature))
     ids = _top_k_ids(x, params.top_k)
     probs = _softmax(x if ids is None else x[ids])
     keep_from = max(_top_p_threshold(probs, params.top_p), params.min_p * float(probs.max()))
@@ -212,6 +214,17 @@ def filtered_distribution(logits: np.ndarray, params: SamplingParams) -> TokenDi
         probs = probs[kept]
         probs /= probs.sum()
     return TokenDistribution(ids, probs)
+
+
+def _finite_shape(x: np.ndarray) -> np.ndarray:
+    """A row whose maximum overflowed (a penalty or the temperature pushed logits to +inf) gives the +inf tokens
+    equal chances; a row with no finite logit at all, every token. Otherwise the row as it is."""
+    top = x.max()
+    if np.isfinite(top):
+        return x
+    if top == np.inf:
+        return np.where(x == np.inf, np.float32(0), np.float32(-np.inf))
+    return np.zeros_like(x)
 
 
 def draw(distribution: TokenDistribution, rng: np.random.Generator) -> int:

@@ -8,6 +8,9 @@ from numbers import Integral, Real
 # Temperatures below this are treated as greedy: dividing logits by ~0 only overflows.
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
+# The sampler computes in float32: every number must be one, and a repetition penalty must not round to 0.
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38
 
 
 @dataclass
@@ -58,7 +61,8 @@ class SamplingParams:
         _require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _require(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        _require(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _require(self.repetition_penalty >= FLOAT32_TINY,
+                 f"repetition_penalty must be > 0 (at least {FLOAT32_TINY:.3g}), got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _require(-2 <= value <= 2, f"{name} must be in [-2, 2], got {value}")
@@ -77,6 +81,7 @@ class SamplingParams:
                      f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if self.seed is not None:
             self.seed = _int("seed", self.seed)
+            _require(self.seed >= 0, f"seed must be an int >= 0, got {self.seed}")
         if self.logprobs is not None:
             self.logprobs = _int("logprobs", self.logprobs)
             _require(0 <= self.logprobs <= MAX_LOGPROBS,
@@ -97,8 +102,12 @@ def _real(name: str, value: object) -> float:
     # bool is an int subclass: temperature=True is almost certainly a mistake.
     _require(isinstance(value, Real) and not isinstance(value, bool),
              f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    _require(math.isfinite(value), f"{name} must be finite, got {value}")
+    try:
+        value = float(value)
+    except OverflowError:
+        value = math.inf
+    _require(math.isfinite(value) and abs(value) <= FLOAT32_MAX,
+             f"{name} must be finite (within float32's range), got {value}")
     return value
 
 

@@ -303,6 +303,8 @@ BAD_REQUESTS = {
     "prompt longer than the context": (_chat(messages=[user("word " * (MAX_MODEL_LEN + 50))]), 400,
                                        "invalid_request"),
     "body too large": (_chat(messages=[user("x" * 1_200_000)]), 413, "request_too_large"),
+    "negative seed": (_chat(seed=-1), 400, "invalid_sampling_params"),
+    "unreachable min_tokens": ({**_chat(min_tokens=10 ** 6), "max_tokens": None}, 400, "invalid_request"),
 }
 
 
@@ -328,6 +330,50 @@ def test_local_paths_cannot_escape_the_allowed_folder(client, media_dir, url_of)
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="demo", messages=[user("Hi", url_of(media_dir))], max_tokens=2)
     assert caught.value.body["code"] == "path_not_allowed"
+
+
+@pytest.mark.parametrize("name", ["a%00b.png", "a" * 5000 + ".png"], ids=["nul-byte", "name-too-long"])
+def test_unusable_local_paths_are_400s_without_exception_text(demo_url, media_dir, name):
+    response = httpx.post(f"{demo_url}/v1/chat/completions", headers=AUTH, timeout=30,
+                          json=_chat(messages=[user("Hi", f"file://{media_dir}/{name}")]))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_image_url" and error["param"] == "image_url"
+    assert "Errno" not in error["message"] and "null byte" not in error["message"]
+
+
+def test_sampling_errors_name_their_field(demo_url):
+    response = httpx.post(f"{demo_url}/v1/chat/completions", headers=AUTH, json=_chat(seed=-1), timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "seed"
+    response = httpx.post(f"{demo_url}/v1/chat/completions", headers=AUTH, timeout=30,
+                          json={**_chat(min_tokens=10 ** 6), "max_tokens": None})
+    assert response.status_code == 400 and "min_tokens" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
+def test_the_bearer_scheme_is_case_insensitive(demo_url, scheme):
+    assert httpx.get(f"{demo_url}/v1/models", headers={"Authorization": f"{scheme} {API_KEY}"}).status_code == 200
+    assert httpx.get(f"{demo_url}/v1/models", headers={"Authorization": f"{scheme} wrong"}).status_code == 401
+
+
+def test_an_internal_error_is_a_500_with_an_id_and_no_exception_text(caplog):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from engine.entrypoints.api_server import _add_error_handlers
+    app = FastAPI()
+    _add_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("secret detail /srv/model")
+
+    response = TestClient(app, raise_server_exceptions=False).get("/boom", headers={"X-Request-Id": "req-42"})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["code"] == "internal_error" and "req-42" in error["message"]
+    assert "secret" not in response.text and "RuntimeError" not in response.text
+    assert "secret detail" in caplog.text and "req-42" in caplog.text
 
 
 def test_other_errors_keep_the_openai_shape(demo_url):

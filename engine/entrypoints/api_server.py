@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import logging
 import sys
+import uuid
 from typing import Any
 
 import uvicorn
@@ -20,13 +22,16 @@ from engine.entrypoints.serving import OpenAIServing
 from engine.entrypoints.settings import ServerSettings
 from engine.metrics import ServingMetrics
 
+logger = logging.getLogger(__name__)
+
 
 class ApiKeyMiddleware:
-    """`Authorization: Bearer KEY` on every path but /health, compared in constant time."""
+    """`Authorization: Bearer KEY` on every path but /health (the scheme in any case, RFC 7235), the key compared
+    in constant time."""
 
     def __init__(self, app, api_key: str):
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] == "/health" or self._authorized(scope):
@@ -38,7 +43,8 @@ class ApiKeyMiddleware:
 
     def _authorized(self, scope) -> bool:
         given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-        return hmac.compare_digest(given, self._expected)
+        scheme, _, key = given.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self._expected)
 
 
 def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
@@ -97,8 +103,12 @@ def _add_error_handlers(app: FastAPI) -> None:
                         else None).response()
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, error: Exception) -> JSONResponse:
-        return ApiError(500, f"internal error: {type(error).__name__}: {error}", code="internal_error").response()
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        """The traceback goes to the log under an id the client is told; the exception text is not sent."""
+        error_id = request.headers.get("x-request-id") or f"err-{uuid.uuid4().hex[:16]}"
+        logger.error("internal error on %s %s (id %s)", request.method, request.url.path, error_id, exc_info=error)
+        return ApiError(500, f"internal server error (id {error_id}; see the server log)",
+                        code="internal_error").response()
 
 
 # ---- the command -------------------------------------------------------------------------------------------------
@@ -127,6 +137,7 @@ def run_server(args: argparse.Namespace, engine_args: dict[str, Any]) -> int:
         allowed_local_media_path=args.allowed_local_media_path, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, max_image_pixels=args.max_image_pixels)
     llm = AsyncLLM(args.model, **engine_args)
+    settings.image_size = llm.config.vision.image_size
     print(f"serving {settings.model_name!r} on http://{args.host}:{args.port} "
           f"({llm.stats()['num_total_blocks']} KV blocks, max_model_len {llm.max_model_len})", file=sys.stderr)
     config = uvicorn.Config(build_app(llm, settings), host=args.host, port=args.port, log_level=args.log_level,

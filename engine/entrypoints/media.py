@@ -22,7 +22,7 @@ def load_image_url(url: str, settings: ServerSettings) -> Image.Image:
     """Blocking (file reads, decoding): run it in a worker thread."""
     data = _image_bytes(url, settings)
     try:
-        return load_image(data, settings.max_image_pixels)
+        return load_image(data, settings.max_image_pixels, settings.image_size)
     except ImageError as e:
         raise from_input_error(e, param=PARAM) from e
 
@@ -67,13 +67,21 @@ def _local_file_bytes(url: str, settings: ServerSettings) -> bytes:
     if parsed.netloc not in ("", "localhost"):
         raise ApiError(400, f"file:// URLs must name a local path, got host {parsed.netloc!r}",
                        code="invalid_image_url", param=PARAM)
-    path = Path(unquote(parsed.path)).resolve()  # follows symlinks and '..' before the containment check
+    try:
+        return _read_allowed_file(Path(unquote(parsed.path)), allowed, settings.max_body_bytes)
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long, a permission, a file gone meanwhile, ...
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not a usable path"
+        raise ApiError(400, f"the image path cannot be read: {reason}", code="invalid_image_url",
+                       param=PARAM) from e
+
+
+def _read_allowed_file(path: Path, allowed: Path, max_bytes: int) -> bytes:
+    path = path.resolve()  # follows symlinks and '..' before the containment check
     if not path.is_relative_to(allowed):
         raise ApiError(400, "the image path is outside the allowed local media folder", code="path_not_allowed",
                        param=PARAM)
     if not path.is_file():
-        raise ApiError(400, f"image file not found: {url}", code="image_not_found", param=PARAM)
-    if path.stat().st_size > settings.max_body_bytes:
-        raise ApiError(413, f"image file is larger than {settings.max_body_bytes} bytes", code="image_too_large",
-                       param=PARAM)
+        raise ApiError(400, "image file not found", code="image_not_found", param=PARAM)
+    if path.stat().st_size > max_bytes:
+        raise ApiError(413, f"image file is larger than {max_bytes} bytes", code="image_too_large", param=PARAM)
     return path.read_bytes()

@@ -25,6 +25,7 @@ from engine.entrypoints.protocol import (ApiError, ChatCompletionRequest, Comple
                                          from_input_error, parse_request, sampling_params)
 from engine.entrypoints.settings import ServerSettings
 from engine.outputs import RequestOutput
+from engine.llm_engine import INTERNAL_ERROR
 from engine.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -93,6 +94,8 @@ class Generation:
     def failure(self, delta: RequestOutput) -> ApiError | None:
         reason = delta.outputs[0].finish_reason
         if reason == "error":
+            if (delta.error or "").startswith(INTERNAL_ERROR):
+                return ApiError(500, delta.error, code="internal_error")
             return ApiError(400, delta.error or "the request failed", code="invalid_request")
         if reason == "abort":
             if self.timed_out:

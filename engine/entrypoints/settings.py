@@ -17,6 +17,7 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     request_timeout: float | None = None
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    image_size: int | None = None  # the model's: images are decoded toward it (cogvlm2.image)
 
     def __post_init__(self) -> None:
         if self.allowed_local_media_path is not None:
