@@ -39,7 +39,7 @@ setup(
     ],
     extras_require={
         "serve": ["fastapi", "uvicorn", "prometheus-client"],
-        "test": ["pytest", "pytest-benchmark", "openai", "httpx", "fastapi", "uvicorn", "prometheus-client"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "openai", "httpx", "fastapi", "uvicorn", "prometheus-client"],
     },
     entry_points={"console_scripts": ["cogvlm2=engine.cli:main"]},
 )
