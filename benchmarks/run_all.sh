@@ -15,3 +15,5 @@ $PY benchmarks/throughput.py --model bench --num-prompts 16 --kernels compare --
 $PY benchmarks/throughput.py --model bench --one-at-a-time-limit 8 --json out/benchmarks/throughput.json
 $PY benchmarks/throughput.py --model bench --dtypes float32-weights,float32,bfloat16 --json out/benchmarks/throughput_dtypes.json
 $PY benchmarks/serving.py --launch tiny --num-requests 64 --concurrency 16 --json out/benchmarks/serving.json
+$PY benchmarks/throughput.py --model bench --dtypes bfloat16 --quantizations none,w8a16 --kv-cache-dtypes auto,int8 --json out/benchmarks/throughput_quantized.json
+$PY benchmarks/soak.py --minutes 10
