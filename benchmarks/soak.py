@@ -3,7 +3,8 @@
     python benchmarks/soak.py [--minutes 10] [--concurrency 8] [--model demo]
 
 Phase 1 (baseline, a fifth of the time): good requests only. Phase 2: the same good requests mixed with bad ones
-(every kind of invalid field, body, image and path), streams aborted mid-way, and image requests. Every request
+(every kind of invalid field, body, image, path and output constraint), streams aborted mid-way, and
+image and JSON-schema requests. Every request
 carries its own X-Request-Id; printed: requests lost (no final response, or a stream without its one terminal
 event: must be 0), duplicated (a completion id or terminal event seen twice: 0), KV blocks leaked after each phase
 (0), the server's RSS drift over phase 2, and the p50/p99 latency of the good requests in both phases. Then 32
@@ -116,12 +117,19 @@ def _chat(**fields) -> dict:
 
 
 IMAGE = _data_url((DEMO / "demo_0.png").read_bytes())
+SCHEMA = {"type": "object", "required": ["background", "count"], "additionalProperties": False,
+          "properties": {"background": {"enum": ["grey", "white", "black"]},
+                         "count": {"type": "integer", "minimum": 0, "maximum": 9}}}
 GOOD = [_chat(), _chat(messages=_user("How many shapes are there?", IMAGE)), _chat(max_tokens=16, temperature=0.7,
-                                                                                    seed=3)]
+                                                                                    seed=3),
+        _chat(messages=_user("Describe the image as JSON.", IMAGE), max_tokens=40,
+              response_format={"type": "json_schema", "json_schema": {"name": "shapes", "schema": SCHEMA}})]
 BAD = [_chat(temperature=-1), _chat(seed=-1), _chat(top_p=0), _chat(max_tokens="x"), _chat(model="nope"),
        _chat(messages=_user("Hi", "data:image/png;base64,@@@")), _chat(messages=_user("Hi", "http://x/a.png")),
        _chat(messages=_user("Hi", "file:///tmp/a%00b.png")), _chat(messages=_user("Hi", "file:///" + "a" * 5000)),
-       {**_chat(min_tokens=10 ** 6), "max_tokens": None}, _chat(logprobs=True, top_logprobs=99), b'{"model": ']
+       {**_chat(min_tokens=10 ** 6), "max_tokens": None}, _chat(logprobs=True, top_logprobs=99), b'{"model": ',
+       _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}),
+       _chat(structured_outputs={"regex": "[a-z"}), _chat(tools=[{"type": "function"}])]
 
 
 @dataclass

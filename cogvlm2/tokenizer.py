@@ -139,6 +139,11 @@ class Llama3Tokenizer:
         self._vocab_size = max(max(mergeable_ranks.values()), max(special_tokens.values())) + 1
         self._recipe = recipe
 
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken encoding (what grammar libraries build their token tables from)."""
+        return self._encoding
+
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Llama3Tokenizer":

@@ -112,6 +112,11 @@ class AsyncLLM:
         return self.engine.max_model_len
 
     @property
+    def grammars(self):
+        """The engine's grammar compiler (thread-safe): servers validate a constraint before submitting it."""
+        return self.engine.grammars
+
+    @property
     def is_running(self) -> bool:
         return self._dead_reason is None and self._thread.is_alive()
 

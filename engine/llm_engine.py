@@ -28,6 +28,7 @@ from engine.sampler import Sampler, SamplingState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
+from engine.structured_outputs import GrammarCompiler
 from engine.timing import PhaseTimer
 from kernels.quantization import check_quantization
 from kernels.sku import detect_sku_info
@@ -80,7 +81,8 @@ class LLMEngine:
             source, self.args.block_size, num_blocks, self.args.kernels, self.args.tensor_parallel_size,
             mm_encoder_tp_mode=self.args.mm_encoder_tp_mode, precision=self.precision,
             quantization=self.quantization, with_vision=image_limit(self.args) > 0), self.timer)
-        self.sampler = Sampler(self.config.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer.encoding, self.config.vocab_size, self.config.eos_token_ids)
+        self.sampler = Sampler(self.config.eos_token_ids, self.grammars)
         self.requests: dict[str, RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
         self._request_counter = itertools.count()
@@ -125,6 +127,8 @@ class LLMEngine:
                                              params.include_stop_str_in_output)
         sampling = SamplingState.create(params, processed.input_ids, self.args.seed, next(self._request_counter),
                                         output_token_ids=seq.output_token_ids)
+        if params.structured_outputs is not None:
+            sampling.matcher = self.grammars.matcher(params.structured_outputs)
         return RequestState(seq, prompt_text, detokenizer, sampling)
 
     def _check_reachable(self, params: SamplingParams, prompt_len: int) -> None:
@@ -233,11 +237,23 @@ class LLMEngine:
         if update.stopped:
             state.stop_reason = update.stop_reason
             self.scheduler.finish(seq, "stop")
+        elif self._grammar_complete(state, token):
+            text += state.detokenizer.flush()
+            self.scheduler.finish(seq, "stop")
         elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or \
                 self.scheduler.reached_max_len(seq):
             text += state.detokenizer.flush()
             self.scheduler.finish(seq, "length")
         return [token], text
+
+    @staticmethod
+    def _grammar_complete(state: RequestState, token: int) -> bool:
+        """Feeds a constrained request's token to its matcher: True once its grammar allows nothing more."""
+        matcher = state.sampling.matcher
+        if matcher is None:
+            return False
+        matcher.consume_token(token)
+        return matcher.is_stopped() or matcher.is_error()
 
     def _is_stop_token(self, token: int, params: SamplingParams, num_generated: int) -> bool:
         if num_generated < params.min_tokens:

@@ -1,6 +1,7 @@
 """Batched token sampling over host (NumPy) logits.
 
 Processing order, per row of the [B, V] float32 logits:
+  0. structured outputs: a constrained row keeps only the tokens its grammar allows (engine/structured_outputs.py);
   1. repetition penalty (vLLM/CTRL style) on every token seen in prompt + output: positive logits are divided by
      the penalty, negative ones multiplied;
   2. frequency and presence penalties (OpenAI style) on output tokens only:
@@ -26,8 +27,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from engine.structured_outputs import GrammarCompiler
 
 from engine.sampling_params import SamplingParams
 
@@ -49,6 +53,7 @@ class SamplingState:
     rng: np.random.Generator
     prompt_token_ids: np.ndarray
     output_token_ids: list[int] = field(default_factory=list)
+    matcher: Any = None  # structured outputs: the request's llguidance matcher (engine/structured_outputs.py)
     _prompt_vocab: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -77,12 +82,13 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: Sequence[int] = ()):
+    def __init__(self, eos_token_ids: Sequence[int] = (), grammars: GrammarCompiler | None = None):
         self.eos_token_ids = [int(i) for i in eos_token_ids]
+        self.grammars = grammars
 
     def __call__(self, logits: np.ndarray, states: list[SamplingState]) -> SamplerOutput:
         _check_batch(logits, states)
-        logits = process_logits(logits, states, self.eos_token_ids)
+        logits = process_logits(logits, states, self.eos_token_ids, self.grammars)
         greedy = np.array([s.params.is_greedy for s in states], dtype=bool)
         token_ids = np.empty(len(states), dtype=np.int64)
         if greedy.all():
@@ -114,14 +120,21 @@ def _check_batch(logits: np.ndarray, states: list[SamplingState]) -> None:
 
 # ---- steps 1-3: penalties and the min_tokens mask (sparse: only touch the ids involved) ----------------------------
 
-def process_logits(logits: np.ndarray, states: list[SamplingState], eos_token_ids: Sequence[int]) -> np.ndarray:
-    """Logits after penalties and the min_tokens mask; the input is never modified (copied only if needed)."""
+def process_logits(logits: np.ndarray, states: list[SamplingState], eos_token_ids: Sequence[int],
+                   grammars: GrammarCompiler | None = None) -> np.ndarray:
+    """Logits after the structured-output masks, penalties and the min_tokens mask; the input is never modified
+    (copied only if needed)."""
     logits = np.asarray(logits, dtype=np.float32)
     needs_penalty = [_has_penalties(s.params) for s in states]
     needs_mask = [len(s.output_token_ids) < s.params.min_tokens for s in states]
-    if not any(needs_penalty) and not any(needs_mask):
+    constrained = [i for i, s in enumerate(states) if s.matcher is not None]
+    if not any(needs_penalty) and not any(needs_mask) and not constrained:
         return logits
-    logits = logits.copy()
+    logits = np.ascontiguousarray(logits).copy()
+    if constrained:
+        if grammars is None:
+            raise ValueError("a constrained request reached a sampler without a grammar compiler")
+        grammars.apply_masks(logits, constrained, [states[i].matcher for i in constrained])
     _apply_repetition_penalty(logits, states)
     _apply_frequency_presence_penalties(logits, states)
     _mask_stop_ids(logits, states, eos_token_ids)

@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass
 from numbers import Integral, Real
 
+from engine.structured_outputs import StructuredOutputsParams
+
 # Temperatures below this are treated as greedy: dividing logits by ~0 only overflows.
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
@@ -39,6 +41,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     n: int = 1
+    structured_outputs: StructuredOutputsParams | dict | None = None  # engine/structured_outputs.py
 
     def __post_init__(self) -> None:
         self._check_floats()
@@ -46,6 +49,7 @@ class SamplingParams:
         self._check_bools()
         self.stop = _normalise_stop(self.stop)
         self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
+        self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
 
     @property
     def is_greedy(self) -> bool:

@@ -279,12 +279,21 @@ def _chat(**fields: Any) -> dict[str, Any]:
 
 BAD_REQUESTS = {
     "malformed json": (b'{"model": "demo", "messages": [', 400, "invalid_json"),
-    "not an object": (b"[1, 2]", 422, "invalid_type"),
-    "wrong type max_tokens": (_chat(max_tokens="ten"), 422, "invalid_type"),
-    "wrong type messages": (_chat(messages="hello"), 422, "invalid_type"),
-    "missing messages": ({"model": "demo"}, 422, "invalid_type"),
-    "unknown content part": (_chat(messages=[{"role": "user", "content": [{"type": "audio"}]}]), 422,
+    "not an object": (b"[1, 2]", 400, "invalid_type"),
+    "wrong type max_tokens": (_chat(max_tokens="ten"), 400, "invalid_type"),
+    "wrong type messages": (_chat(messages="hello"), 400, "invalid_type"),
+    "missing messages": ({"model": "demo"}, 400, "invalid_type"),
+    "unknown content part": (_chat(messages=[{"role": "user", "content": [{"type": "audio"}]}]), 400,
                              "invalid_type"),
+    "tools": (_chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_field"),
+    "suffix": (_chat(suffix="x"), 400, "unsupported_field"),
+    "an unknown field": (_chat(temprature=0.5), 400, "unsupported_field"),
+    "best_of above n": (_chat(best_of=3), 400, "unsupported"),
+    "invalid json schema": (_chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objectx"}}}), 400, "invalid_structured_output"),
+    "invalid regex": (_chat(structured_outputs={"regex": "[a-z"}), 400, "invalid_structured_output"),
+    "two constraints": (_chat(structured_outputs={"regex": "a"}, guided_choice=["a"]), 400,
+                        "invalid_sampling_params"),
     "bad base64": (_chat(messages=[user("Hi", "data:image/png;base64,@@not-base64@@")]), 400, "invalid_base64"),
     "non-image payload": (_chat(messages=[user("Hi", data_url(b"this is plain text, not a picture"))]), 400,
                           "invalid_image"),
@@ -382,6 +391,69 @@ def test_other_errors_keep_the_openai_shape(demo_url):
     completion = httpx.post(f"{demo_url}/v1/completions", headers=AUTH,
                             json={"model": "demo", "prompt": ["a", "b"]})
     assert completion.status_code == 400 and completion.json()["error"]["param"] == "prompt"
+
+
+# ---- structured outputs ------------------------------------------------------------------------------------------
+SHAPES_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["background", "count"],
+                 "properties": {"background": {"enum": ["grey", "white", "black", "blue"]},
+                                "count": {"type": "integer", "minimum": 0, "maximum": 9}}}
+JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "shapes", "schema": SHAPES_SCHEMA,
+                                                             "strict": True}}
+
+
+def _picture(k: int) -> str:
+    return data_url((TINY / f"demo_{k}.png").read_bytes())
+
+
+def _validates(text: str) -> bool:
+    value = json.loads(text)
+    return set(value) == {"background", "count"} and value["background"] in \
+        SHAPES_SCHEMA["properties"]["background"]["enum"] and isinstance(value["count"], int)
+
+
+def test_json_schema_replies_validate_for_every_demo_picture(client):
+    for k in range(6):
+        reply = client.chat.completions.create(model="demo", messages=[user("Describe the image as JSON.",
+                                                                           _picture(k))],
+                                               response_format=JSON_SCHEMA_FORMAT, max_tokens=40, temperature=0)
+        assert reply.choices[0].finish_reason == "stop" and _validates(reply.choices[0].message.content), k
+
+
+def test_json_schema_under_16_concurrent_requests_mixed_with_free_ones(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(k: int):
+        kwargs = {"response_format": JSON_SCHEMA_FORMAT} if k % 2 == 0 else {}
+        reply = client.chat.completions.create(model="demo", messages=[user("Describe the image as JSON.",
+                                                                           _picture(k % 6))],
+                                               max_tokens=40, temperature=0.7, seed=k, **kwargs)
+        return k, reply.choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(ask, range(16)))
+    for k, text in replies:
+        if k % 2 == 0:
+            assert _validates(text), text
+
+
+def test_regex_and_choice_through_vllm_fields(client):
+    regex = client.chat.completions.create(model="demo", messages=[user("How many shapes are there?", IMAGE_0)],
+                                           max_tokens=10, temperature=0,
+                                           extra_body={"structured_outputs": {"regex": "(one|two|three)"}})
+    assert regex.choices[0].message.content in ("one", "two", "three")
+    choice = client.chat.completions.create(model="demo", messages=[user("What colour is the background?", IMAGE_0)],
+                                            max_tokens=10, temperature=0, extra_body={"guided_choice": ["grey", "red"]})
+    assert choice.choices[0].message.content in ("grey", "red")
+    completion = client.completions.create(model="demo", prompt="The answer is", max_tokens=8, temperature=0,
+                                           extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert completion.choices[0].text in ("yes", "no")
+
+
+def test_an_invalid_schema_is_a_400_naming_the_field(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="demo", messages=[user("Hi")], max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}})
+    assert caught.value.body["param"] == "response_format" and "objectx" in caught.value.body["message"]
 
 
 def test_the_server_still_serves_after_bad_requests(client, demo_url):

@@ -4,11 +4,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cogvlm2.errors import (ImageError, ImageNotFoundError, ImagesDisabledError, ImageTooLargeError, InputError,
                             MessagesError, TooManyImagesError, UnreadableImageError, UnsupportedImageError)
 from engine.sampling_params import SamplingParams
+from engine.structured_outputs import StructuredOutputsParams
 
 T = TypeVar("T")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -48,17 +49,22 @@ def from_input_error(error: InputError, param: str | None) -> ApiError:
 
 
 # ---- request schemas ---------------------------------------------------------------------------------------------
-class TextPart(BaseModel):
+class Strict(BaseModel):
+    """A request schema that refuses unknown fields (parse_request turns them into 400s naming the field)."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ImageUrl(BaseModel):
+class ImageUrl(Strict):
     url: str
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class ImagePart(BaseModel):
+class ImagePart(Strict):
     type: Literal["image_url"]
     image_url: ImageUrl
 
@@ -66,17 +72,43 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
 
 
-class StreamOptions(BaseModel):
+# OpenAI fields this server does not implement: a request that sends one gets a 400 naming it, never a reply that
+# silently ignores it (any other unknown field is refused the same way).
+UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "suffix",
+                      "logit_bias", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort")
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
+class JsonSchemaFormat(Strict):
+    name: str
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class SamplingRequest(Strict):
     model: str | None = None
+    user: str | None = None  # an end-user id, as OpenAI's: recorded nowhere, affects nothing
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's extra field (engine/structured_outputs.py)
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names for the same
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    best_of: int | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -125,8 +157,13 @@ def parse_request(body: bytes, schema: type[T]) -> T:
         errors = e.errors(include_url=False)
         if any(err["type"] == "json_invalid" for err in errors):
             raise ApiError(400, f"the request body is not valid JSON: {errors[0]['msg']}", code="invalid_json")
+        unsupported = next((err for err in errors if err["type"] == "extra_forbidden"), None)
+        if unsupported is not None:
+            name = _loc(unsupported["loc"])
+            why = "is not supported by this server" if name in UNSUPPORTED_FIELDS else "is not a known field"
+            raise ApiError(400, f"'{name}' {why}", code="unsupported_field", param=name)
         described = "; ".join(f"{_loc(err['loc']) or 'body'}: {err['msg']}" for err in errors[:3])
-        raise ApiError(422, f"the request does not match the schema: {described}", code="invalid_type",
+        raise ApiError(400, f"the request does not match the schema: {described}", code="invalid_type",
                        param=_loc(errors[0]["loc"]) or None)
 
 
@@ -140,11 +177,40 @@ def sampling_params(req: SamplingRequest, max_tokens: int | None, logprobs: int 
     if isinstance(max_tokens, int) and max_tokens > max_model_len:
         raise ApiError(400, f"max_tokens={max_tokens} is more than this model's context length "
                             f"(max_model_len={max_model_len})", code="max_tokens_too_large", param="max_tokens")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise ApiError(400, f"best_of={req.best_of} is not supported: only best_of equal to n", code="unsupported",
+                       param="best_of")
     chosen = {name: getattr(req, name) for name in SAMPLING_FIELDS if getattr(req, name) is not None}
+    structured, field_name = structured_outputs(req)
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **chosen)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, structured_outputs=structured, **chosen)
     except ValueError as e:  # SamplingParams names the field first: "temperature must be >= 0, ..."
-        raise ApiError(400, str(e), code="invalid_sampling_params", param=str(e).split(" ", 1)[0]) from e
+        param = field_name if str(e).startswith("structured_outputs") else str(e).split(" ", 1)[0]
+        raise ApiError(400, str(e), code="invalid_sampling_params", param=param) from e
+
+
+def structured_outputs(req: SamplingRequest) -> tuple[dict | None, str | None]:
+    """The request's constraint as StructuredOutputsParams fields, and the request field it came from; a 400 when
+    it comes from more than one."""
+    sources = []
+    if req.structured_outputs is not None:
+        sources.append(("structured_outputs", req.structured_outputs))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):
+        if getattr(req, name) is not None:
+            sources.append((name, {key: getattr(req, name)}))
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        sources.append(("response_format", {"json_object": True}))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise ApiError(400, "response_format of type json_schema needs 'json_schema'", code="invalid_type",
+                           param="response_format.json_schema")
+        sources.append(("response_format", {"json": fmt.json_schema.schema_}))
+    if len(sources) > 1:
+        raise ApiError(400, f"more than one output constraint: {[name for name, _ in sources]}",
+                       code="invalid_sampling_params", param=sources[1][0])
+    return (sources[0][1], sources[0][0]) if sources else (None, None)
 
 
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:

@@ -22,7 +22,7 @@ from engine.async_llm import AsyncLLM, EngineDeadError
 from engine.entrypoints.formatting import ChatFormat, CompletionFormat, OutputFormat, Result
 from engine.entrypoints.media import load_image_url
 from engine.entrypoints.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, chat_logprobs,
-                                         from_input_error, parse_request, sampling_params)
+                                         from_input_error, parse_request, sampling_params, structured_outputs)
 from engine.entrypoints.settings import ServerSettings
 from engine.outputs import RequestOutput
 from engine.llm_engine import INTERNAL_ERROR
@@ -216,6 +216,16 @@ class OpenAIServing:
         if not self.llm.is_running:
             raise ApiError(503, "the engine is not running", code="engine_unavailable")
 
+    async def check_constraint(self, req, params: SamplingParams) -> None:
+        """A constraint llguidance rejects is a 400 naming the request field it came from (compiled off the event
+        loop; the engine's admission then finds it cached)."""
+        if params.structured_outputs is None:
+            return
+        try:
+            await asyncio.to_thread(self.llm.grammars.validate, params.structured_outputs)
+        except ValueError as e:
+            raise ApiError(400, str(e), code="invalid_structured_output", param=structured_outputs(req)[1]) from e
+
     async def chat(self, request: Request) -> Response:
         req = parse_request(await read_body(request, self.settings.max_body_bytes), ChatCompletionRequest)
         self.check_model(req.model)
@@ -225,6 +235,7 @@ class OpenAIServing:
             raise from_input_error(e, e.param) from e
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = sampling_params(req, max_tokens, chat_logprobs(req), self.llm.max_model_len)
+        await self.check_constraint(req, params)
         image = None
         if conversation.image_url is not None:
             image = await asyncio.to_thread(load_image_url, conversation.image_url, self.settings)
@@ -241,6 +252,7 @@ class OpenAIServing:
             raise ApiError(400, "echo is not supported", code="unsupported", param="echo")
         max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
         params = sampling_params(req, max_tokens, req.logprobs, self.llm.max_model_len)
+        await self.check_constraint(req, params)
         fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", self.settings.model_name, int(time.time()),
                                self.llm.tokenizer, params.logprobs, req.include_usage())
         return await self.run(request, req.stream, fmt, {"prompt": prompt, "template": "base"}, params)
