@@ -36,6 +36,7 @@ setup(
         "pyyaml",
         "tqdm",
         "pybind11",
+        "llguidance",
     ],
     extras_require={
         "serve": ["fastapi", "uvicorn", "prometheus-client"],

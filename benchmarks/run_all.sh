@@ -17,3 +17,4 @@ $PY benchmarks/throughput.py --model bench --dtypes float32-weights,float32,bflo
 $PY benchmarks/serving.py --launch tiny --num-requests 64 --concurrency 16 --json out/benchmarks/serving.json
 $PY benchmarks/throughput.py --model bench --dtypes bfloat16 --quantizations none,w8a16 --kv-cache-dtypes auto,int8 --json out/benchmarks/throughput_quantized.json
 $PY benchmarks/soak.py --minutes 10
+$PY benchmarks/structured.py --model bench --json out/benchmarks/structured.json
