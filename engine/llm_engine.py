@@ -129,9 +129,26 @@ class LLMEngine:
                                         output_token_ids=seq.output_token_ids)
         if params.structured_outputs is not None:
             sampling.matcher = self.grammars.matcher(params.structured_outputs)
+        sampling.bad_word_ids = self._bad_word_ids(params)
         return RequestState(seq, prompt_text, detokenizer, sampling)
 
+    def _bad_word_ids(self, params: SamplingParams) -> list[list[int]]:
+        """Each bad word's token sequences, alone and after a space (vLLM's rule)."""
+        sequences = []
+        for word in params.bad_words or []:
+            for text in (word, " " + word.lstrip()):
+                ids = self.tokenizer.encode(text)
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return sequences
+
     def _check_reachable(self, params: SamplingParams, prompt_len: int) -> None:
+        for name in ("allowed_token_ids", "logit_bias"):
+            ids = getattr(params, name) or []
+            outside = [t for t in ids if t >= self.config.vocab_size]
+            if outside:
+                raise ValueError(f"{name} has token ids outside the vocabulary (size {self.config.vocab_size}): "
+                                 f"{outside[:5]}")
         room = self.max_model_len - prompt_len
         if 0 < params.min_tokens > room:
             raise ValueError(f"min_tokens {params.min_tokens} cannot be reached: the prompt has {prompt_len} tokens "

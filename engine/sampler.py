@@ -2,6 +2,8 @@
 
 Processing order, per row of the [B, V] float32 logits:
   0. structured outputs: a constrained row keeps only the tokens its grammar allows (engine/structured_outputs.py);
+     allowed_token_ids keeps only those; bad_words bans a word's last token where the output ends with the rest of
+     it (a one-token word always); logit_bias is added;
   1. repetition penalty (vLLM/CTRL style) on every token seen in prompt + output: positive logits are divided by
      the penalty, negative ones multiplied;
   2. frequency and presence penalties (OpenAI style) on output tokens only:
@@ -54,6 +56,7 @@ class SamplingState:
     prompt_token_ids: np.ndarray
     output_token_ids: list[int] = field(default_factory=list)
     matcher: Any = None  # structured outputs: the request's llguidance matcher (engine/structured_outputs.py)
+    bad_word_ids: list[list[int]] = field(default_factory=list)  # params.bad_words as token sequences
     _prompt_vocab: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -128,17 +131,43 @@ def process_logits(logits: np.ndarray, states: list[SamplingState], eos_token_id
     needs_penalty = [_has_penalties(s.params) for s in states]
     needs_mask = [len(s.output_token_ids) < s.params.min_tokens for s in states]
     constrained = [i for i, s in enumerate(states) if s.matcher is not None]
-    if not any(needs_penalty) and not any(needs_mask) and not constrained:
+    filtered = [i for i, s in enumerate(states) if _has_token_filters(s)]
+    if not any(needs_penalty) and not any(needs_mask) and not constrained and not filtered:
         return logits
     logits = np.ascontiguousarray(logits).copy()
     if constrained:
         if grammars is None:
             raise ValueError("a constrained request reached a sampler without a grammar compiler")
         grammars.apply_masks(logits, constrained, [states[i].matcher for i in constrained])
+    for i in filtered:
+        _apply_token_filters(logits[i], states[i])
     _apply_repetition_penalty(logits, states)
     _apply_frequency_presence_penalties(logits, states)
     _mask_stop_ids(logits, states, eos_token_ids)
     return logits
+
+
+def _has_token_filters(s: SamplingState) -> bool:
+    p = s.params
+    return p.allowed_token_ids is not None or p.logit_bias is not None or bool(s.bad_word_ids)
+
+
+def _apply_token_filters(row: np.ndarray, s: SamplingState) -> None:
+    """Step 0's per-request token rules on one row, in place."""
+    p, vocab = s.params, row.shape[0]
+    if p.allowed_token_ids is not None:
+        allowed = np.asarray([t for t in p.allowed_token_ids if t < vocab], np.int64)
+        kept = row[allowed]
+        row[:] = -np.inf
+        row[allowed] = kept
+    for word in s.bad_word_ids:
+        prefix = word[:-1]
+        if len(s.output_token_ids) >= len(prefix) and s.output_token_ids[len(s.output_token_ids) - len(prefix):] \
+                == prefix and word[-1] < vocab:
+            row[word[-1]] = -np.inf
+    if p.logit_bias is not None:
+        ids = np.fromiter((t for t in p.logit_bias if t < vocab), np.int64)
+        row[ids] += np.fromiter((p.logit_bias[t] for t in ids.tolist()), np.float32, len(ids))
 
 
 def _has_penalties(p: SamplingParams) -> bool:

@@ -42,6 +42,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     n: int = 1
     structured_outputs: StructuredOutputsParams | dict | None = None  # engine/structured_outputs.py
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's range)
+    allowed_token_ids: list[int] | None = None  # only these tokens can be generated
+    bad_words: list[str] | None = None  # never generated (as vLLM: the word alone and after a space)
 
     def __post_init__(self) -> None:
         self._check_floats()
@@ -50,6 +53,9 @@ class SamplingParams:
         self.stop = _normalise_stop(self.stop)
         self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
         self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
+        self.logit_bias = _normalise_logit_bias(self.logit_bias)
+        self.allowed_token_ids = _normalise_token_list("allowed_token_ids", self.allowed_token_ids)
+        self.bad_words = _normalise_bad_words(self.bad_words)
 
     @property
     def is_greedy(self) -> bool:
@@ -130,6 +136,41 @@ def _normalise_stop(stop: object) -> list[str]:
     for s in stop:
         _require(isinstance(s, str) and s != "", f"stop strings must be non-empty str, got {s!r}")
     return list(stop)
+
+
+def _token_id(name: str, value: object) -> int:
+    if isinstance(value, str) and value.isdigit():  # JSON object keys are strings (OpenAI's logit_bias)
+        value = int(value)
+    _require(isinstance(value, Integral) and not isinstance(value, bool) and value >= 0,
+             f"{name} must hold token ids (ints >= 0), got {value!r}")
+    return int(value)
+
+
+def _normalise_logit_bias(bias: object) -> dict[int, float] | None:
+    if bias is None:
+        return None
+    _require(isinstance(bias, dict), f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+    out = {}
+    for token, value in bias.items():
+        value = _real("logit_bias", value)
+        _require(-100 <= value <= 100, f"logit_bias values must be in [-100, 100], got {value}")
+        out[_token_id("logit_bias", token)] = value
+    return out or None
+
+
+def _normalise_token_list(name: str, ids: object) -> list[int] | None:
+    if ids is None:
+        return None
+    _require(isinstance(ids, (list, tuple)) and len(ids) > 0, f"{name} must be a non-empty list of token ids")
+    return [_token_id(name, i) for i in ids]
+
+
+def _normalise_bad_words(words: object) -> list[str] | None:
+    if words is None:
+        return None
+    _require(isinstance(words, (list, tuple)) and all(isinstance(w, str) and w.strip() for w in words),
+             f"bad_words must be a list of non-empty str, got {words!r}")
+    return list(words) or None
 
 
 def _normalise_stop_token_ids(ids: object) -> list[int]:

@@ -449,6 +449,17 @@ def test_regex_and_choice_through_vllm_fields(client):
     assert completion.choices[0].text in ("yes", "no")
 
 
+def test_logit_bias_and_vllm_token_fields(client, processor):
+    forced = processor.tokenizer.encode(" purple")[0]
+    reply = client.chat.completions.create(model="demo", messages=[user("How many shapes are there?", IMAGE_0)],
+                                           max_tokens=3, temperature=0, logit_bias={str(forced): 100})
+    assert reply.choices[0].message.content.startswith(" purple") or reply.choices[0].message.content.startswith(
+        "purple")
+    reply = client.chat.completions.create(model="demo", messages=[user("What shapes are in the image?", IMAGE_0)],
+                                           max_tokens=12, temperature=0, extra_body={"bad_words": ["circle"]})
+    assert "circle" not in reply.choices[0].message.content
+
+
 def test_an_invalid_schema_is_a_400_naming_the_field(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="demo", messages=[user("Hi")], max_tokens=4, response_format={

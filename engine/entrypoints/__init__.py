@@ -22,12 +22,13 @@ Choices where the OpenAI API and CogVLM2 differ:
     uses the model's chat template. max_tokens defaults to 16 for completions (as OpenAI) and to the rest of the
     context for chat; a max_tokens above max_model_len is refused with 400.
   * vLLM's extra sampling fields are accepted too: top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-    stop_token_ids, skip_special_tokens, include_stop_str_in_output.
+    stop_token_ids, skip_special_tokens, include_stop_str_in_output, allowed_token_ids, bad_words; and OpenAI's
+    logit_bias.
   * Structured outputs: `response_format` (`json_object`, `json_schema`), vLLM's `structured_outputs` ({json,
     regex, choice, grammar, json_object}) and its older `guided_json` / `guided_regex` / `guided_choice` /
     `guided_grammar`; one constraint per request (engine/structured_outputs.py).
   * No field is silently ignored: an unknown field, or one this server does not implement (tools, tool_choice,
-    suffix, logit_bias, ...: protocol.UNSUPPORTED_FIELDS), is a 400 `unsupported_field` naming it.
+    suffix, ...: protocol.UNSUPPORTED_FIELDS), is a 400 `unsupported_field` naming it.
   * Status codes: malformed JSON -> 400 `invalid_json`; a body that does not match the schema (wrong types,
     missing fields) -> 400 `invalid_type`; a well-typed but invalid value (bad image, temperature < 0, ...) -> 400;
     missing or wrong API key -> 401; unknown model or route -> 404; body too large -> 413; timed out, shut down or

@@ -80,7 +80,7 @@ class ChatMessage(Strict):
 # OpenAI fields this server does not implement: a request that sends one gets a 400 naming it, never a reply that
 # silently ignores it (any other unknown field is refused the same way).
 UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "suffix",
-                      "logit_bias", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort")
+                      "audio", "modalities", "prediction", "web_search_options", "reasoning_effort")
 
 
 class StreamOptions(Strict):
@@ -109,6 +109,9 @@ class SamplingRequest(Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -147,7 +150,7 @@ class CompletionRequest(SamplingRequest):
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens",
-                   "include_stop_str_in_output", "n")
+                   "include_stop_str_in_output", "n", "logit_bias", "allowed_token_ids", "bad_words")
 
 
 def parse_request(body: bytes, schema: type[T]) -> T:
