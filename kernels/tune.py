@@ -1,7 +1,8 @@
 """`cogvlm2 tune`: sweeps each CPU kernel's parameters (threads, tiles, GEMM choice) over the decode and prefill
 shape classes on this device and writes configs/kernels/<sku>.yaml, the table the registry loads. The projection
 has one op per weight dtype and compute dtype (kernels.registry.PANEL_OPS): expert_linear (float32 weights),
-expert_linear_bf16 (bf16 weights, fp32 math), expert_linear_bf16_dot (bf16 products), expert_linear_f16.
+expert_linear_bf16 (bf16 weights, fp32 math), expert_linear_bf16_dot (bf16 products), expert_linear_f16,
+expert_linear_i8_vnni (w8a8's int8 dot: only threads and tile rows, it takes all of k in one pass).
 
 A candidate's score over a class is the mean over the class's shapes of time / best time of that shape, so that
 every shape counts equally whatever its size. Times are minima over repeated runs (the machine is shared).
@@ -22,7 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-PANEL_OPS = ("expert_linear", "expert_linear_bf16", "expert_linear_bf16_dot", "expert_linear_f16")
+PANEL_OPS = ("expert_linear", "expert_linear_bf16", "expert_linear_bf16_dot", "expert_linear_f16",
+             "expert_linear_i8_vnni")
 ROW_OPS = ("rms_norm", "swiglu")  # one pass over rows of activations: only threads to choose
 OPS = ("rope",) + ROW_OPS + ("paged_attention",) + PANEL_OPS
 PAGED_CACHE_DTYPES = ("float32", "bfloat16", "float16")
@@ -84,6 +86,8 @@ CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
                           "tile_rows": c["tile_rows"]} for c in PANEL_CANDIDATES]
                       for cls in SHAPES},
     **{op: {cls: PANEL_CANDIDATES for cls in SHAPES} for op in PANEL_OPS[1:]},
+    "expert_linear_i8_vnni": {cls: [{"threads": t, "k_block": 0, "tile_rows": r}
+                                    for t, r in itertools.product((1, 2), (0, 4, 6, 10, 12))] for cls in SHAPES},
 }
 
 
@@ -91,12 +95,14 @@ def shapes_of(op: str, cls: str) -> list[Shape]:
     return SHAPES[cls] + (GEMM_SHAPES[cls] if op in PANEL_OPS else [])
 
 
-def panel_variant(op: str) -> tuple[np.dtype, str]:
-    """(weight dtype, compute dtype) of a projection op: the first pair kernels.registry.PANEL_OPS maps to it."""
+def panel_variant(op: str) -> tuple[np.dtype, str, str | None]:
+    """(weight dtype, compute dtype, quantization) of a projection op: the first pair kernels.registry.PANEL_OPS
+    maps to it (a quantization's op: float32 weights, quantized by the kernel set)."""
     from kernels.registry import PANEL_OPS as OPS_BY_DTYPES
     from kernels.registry import WEIGHT_DTYPES
     numpy_dtype = {ms_dtype: np_dtype for np_dtype, ms_dtype in WEIGHT_DTYPES.items()}
-    return next((numpy_dtype[w], c) for (w, c), variant in OPS_BY_DTYPES.items() if variant == op)
+    w, c = next(key for key, variant in OPS_BY_DTYPES.items() if variant == op)
+    return (np.dtype(np.float32), c, w) if isinstance(w, str) else (numpy_dtype[w], c, None)
 
 
 def run_once(fn: Callable[[], object]) -> float:
@@ -121,7 +127,11 @@ class Workload:
         self.op, n, s = op, shape.tokens, shape
         if op in PANEL_OPS:  # the QKV projection (with the vision bias) and the MLP's down projection
             from kernels.ops import pack_weight
-            dtype, self.compute_dtype = panel_variant(op)
+            from kernels.registry import get_kernels
+            dtype, self.compute_dtype, quantization = panel_variant(op)
+            # a quantization's weights as its kernel set prepares them (the layout does not depend on parameters)
+            prepare = get_kernels("cpu", compute_dtype=self.compute_dtype, quantization=quantization).prepare_weight \
+                if quantization else lambda w: Tensor.from_numpy(pack_weight(w))
             qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
             weights = [(rng.standard_normal((qkv, s.hidden)), rng.standard_normal((qkv, s.hidden))),
                        (rng.standard_normal((s.hidden, s.mlp)), rng.standard_normal((s.hidden, s.mlp)))]
@@ -130,8 +140,8 @@ class Workload:
             biases = [normal(qkv), None]
             # the same projections on weights in the prepacked layout, for candidates that load them so (16-bit
             # weights: always)
-            self.prepacked_calls = [(x[i], n // 2, Tensor.from_numpy(pack_weight(wl)),
-                                     Tensor.from_numpy(pack_weight(wv)), biases[i]) for i, (wl, wv) in enumerate(weights)]
+            self.prepacked_calls = [(x[i], n // 2, prepare(wl), prepare(wv), biases[i])
+                                    for i, (wl, wv) in enumerate(weights)]
             self.calls = [(x[i], n // 2, Tensor(wl), Tensor(wv), biases[i]) for i, (wl, wv) in enumerate(weights)] \
                 if op == "expert_linear" else self.prepacked_calls
             return
@@ -205,8 +215,9 @@ def tune(ops: list[str], repeat: int, log: Callable[[str], None] = print) -> tup
             named = _workloads(op, shapes_of(op, cls), rng)
             names, workloads = list(named), list(named.values())
             candidates = CANDIDATES[op][cls]
-            compute = panel_variant(op)[1] if op in PANEL_OPS else "float32"
-            kernel_sets = [CpuKernels(_params_with(sku, op, candidate), compute) for candidate in candidates]
+            _, compute, quantization = panel_variant(op) if op in PANEL_OPS else (None, "float32", None)
+            kernel_sets = [CpuKernels(_params_with(sku, op, candidate), compute, quantization)
+                           for candidate in candidates]
             # Round-robin over candidates, minimum per (candidate, shape): a burst of load from other processes
             # then hits every candidate alike instead of one of them.
             times = np.full((len(candidates), len(workloads)), np.inf)
