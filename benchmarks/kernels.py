@@ -9,9 +9,10 @@ machine the minimum is the figure least disturbed by other processes. Paged atte
 composite over the same 16-bit caches. Targets (issue 4) are checked in the same
 run: rotary >= 10x, paged attention >= 3x at 32 decodes x 512 context, expert-routed projection over a mixed
 batch <= 1.1x a single dense GEMM over the same tokens (the same GEMM without routing; MindSpore's MatMul is
-printed beside it). The panel GEMM over 16-bit weights (--only panel_gemm; ops "gemm <variant>") runs against
-its float32 twin (the f32 panels of the same, widened weights) and its composite at 1 to 2048 tokens, with GF/s:
-bf16 >= 1.7x the twin at 1 and 8 tokens, the bf16 dot >= 1.6x at 2048.
+printed beside it). The panel GEMM over 16-bit and int8 weights (--only panel_gemm; ops "gemm <variant>") runs
+against its float32 twin (the f32 panels of the same, widened weights) and its composite at 1 to 2048 tokens, with
+GF/s (w8a8's int8 dot also against the bf16 dot): bf16 >= 1.7x the twin at 1 and 8 tokens, the bf16 dot >= 1.6x at
+2048.
 """
 from __future__ import annotations
 
@@ -237,11 +238,11 @@ def bench_expert_linear(cpu: KernelSet, ref: KernelSet, m: Model, case: str, n: 
 
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-# (name, weight dtype, compute dtype): the 16-bit panel GEMM variants (kernels.registry.PANEL_OPS)
-# (name, stored dtype, compute dtype, quantization): w8a16's int8 panels are quantized from the float32 weights
+# (name, stored dtype, compute dtype, quantization): the panel GEMM variants (kernels.registry.PANEL_OPS); the int8
+# panels (w8a16's, and w8a8's in k quads) are quantized from the float32 weights
 PANEL_VARIANTS = (("bf16 widen", BF16, "float32", None), ("bf16 dot", BF16, "bfloat16", None),
                   ("f16 widen", np.float16, "float32", None), ("i8 widen", np.float32, "float32", "w8a16"),
-                  ("i8 bf16 dot", np.float32, "bfloat16", "w8a16"))
+                  ("i8 bf16 dot", np.float32, "bfloat16", "w8a16"), ("i8 vnni", np.float32, "float32", "w8a8"))
 PANEL_TOKENS = (1, 8, 32, 64, 2048)
 
 
@@ -251,20 +252,21 @@ def panel_gemm_shape(m: Model) -> tuple[str, int, int]:
 
 
 def bench_panel_gemm(m: Model, tokens: int, repeat: int, rng: np.random.Generator) -> list[Result]:
-    """Each 16-bit variant against its float32 twin and its composite, and the twin against its composite, side
-    by side; targets at decode (>= 1.7x the twin) and at prefill (bf16 dot >= 1.6x)."""
+    """Each variant against its float32 twin and its composite, and the twin against its composite, side by side;
+    w8a8's int8 dot also against the bf16 dot; targets at decode (>= 1.7x the twin) and at prefill (bf16 dot >=
+    1.6x)."""
     name, out, inner = panel_gemm_shape(m)
     w = rng.standard_normal((out, inner), dtype=np.float32)
     x = Tensor(rng.standard_normal((tokens, inner), dtype=np.float32))
     shape = f"{name} M={tokens} {out}x{inner}"
     gflop = 2 * tokens * out * inner / 1e9
-    results = []
+    results, kernels = [], {}
     for variant, dtype, compute, quantization in PANEL_VARIANTS:
         stored = w.astype(dtype)
         cpu = get_kernels("cpu", compute_dtype=compute, quantization=quantization)
         ref, twin = get_kernels("reference", compute_dtype=compute, quantization=quantization), get_kernels("cpu")
         wp, wr, wt = cpu.prepare_weight(stored), ref.prepare_weight(stored), twin.prepare_weight(stored.astype(np.float32))
-        kernel = lambda: cpu.linear(x, wp)  # noqa: E731
+        kernel = kernels[variant] = lambda cpu=cpu, wp=wp: cpu.linear(x, wp)  # noqa: E731
         kernel_ms, twin_ms = time_pair(kernel, lambda: twin.linear(x, wt), repeat)
         target = ">= 1.7x" if tokens in (1, 8) and dtype == BF16 else ">= 1.6x" if tokens == 2048 and compute == \
             "bfloat16" and not quantization else ""
@@ -272,6 +274,8 @@ def bench_panel_gemm(m: Model, tokens: int, repeat: int, rng: np.random.Generato
                               gflop=gflop))
         kernel2_ms, ref_ms = time_pair(kernel, lambda: ref.linear(x, wr), repeat)
         results.append(Result(f"gemm {variant}", m.name, shape, kernel2_ms, ref_ms, "composite", gflop=gflop))
+    int8_ms, bf16_ms = time_pair(kernels["i8 vnni"], kernels["bf16 dot"], repeat)
+    results.append(Result("gemm i8 vnni", m.name, shape, int8_ms, bf16_ms, "bf16 dot panels", gflop=gflop))
     twin, ref = get_kernels("cpu"), get_kernels("reference")
     wt, wr = twin.prepare_weight(w), ref.prepare_weight(w)
     twin_ms, ref_ms = time_pair(lambda: twin.linear(x, wt), lambda: ref.linear(x, wr), repeat)

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default="auto", help="comma-separated engine dtypes, measured one after the other "
                                                     "(e.g. float32-weights,float32,bfloat16: benchmarks/dtype_runs.py; "
                                                     "each run's ratios printed against every earlier one)")
-    p.add_argument("--quantizations", default=None, help="comma-separated, crossed with --dtypes: none,w8a16")
+    p.add_argument("--quantizations", default=None, help="comma-separated, crossed with --dtypes: none,w8a16,w8a8")
     p.add_argument("--kv-cache-dtypes", default=None, help="comma-separated, crossed with --dtypes: auto,int8")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--context", type=int, default=256)

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                         "same workload on one engine per dtype, side by side, with each one's KV capacity at the "
                         "default budget")
     p.add_argument("--quantizations", default=None,
-                   help="comma-separated, crossed with --dtypes (default bfloat16): none,w8a16")
+                   help="comma-separated, crossed with --dtypes (default bfloat16): none,w8a16,w8a8")
     p.add_argument("--kv-cache-dtypes", default=None,
                    help="comma-separated, crossed with --dtypes (default bfloat16): auto,int8")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write results as JSON (to a file or -)")

@@ -63,7 +63,9 @@ class EngineArgs:
                       choices=DTYPES)
     kv_cache_dtype: str = _arg("auto", "KV-cache storage (auto: the compute dtype)", choices=KV_CACHE_DTYPES)
     quantization: str | None = _arg(None, "weight quantization: w8a16 (int8 weights, one scale per output channel, "
-                                          "dequantized inside the GEMMs)", choices=[q for q in QUANTIZATIONS if q])
+                                          "dequantized inside the GEMMs) or w8a8 (the same weights and per-token "
+                                          "int8 activations, integer dot products)",
+                                    choices=[q for q in QUANTIZATIONS if q])
     max_image_pixels: int = _arg(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels")
     limit_mm_per_prompt: dict | None = _arg(None, "most items per prompt by modality, e.g. image=0: text only, the "
                                                   "vision tower not loaded (CogVLM2 takes one image; vLLM's flag)",

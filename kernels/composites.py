@@ -34,14 +34,15 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scal
 
 
 def expert_linear(x: Tensor, num_language: int, language_w: Tensor, vision_w: Tensor,
-                  vision_b: Tensor | None = None) -> Tensor:
-    """x in routed order: rows [:num_language] through the language weights, the rest through the vision ones."""
+                  vision_b: Tensor | None = None, project=linear) -> Tensor:
+    """x in routed order: rows [:num_language] through the language weights, the rest through the vision ones (each
+    by `project`, linear's signature)."""
     n = x.shape[0]
     if num_language == n:
-        return linear(x, language_w)
+        return project(x, language_w)
     if num_language == 0:
-        return linear(x, vision_w, vision_b)
-    return ops.concat((linear(x[:num_language], language_w), linear(x[num_language:], vision_w, vision_b)), 0)
+        return project(x, vision_w, vision_b)
+    return ops.concat((project(x[:num_language], language_w), project(x[num_language:], vision_w, vision_b)), 0)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

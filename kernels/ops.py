@@ -66,8 +66,9 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
 
 
 def unpack_weight(panels: np.ndarray, in_features: int | None = None) -> np.ndarray:
-    """The inverse of pack_weight; in_features drops the zero column an odd `in` was padded with (k pairs)."""
-    return unpack_k_pairs(panels, in_features) if panels.ndim == 4 else unpack_k_major(panels)
+    """The inverse of pack_weight and pack_k_quads; in_features drops the zero columns `in` was padded with (k pairs
+    and quads)."""
+    return unpack_k_groups(panels, in_features) if panels.ndim == 4 else unpack_k_major(panels)
 
 
 def pack_k_major(w: np.ndarray) -> np.ndarray:
@@ -82,16 +83,30 @@ def unpack_k_major(panels: np.ndarray) -> np.ndarray:
 
 
 def pack_k_pairs(w: np.ndarray) -> np.ndarray:
-    """[out, in] -> [out / 32, ceil(in / 2), 32, 2]: panels[p, j, c, i] = w[32 p + c, 2 j + i], zero past `in`."""
+    """[out, in] -> [out / 32, ceil(in / 2), 32, 2]: bf16 panels for vdpbf16ps."""
+    return pack_k_groups(w, 2)
+
+
+def pack_k_quads(q: np.ndarray) -> np.ndarray:
+    """int8 [out, in] (out a multiple of 32) -> [out / 32, ceil(in / 4), 32, 4]: w8a8's panels for vpdpbusd."""
+    if q.dtype != np.int8 or q.shape[0] % PACKED_PANEL:
+        raise ValueError(f"pack_k_quads: int8 weights with out features a multiple of {PACKED_PANEL}, got {q.dtype} "
+                         f"{q.shape}")
+    return pack_k_groups(q, 4)
+
+
+def pack_k_groups(w: np.ndarray, group: int) -> np.ndarray:
+    """[out, in] -> [out / 32, ceil(in / group), 32, group]: panels[p, j, c, i] = w[32 p + c, group j + i], zero
+    past `in`."""
     out, inner = w.shape
-    padded = np.zeros((out, inner + inner % 2), w.dtype)
+    padded = np.zeros((out, -(-inner // group) * group), w.dtype)
     padded[:, :inner] = w
-    return np.ascontiguousarray(padded.reshape(out // PACKED_PANEL, PACKED_PANEL, -1, 2).transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(padded.reshape(out // PACKED_PANEL, PACKED_PANEL, -1, group).transpose(0, 2, 1, 3))
 
 
-def unpack_k_pairs(panels: np.ndarray, in_features: int | None = None) -> np.ndarray:
-    p, pairs, width, _ = panels.shape
-    w = panels.transpose(0, 2, 1, 3).reshape(p * width, 2 * pairs)
+def unpack_k_groups(panels: np.ndarray, in_features: int | None = None) -> np.ndarray:
+    p, groups, width, group = panels.shape
+    w = panels.transpose(0, 2, 1, 3).reshape(p * width, group * groups)
     return np.ascontiguousarray(w[:, :in_features] if in_features is not None else w)
 
 
@@ -123,6 +138,7 @@ class CpuOps:
         self._paged_attention = _custom("PagedAttention", _paged_attention_shape, lambda q, *rest: q)
         self._expert_linear = _custom("ExpertLinear", _expert_linear_shape, lambda x, *rest: x)
         self._expert_linear_int8 = _custom("ExpertLinearInt8", _expert_linear_shape, lambda x, *rest: x)
+        self._expert_linear_int8_dot = _custom("ExpertLinearInt8Dot", _expert_linear_shape, lambda x, *rest: x)
         self._rms_norm = _custom("RmsNorm", _first_shape, lambda x, *rest: x)
         self._swiglu = _custom("SwiGLU", _swiglu_shape, lambda x, *rest: x)
         # the pyboost twin for eager in-place calls (kernels/pyboost.py), or None: then the AOT ops serve them too
@@ -140,6 +156,11 @@ class CpuOps:
     def has_bf16_dot(self) -> bool:
         """Whether the bf16-dot panel GEMM runs vdpbf16ps here (else its fallback: the same results)."""
         return bool(ctypes.CDLL(self.library.path).cogvlm2_has_bf16_dot())
+
+    @property
+    def has_int8_dot(self) -> bool:
+        """Whether the int8-dot panel GEMM (w8a8) runs vpdpbusd here (else its fallback: the same results)."""
+        return bool(ctypes.CDLL(self.library.path).cogvlm2_has_int8_dot())
 
     def rope(self, q: Tensor, k: Tensor, positions: Tensor, cos_table: Tensor, sin_table: Tensor,
              config: Tensor) -> tuple[Tensor, Tensor]:
@@ -211,3 +232,12 @@ class CpuOps:
         sl and sv [out] (fp32): each weight is q * scale, dequantized in registers; fp32 products."""
         out_shape = _expert_linear_shape(x.shape, wl.shape)
         return self._run("ExpertLinearInt8", self._expert_linear_int8, out_shape, x, wl, wv, sl, sv, addend, config)
+
+    def expert_linear_int8_dot(self, x: Tensor, wl: Tensor, wv: Tensor, sl: Tensor, sv: Tensor, ol: Tensor,
+                               ov: Tensor, addend: Tensor, config: Tensor) -> Tensor:
+        """expert_linear in w8a8 over int8 panels in k quads (pack_k_quads) with their scales sl and sv [out] (fp32)
+        and offsets ol and ov [out] (int32, kernels.quantization.column_offsets): x quantized per token inside the
+        call, integer dot products (config's portable: the fallback of vpdpbusd)."""
+        out_shape = _expert_linear_shape(x.shape, wl.shape)
+        return self._run("ExpertLinearInt8Dot", self._expert_linear_int8_dot, out_shape, x, wl, wv, sl, sv, ol, ov,
+                         addend, config)

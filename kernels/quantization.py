@@ -1,9 +1,12 @@
 """Weight quantization: `quantization="w8a16"` stores every projection weight as symmetric int8 with one fp32 scale
 per output channel (round to nearest, scale = max |w| over the channel / 127), and the GEMMs dequantize it in
-registers (q * scale, then fp32 products with the fp32 activations). Applied by a kernel set's prepare_weight, one
-tensor at a time as the model is built, to every projection of both experts, the lm_head and the vision encoder's
-transformer's linears; the embedding table, the vision adapter (cogvlm2/vision.py says why) and the small added
-tensors (norms, biases) keep the compute dtype."""
+registers (q * scale, then fp32 products with the fp32 activations). `quantization="w8a8"` keeps the same weights and
+also quantizes the activations, per token row and on the fly inside the GEMM, by the same rule (scale = max |x| over
+the row / 127); the products are integer dot products (AVX512-VNNI), and y = sum * x_scale[row] * w_scale[col]
+(kernels/cpu/gemm.h kInt8Dot). Applied by a kernel set's prepare_weight, one tensor at a time as the model is built,
+to every projection of both experts, the lm_head and the vision encoder's transformer's linears; the embedding
+table, the vision adapter (cogvlm2/vision.py says why) and the small added tensors (norms, biases) keep the compute
+dtype."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,16 +14,20 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Tensor
 
-QUANTIZATIONS = (None, "w8a16")
+QUANTIZATIONS = (None, "w8a16", "w8a8")
 INT8_MAX = 127
+UNSIGNED_ZERO = 128  # w8a8's activations enter vpdpbusd as q + 128 (its unsigned operand)
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """An int8 weight as a kernel set holds it: `values` in that backend's layout (the CPU kernels' int8 panels
-    [out / 32, in, 32], or [out, in]) and `scales` [out] fp32; the weight is values * scales per output row."""
+    """An int8 weight as a kernel set holds it: `values` in that backend's layout (the CPU kernels' int8 panels:
+    [out / 32, in, 32] for w8a16, in k quads [out / 32, ceil(in / 4), 32, 4] for w8a8; or [out, in]) and `scales`
+    [out] fp32; the weight is values * scales per output row. `offsets` (the w8a8 panels' only): [out] int32,
+    column_offsets of the integers."""
     values: Tensor
     scales: Tensor
+    offsets: Tensor | None = None
 
     @property
     def dtype(self):
@@ -81,7 +88,8 @@ QUANTIZE_CHUNK_ELEMENTS = 1 << 22  # rows widened to fp32 at a time: bounds the 
 
 
 def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[out, in] (any float dtype) -> (int8 [out, in], fp32 scales [out]); an all-zero row gets scale 1."""
+    """[out, in] (any float dtype) -> (int8 [out, in], fp32 scales [out]); an all-zero row gets scale 1. Also w8a8's
+    activations [tokens, in], a scale per token (the CPU kernels compute the same fp32 quotients and roundings)."""
     out, inner = weight.shape
     q, scales = np.empty((out, inner), np.int8), np.empty(out, np.float32)
     step = max(1, QUANTIZE_CHUNK_ELEMENTS // max(inner, 1))
@@ -92,6 +100,12 @@ def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q[r0:r0 + step] = np.clip(np.rint(w / chunk_scales[:, None]), -INT8_MAX, INT8_MAX)
         scales[r0:r0 + step] = chunk_scales
     return q, scales
+
+
+def column_offsets(q: np.ndarray) -> np.ndarray:
+    """int8 [out, in] -> int32 [out]: 128 * each output channel's sum of integers, what the activations' unsigned
+    form (q + 128) adds to every dot product, subtracted by the w8a8 kernels."""
+    return (UNSIGNED_ZERO * q.sum(axis=1, dtype=np.int64)).astype(np.int32)
 
 
 def dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 - write_kv_cache: K/V of this step's tokens into the paged cache by slot_mapping, in place.
 - paged_attention: attention of a flat varlen batch (decodes + prefill chunks) over the paged cache, GQA, causal.
 - widened_linear, widened_expert_linear: the projections over weights of any storage dtype, the panel GEMMs' oracle.
+- int8_dot_linear, int8_dot_expert_linear: w8a8's projections (per-token int8 activations, integer dot products).
 The rotary and expert-routed projection composites are the leaf math of kernels/composites.py.
 
 A KV cache holds float32, bfloat16 or float16 (CACHE_DTYPES; the cache tensor's dtype says which): fp32 values are
@@ -123,6 +124,22 @@ def widened_expert_linear(x: Tensor, num_language: int, language_w: Tensor, visi
     """composites.expert_linear with widened_linear's math."""
     return expert_linear(round_to_bf16(x) if bf16_dot else x, num_language, widen(language_w), widen(vision_w),
                          vision_b)
+
+
+def int8_dot_linear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+    """w8a8's x [N, in] @ weight [out, in]^T (+ bias), the CPU kernels' math (kernels/cpu/gemm.h kInt8Dot): each
+    row of x quantized to int8 like the weights (quantize_int8), the integer dot products exact (taken in float64:
+    every partial sum is an integer far below 2^53), rounded to fp32 once, times the row's scale, then the column's."""
+    xq, x_scales = quantize_int8(x.asnumpy())
+    sums = (xq.astype(np.float64) @ weight.values.asnumpy().astype(np.float64).T).astype(np.float32)
+    y = Tensor.from_numpy(sums * x_scales[:, None] * weight.scales.asnumpy()[None, :])
+    return y if bias is None else y + bias
+
+
+def int8_dot_expert_linear(x: Tensor, num_language: int, language_w: QuantizedWeight, vision_w: QuantizedWeight,
+                           vision_b: Tensor | None = None) -> Tensor:
+    """composites.expert_linear with int8_dot_linear's math."""
+    return expert_linear(x, num_language, language_w, vision_w, vision_b, project=int8_dot_linear)
 
 
 @dataclass

@@ -15,6 +15,8 @@ are float32 throughout):
 - "float16": fp16 weights widened to fp32 (this CPU has no fp16 arithmetic), as under "float32".
 Float32 weights are computed in fp32 under any compute dtype; fp16 weights under "bfloat16", or bf16 weights under
 "float16", are an error. COGVLM2_BF16_FALLBACK=1 makes the CPU kernels take the portable fallback of vdpbf16ps.
+Under quantization="w8a8" the quantized projections' math is integer whatever the compute dtype (activations
+quantized per token, kernels/quantization.py); COGVLM2_VNNI_FALLBACK=1 makes them take the fallback of vpdpbusd.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from mindspore import dtype as mstype
 
 from kernels import composites, reference
 from kernels.interface import KernelSet
-from kernels.quantization import Int8Rows, QuantizedWeight, check_quantization, dequantize, int8_rows
+from kernels.quantization import (Int8Rows, QuantizedWeight, check_quantization, column_offsets, dequantize,
+                                 int8_rows)
 from kernels.sku import (BACKENDS, GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, GEMM_OWN, GEMM_PREPACKED, KernelParams,
                          load_params)
 
@@ -41,6 +44,7 @@ THREADS_ONLY_OPS = ("rope", "rms_norm", "swiglu")  # ops whose config is [thread
 DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" parameters, larger ones "prefill"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 BF16_FALLBACK_ENV = "COGVLM2_BF16_FALLBACK"
+VNNI_FALLBACK_ENV = "COGVLM2_VNNI_FALLBACK"
 
 # The table op whose parameters a projection uses, by (weight dtype, compute dtype); a pair missing is a mismatch.
 # The 16-bit ops fall back to the float32 GEMM's entry (kernels.sku.DEFAULT_PARAMS) where a table lacks them.
@@ -52,7 +56,10 @@ PANEL_OPS = {
     # bf16 (exact) in bf16 products
     (mstype.int8, "float32"): "expert_linear_i8", (mstype.int8, "float16"): "expert_linear_i8",
     (mstype.int8, "bfloat16"): "expert_linear_i8_bf16_dot",
+    # w8a8: int8 weights and per-token int8 activations, integer products (vpdpbusd) under any compute dtype
+    **{("w8a8", c): "expert_linear_i8_vnni" for c in COMPUTE_DTYPES},
 }
+INT8_DOT_OP = "expert_linear_i8_vnni"
 WEIGHT_DTYPES = {np.dtype(np.float32): mstype.float32, np.dtype(ml_dtypes.bfloat16): mstype.bfloat16,
                  np.dtype(np.float16): mstype.float16}
 
@@ -89,6 +96,8 @@ class BaseKernels:
     quantization: str | None = None
 
     def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+        if self._int8_dot(w):
+            return reference.int8_dot_linear(x, w, bias)
         return reference.widened_linear(x, w, bias, self._bf16_dot(w))
 
     def prepare_weight(self, weight: np.ndarray, quantize: bool = True) -> Tensor | QuantizedWeight:
@@ -96,14 +105,18 @@ class BaseKernels:
             return self._quantized(weight)
         return composites.to_tensor(self._stored(weight))
 
-    def _quantized(self, weight: np.ndarray, layout=lambda q: q) -> QuantizedWeight:
-        """The int8 weight and its scales, the integers in `layout` (this backend's; [out, in] by default)."""
+    def _quantized(self, weight: np.ndarray, layout=lambda q: q, offsets: bool = False) -> QuantizedWeight:
+        """The int8 weight and its scales (and with `offsets`, its column_offsets), the integers in `layout` (this
+        backend's; [out, in] by default)."""
         q, scales = int8_rows(weight)
-        return QuantizedWeight(composites.to_tensor(layout(q)), composites.to_tensor(scales))
+        return QuantizedWeight(composites.to_tensor(layout(q)), composites.to_tensor(scales),
+                               composites.to_tensor(column_offsets(q)) if offsets else None)
 
-    @staticmethod
-    def _composite_expert_linear(x, num_language, wl, wv, bv, residual, bf16_dot: bool) -> Tensor:
-        y = reference.widened_expert_linear(x, num_language, wl, wv, bv, bf16_dot)
+    def _composite_expert_linear(self, x, num_language, wl, wv, bv, residual) -> Tensor:
+        if self._int8_dot(wl):
+            y = reference.int8_dot_expert_linear(x, num_language, wl, wv, bv)
+        else:
+            y = reference.widened_expert_linear(x, num_language, wl, wv, bv, self._bf16_dot(wl))
         return y if residual is None else residual + y
 
     def _stored(self, weight: np.ndarray) -> np.ndarray:
@@ -119,7 +132,7 @@ class BaseKernels:
         """PANEL_OPS of this compute dtype, as comparisons (which also compile inside mindspore.jit)."""
         op = "expert_linear"
         if weight_dtype == mstype.int8:
-            op = PANEL_OPS.get((mstype.int8, self.compute_dtype))
+            op = PANEL_OPS.get((self.quantization if self.quantization == "w8a8" else mstype.int8, self.compute_dtype))
         elif weight_dtype == mstype.bfloat16:
             op = PANEL_OPS.get((mstype.bfloat16, self.compute_dtype))
         elif weight_dtype == mstype.float16:
@@ -131,6 +144,9 @@ class BaseKernels:
 
     def _bf16_dot(self, w: Tensor) -> bool:
         return self._panel_op(w.dtype).endswith("bf16_dot")
+
+    def _int8_dot(self, w: Tensor) -> bool:
+        return self._panel_op(w.dtype) == INT8_DOT_OP
 
 
 class ReferenceKernels(BaseKernels):
@@ -167,7 +183,7 @@ class ReferenceKernels(BaseKernels):
         return reference.paged_attention(q, key_cache, value_cache, meta)
 
     def expert_linear(self, x, num_language, wl, wv, bv, residual=None):
-        return self._composite_expert_linear(x, num_language, wl, wv, bv, residual, self._bf16_dot(wl))
+        return self._composite_expert_linear(x, num_language, wl, wv, bv, residual)
 
     def rms_norm(self, x, weight, eps):
         return composites.rms_norm(x, weight, eps)
@@ -202,6 +218,7 @@ class CpuKernels(BaseKernels):
         self.compute_dtype = _checked_compute_dtype(compute_dtype)
         self.quantization = check_quantization(quantization)
         self.bf16_fallback = os.environ.get(BF16_FALLBACK_ENV, "0") not in ("", "0")
+        self.vnni_fallback = os.environ.get(VNNI_FALLBACK_ENV, "0") not in ("", "0")
         self.ops = CpuOps()
         self._configs = {**self._precomputed_configs(), **self._decode_projection_configs()}
         self._dummy_float = Tensor(np.zeros(1, np.float32))
@@ -225,8 +242,9 @@ class CpuKernels(BaseKernels):
             return [block_size, p["threads"], p["query_tile"], p["key_tile"], p["parallel_min_work"], apply_rope]
         num_language, addend = values  # an expert_linear op of PANEL_OPS
         gemm = self._gemm_kind(p["gemm"]) if op == "expert_linear" else GEMM_OWN  # 16-bit weights: panels only
+        portable = self.vnni_fallback if op == INT8_DOT_OP else self.bf16_fallback
         return [num_language, addend, p["threads"], gemm, p["k_block"], p["n_block"],
-                int(op.endswith("bf16_dot")), int(self.bf16_fallback), p["tile_rows"]]
+                int(op.endswith("bf16_dot")), int(portable), p["tile_rows"]]
 
     def _gemm_kind(self, gemm: int) -> int:
         if (gemm == GEMM_OPENBLAS and self.ops.has_openblas) or (gemm == GEMM_ONEDNN and self.ops.has_onednn):
@@ -239,10 +257,13 @@ class CpuKernels(BaseKernels):
 
     def prepare_weight(self, weight: np.ndarray, quantize: bool = True) -> Tensor | QuantizedWeight:
         """Panels when the rows allow (16-bit and int8 weights always: only the panel GEMM reads them; float32
-        where the table prepacks), else the [out, in] array."""
-        from kernels.ops import PACKED_PANEL, pack_weight  # noqa: PLC0415  (loaded with the library)
+        where the table prepacks), else the [out, in] array; w8a8's int8 panels in k quads, with their offsets."""
+        from kernels.ops import PACKED_PANEL, pack_k_quads, pack_weight  # noqa: PLC0415  (loaded with the library)
         if self.quantization is not None and quantize:
-            return self._quantized(weight, lambda q: pack_weight(q) if q.shape[0] % PACKED_PANEL == 0 else q)
+            whole = lambda q: q.shape[0] % PACKED_PANEL == 0  # noqa: E731
+            if self.quantization == "w8a8":
+                return self._quantized(weight, lambda q: pack_k_quads(q) if whole(q) else q, offsets=True)
+            return self._quantized(weight, lambda q: pack_weight(q) if whole(q) else q)
         weight = self._stored(weight)
         if weight.shape[0] % PACKED_PANEL == 0 and (weight.dtype != np.float32 or self.prepacks_weights):
             return composites.to_tensor(pack_weight(weight))
@@ -288,12 +309,15 @@ class CpuKernels(BaseKernels):
         if bv is not None and residual is not None:
             raise ValueError("expert_linear: a bias and a residual together are not supported (the kernel adds one)")
         op = self._panel_op(wl.dtype)
-        if wl.ndim == 2 and (op != "expert_linear" or  # 16-bit [out, in] (rows not in whole panels): widened
+        if wl.ndim == 2 and (op != "expert_linear" or  # 16-bit or int8 [out, in] (rows not in whole panels)
                              self.params.get("expert_linear", shape_class(x.shape[0]))["gemm"] == GEMM_MINDSPORE):
-            return self._composite_expert_linear(x, num_language, wl, wv, bv, residual, self._bf16_dot(wl))
+            return self._composite_expert_linear(x, num_language, wl, wv, bv, residual)
         addend = ADDEND_RESIDUAL if residual is not None else ADDEND_BIAS if bv is not None else ADDEND_NONE
         config = self._config(op, x.shape[0], int(num_language), addend)
         value = residual if residual is not None else bv if bv is not None else self._dummy_float
+        if op == INT8_DOT_OP:
+            return self.ops.expert_linear_int8_dot(x, wl.values, wv.values, wl.scales, wv.scales, wl.offsets,
+                                                   wv.offsets, value, config)
         if isinstance(wl, QuantizedWeight):
             return self.ops.expert_linear_int8(x, wl.values, wv.values, wl.scales, wv.scales, value, config)
         return self.ops.expert_linear(x, wl, wv, value, config)
@@ -349,7 +373,7 @@ def _kernels(backend: str, config: str | None, compute_dtype: str, quantization:
 def get_kernels(backend: str = "auto", config: str | None = None, compute_dtype: str = "float32",
                 quantization: str | None = None) -> KernelSet:
     """The KernelSet of `backend` (COGVLM2_KERNELS overrides it), with parameters from `config` or this SKU's table,
-    multiplying 16-bit weights in `compute_dtype` (the module's docstring) and, with quantization "w8a16",
-    preparing every projection weight as int8 (kernels/quantization.py). One instance per argument set."""
+    multiplying 16-bit weights in `compute_dtype` (the module's docstring) and, with quantization "w8a16" or
+    "w8a8", preparing every projection weight as int8 (kernels/quantization.py). One instance per argument set."""
     return _kernels(resolve_backend(backend), config, _checked_compute_dtype(compute_dtype),
                     check_quantization(quantization))

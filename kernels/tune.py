@@ -1,8 +1,9 @@
 """`cogvlm2 tune`: sweeps each CPU kernel's parameters (threads, tiles, GEMM choice) over the decode and prefill
 shape classes on this device and writes configs/kernels/<sku>.yaml, the table the registry loads. The projection
 has one op per weight dtype and compute dtype (kernels.registry.PANEL_OPS): expert_linear (float32 weights),
-expert_linear_bf16 (bf16 weights, fp32 math), expert_linear_bf16_dot (bf16 products), expert_linear_f16, and for
-int8 weights (quantization) expert_linear_i8 (widened, fp32 math) and expert_linear_i8_bf16_dot (bf16 products).
+expert_linear_bf16 (bf16 weights, fp32 math), expert_linear_bf16_dot (bf16 products), expert_linear_f16; for int8
+weights, w8a16's expert_linear_i8 (widened, fp32 math) and expert_linear_i8_bf16_dot (bf16 products), and w8a8's
+expert_linear_i8_vnni (int8 dot: only threads and tile rows, it takes all of k in one pass).
 
 A candidate's score over a class is the mean over the class's shapes of time / best time of that shape, so that
 every shape counts equally whatever its size. Times are minima over repeated runs (the machine is shared).
@@ -24,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 PANEL_OPS = ("expert_linear", "expert_linear_bf16", "expert_linear_bf16_dot", "expert_linear_f16", "expert_linear_i8",
-             "expert_linear_i8_bf16_dot")
+             "expert_linear_i8_bf16_dot", "expert_linear_i8_vnni")
 ROW_OPS = ("rms_norm", "swiglu")  # one pass over rows of activations: only threads to choose
 OPS = ("rope",) + ROW_OPS + ("paged_attention",) + PANEL_OPS
 PAGED_CACHE_DTYPES = ("float32", "bfloat16", "float16")
@@ -86,6 +87,8 @@ CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
                           "tile_rows": c["tile_rows"]} for c in PANEL_CANDIDATES]
                       for cls in SHAPES},
     **{op: {cls: PANEL_CANDIDATES for cls in SHAPES} for op in PANEL_OPS[1:]},
+    "expert_linear_i8_vnni": {cls: [{"threads": t, "k_block": 0, "tile_rows": r}
+                                    for t, r in itertools.product((1, 2), (0, 4, 6, 10, 12))] for cls in SHAPES},
 }
 
 
@@ -93,14 +96,18 @@ def shapes_of(op: str, cls: str) -> list[Shape]:
     return SHAPES[cls] + (GEMM_SHAPES[cls] if op in PANEL_OPS else [])
 
 
-def panel_variant(op: str) -> tuple[np.dtype, str]:
-    """(weight dtype, compute dtype) of a projection op: the first pair kernels.registry.PANEL_OPS maps to it."""
+def panel_variant(op: str) -> tuple[np.dtype, str, str | None]:
+    """(weight dtype, compute dtype, quantization) of a projection op: the first pair kernels.registry.PANEL_OPS
+    maps to it (a quantization's op: float32 weights, quantized by the kernel set)."""
     from mindspore import dtype as mstype
 
     from kernels.registry import PANEL_OPS as OPS_BY_DTYPES
     from kernels.registry import WEIGHT_DTYPES
-    numpy_dtype = {ms_dtype: np_dtype for np_dtype, ms_dtype in WEIGHT_DTYPES.items()} | {mstype.int8: np.int8}
-    return next((numpy_dtype[w], c) for (w, c), variant in OPS_BY_DTYPES.items() if variant == op)
+    numpy_dtype = {ms_dtype: np_dtype for np_dtype, ms_dtype in WEIGHT_DTYPES.items()}
+    w, c = next(key for key, variant in OPS_BY_DTYPES.items() if variant == op)
+    if w == mstype.int8:  # w8a16's int8 weights
+        return np.dtype(np.float32), c, "w8a16"
+    return (np.dtype(np.float32), c, w) if isinstance(w, str) else (numpy_dtype[w], c, None)
 
 
 def run_once(fn: Callable[[], object]) -> float:
@@ -125,22 +132,21 @@ class Workload:
         self.op, n, s = op, shape.tokens, shape
         if op in PANEL_OPS:  # the QKV projection (with the vision bias) and the MLP's down projection
             from kernels.ops import pack_weight
-            dtype, self.compute_dtype = panel_variant(op)
+            from kernels.registry import get_kernels
+            dtype, self.compute_dtype, quantization = panel_variant(op)
+            # a quantization's weights as its kernel set prepares them (the layout does not depend on parameters)
+            prepare = get_kernels("cpu", compute_dtype=self.compute_dtype, quantization=quantization).prepare_weight \
+                if quantization else lambda w: Tensor.from_numpy(pack_weight(w))
             qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
             weights = [(rng.standard_normal((qkv, s.hidden)), rng.standard_normal((qkv, s.hidden))),
                        (rng.standard_normal((s.hidden, s.mlp)), rng.standard_normal((s.hidden, s.mlp)))]
+            weights = [tuple(w.astype(np.float32).astype(dtype) for w in pair) for pair in weights]
             x = [normal(n, s.hidden), normal(n, s.mlp)]
             biases = [normal(qkv), None]
-            if dtype == np.int8:
-                self.prepacked_calls = [(x[i], n // 2, _int8_panels(wl), _int8_panels(wv), biases[i])
-                                        for i, (wl, wv) in enumerate(weights)]
-                self.calls = self.prepacked_calls  # int8 weights are always panels
-                return
-            weights = [tuple(w.astype(np.float32).astype(dtype) for w in pair) for pair in weights]
             # the same projections on weights in the prepacked layout, for candidates that load them so (16-bit
             # weights: always)
-            self.prepacked_calls = [(x[i], n // 2, Tensor.from_numpy(pack_weight(wl)),
-                                     Tensor.from_numpy(pack_weight(wv)), biases[i]) for i, (wl, wv) in enumerate(weights)]
+            self.prepacked_calls = [(x[i], n // 2, prepare(wl), prepare(wv), biases[i])
+                                    for i, (wl, wv) in enumerate(weights)]
             self.calls = [(x[i], n // 2, Tensor(wl), Tensor(wv), biases[i]) for i, (wl, wv) in enumerate(weights)] \
                 if op == "expert_linear" else self.prepacked_calls
             return
@@ -170,16 +176,6 @@ class Workload:
             calls = self.prepacked_calls if kernels.prepacks_weights else self.calls
             return [kernels.expert_linear(*args) for args in calls][-1]
         return [getattr(kernels, self.op)(*args) for args in self.calls][-1]
-
-
-def _int8_panels(weight: np.ndarray):
-    """A weight as quantization="w8a16" prepares it: int8 panels and per-row scales."""
-    from mindspore import Tensor
-
-    from kernels.ops import pack_weight
-    from kernels.quantization import QuantizedWeight, quantize_int8
-    q, scales = quantize_int8(weight)
-    return QuantizedWeight(Tensor.from_numpy(pack_weight(q)), Tensor.from_numpy(scales))
 
 
 def _workloads(op: str, shapes: list[Shape], rng: np.random.Generator) -> dict[str, Workload]:
@@ -224,8 +220,9 @@ def tune(ops: list[str], repeat: int, log: Callable[[str], None] = print) -> tup
             named = _workloads(op, shapes_of(op, cls), rng)
             names, workloads = list(named), list(named.values())
             candidates = CANDIDATES[op][cls]
-            compute = panel_variant(op)[1] if op in PANEL_OPS else "float32"
-            kernel_sets = [CpuKernels(_params_with(sku, op, candidate), compute) for candidate in candidates]
+            _, compute, quantization = panel_variant(op) if op in PANEL_OPS else (None, "float32", None)
+            kernel_sets = [CpuKernels(_params_with(sku, op, candidate), compute, quantization)
+                           for candidate in candidates]
             # Round-robin over candidates, minimum per (candidate, shape): a burst of load from other processes
             # then hits every candidate alike instead of one of them.
             times = np.full((len(candidates), len(workloads)), np.inf)

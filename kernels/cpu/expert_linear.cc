@@ -91,14 +91,18 @@ struct Weights {
   int64_t out;
 };
 
+// The panel dtype of input i; int8 panels by their rank: k-major (3) or in k quads (4).
 bool weight_dtype(const Args& a, int i, PanelDtype* dtype) {
   if (a.is_f32(i)) *dtype = PanelDtype::kF32;
   else if (a.is(i, "bfloat16")) *dtype = PanelDtype::kBf16;
   else if (a.is(i, "float16")) *dtype = PanelDtype::kF16;
-  else if (a.is(i, "int8")) *dtype = PanelDtype::kI8;
+  else if (a.is(i, "int8")) *dtype = a.rank(i) == 4 ? PanelDtype::kI8Quads : PanelDtype::kI8;
   else return false;
   return true;
 }
+
+// The k groups a panel dtype stores: 2 (bf16 pairs), 4 (int8 quads) or 1 (k-major).
+int64_t k_group(PanelDtype dtype) { return dtype == PanelDtype::kBf16 ? 2 : dtype == PanelDtype::kI8Quads ? 4 : 1; }
 
 // Both experts' weights alike: float32 [out, in], or panels of their dtype's layout over `in`.
 Status check_weights(const Args& a, int64_t in, Weights* w) {
@@ -110,17 +114,20 @@ Status check_weights(const Args& a, int64_t in, Weights* w) {
     if (a.dim(1, d) != a.dim(2, d)) return kBadShape;
   *w = {rank != 2, language, rank == 2 ? a.dim(1, 0) : a.dim(1, 0) * kPackedPanel};
   if (rank == 2) return language != PanelDtype::kF32 ? kBadDtype : a.dim(1, 1) == in ? kOk : kBadShape;
-  const bool pairs = language == PanelDtype::kBf16;
-  if (rank != (pairs ? 4 : 3) || a.dim(1, 1) != (pairs ? (in + 1) / 2 : in) || a.dim(1, 2) != kPackedPanel ||
-      (pairs && a.dim(1, 3) != 2))
+  const int64_t group = k_group(language);
+  if (rank != (group > 1 ? 4 : 3) || a.dim(1, 1) != (in + group - 1) / group || a.dim(1, 2) != kPackedPanel ||
+      (group > 1 && a.dim(1, 3) != group))
     return kBadShape;
   return kOk;
 }
 
-// Int8 panels come with their per-column scales (language, vision); else both are nullptr.
+// Int8 panels come with their per-column scales (language, vision), and int8 quads with their per-column offsets;
+// else nullptr.
 struct Scales {
   const float* language = nullptr;
   const float* vision = nullptr;
+  const int32_t* language_offsets = nullptr;
+  const int32_t* vision_offsets = nullptr;
 };
 
 // y = the routed projection, on up to cfg.threads threads: each owns ranges of output panels of both row ranges.
@@ -129,13 +136,16 @@ void project_experts(const Config& cfg, const Weights& w, int64_t n, int64_t in,
                      const void* wv, const float* addend, float* y, Scales scales) {
   const int64_t out = w.out, language = cfg.language, vision = n - language;
   const int workers = n * out * in >= (1 << 20) ? cfg.threads : 1;
-  const PanelGemm g{w.dtype, cfg.bf16_dot ? PanelMath::kBf16Dot : PanelMath::kFloat32, cfg.portable, cfg.k_block,
-                    cfg.tile_rows};
+  const PanelMath math = w.dtype == PanelDtype::kI8Quads ? PanelMath::kInt8Dot
+                         : cfg.bf16_dot                  ? PanelMath::kBf16Dot
+                                                         : PanelMath::kFloat32;
+  const PanelGemm g{w.dtype, math, cfg.portable, cfg.k_block, cfg.tile_rows};
   thread_local ActivationStorage storage;  // kept between calls: the rounded activations of the largest call
   const Activations xs = w.panels ? prepare_activations(g, x, n, in, storage, workers) : Activations{x, in, 4};
-  auto project = [&](int64_t rows, int64_t row0, const void* wt, const float* scale, float* ys, bool accumulate,
-                     int64_t p0, int64_t p1) {
-    if (w.panels) return gemm_panels(g, rows, out, p0, p1, in, xs.rows_from(row0), wt, ys, accumulate, scale);
+  auto project = [&](int64_t rows, int64_t row0, const void* wt, const float* scale, const int32_t* offsets,
+                     float* ys, bool accumulate, int64_t p0, int64_t p1) {
+    if (w.panels)
+      return gemm_panels(g, rows, out, p0, p1, in, xs.rows_from(row0), wt, ys, accumulate, scale, offsets);
     gemm_columns(cfg.kind, rows, out, p0 * kGemmColumnAlign, std::min(out, p1 * kGemmColumnAlign), in,
                  x + row0 * in, static_cast<const float*>(wt), ys, accumulate, cfg.k_block, cfg.n_block);
   };
@@ -147,10 +157,11 @@ void project_experts(const Config& cfg, const Weights& w, int64_t n, int64_t in,
   parallel_ranges((out + kGemmColumnAlign - 1) / kGemmColumnAlign, workers, [&](int64_t p0, int64_t p1) {
     const int64_t c0 = p0 * kGemmColumnAlign, c1 = std::min(out, p1 * kGemmColumnAlign);
     if (residual) start_from(addend, out, 0, n, c0, c1);
-    if (language > 0) project(language, 0, wl, scales.language, y, residual, p0, p1);
+    if (language > 0) project(language, 0, wl, scales.language, scales.language_offsets, y, residual, p0, p1);
     if (vision > 0) {
       if (cfg.addend == kVisionBias) start_from(addend, 0, language, n, c0, c1);
-      project(vision, language, wv, scales.vision, y + language * out, cfg.addend != kNoAddend, p0, p1);
+      project(vision, language, wv, scales.vision, scales.vision_offsets, y + language * out,
+              cfg.addend != kNoAddend, p0, p1);
     }
   });
 }
@@ -193,10 +204,15 @@ extern "C" int cogvlm2_has_bf16_dot() { return cogvlm2::cpu_has_bf16_dot() ? 1 :
 namespace cogvlm2 {
 namespace {
 
-// The checks and the call shared by both entry points: x at 0, wl and wv at 1 and 2, then (int8) their scales,
-// then the addend, the config and the output y.
-Status expert_linear(const Args& a, bool int8) {
-  const int addend_i = int8 ? 5 : 3, config_i = addend_i + 1, y_i = addend_i + 2;
+// What an entry point's weights are: float (f32, bf16, f16 panels or f32 [out, in]), int8 k-major panels with
+// their scales (w8a16), or int8 k quads with their scales and offsets (w8a8).
+enum class Quantized { kNone, kWeights, kWeightsAndActivations };
+
+// The checks and the call shared by the entry points: x at 0, wl and wv at 1 and 2, then (int8) their scales and
+// (int8 quads) their offsets, then the addend, the config and the output y.
+Status expert_linear(const Args& a, Quantized quantized) {
+  const bool int8 = quantized != Quantized::kNone, quads = quantized == Quantized::kWeightsAndActivations;
+  const int addend_i = quads ? 7 : int8 ? 5 : 3, config_i = addend_i + 1, y_i = addend_i + 2;
   if (a.nparam != y_i + 1) return kBadArity;
   for (int i : {0, addend_i, y_i})
     if (!a.is_f32(i)) return kBadDtype;
@@ -205,12 +221,20 @@ Status expert_linear(const Args& a, bool int8) {
   const int64_t n = a.dim(0, 0), in = a.dim(0, 1);
   Weights w;
   if (const Status status = check_weights(a, in, &w)) return status;
-  if ((w.dtype == PanelDtype::kI8) != int8) return kBadDtype;
+  if ((w.dtype == PanelDtype::kI8) != (int8 && !quads) || (w.dtype == PanelDtype::kI8Quads) != quads)
+    return kBadDtype;
   Scales scales;
   if (int8) {
     if (!a.is_f32(3) || !a.is_f32(4)) return kBadDtype;
     if (a.numel(3) != w.out || a.numel(4) != w.out) return kBadShape;
-    scales = {a.data<float>(3), a.data<float>(4)};
+    scales.language = a.data<float>(3);
+    scales.vision = a.data<float>(4);
+  }
+  if (quads) {
+    if (!a.is_i32(5) || !a.is_i32(6)) return kBadDtype;
+    if (a.numel(5) != w.out || a.numel(6) != w.out) return kBadShape;
+    scales.language_offsets = a.data<int32_t>(5);
+    scales.vision_offsets = a.data<int32_t>(6);
   }
   const Config cfg = read_config(a.data<int32_t>(config_i), a.numel(config_i));
   if (cfg.bf16_dot && w.dtype != PanelDtype::kBf16 && w.dtype != PanelDtype::kI8) return kBadDtype;
@@ -235,12 +259,25 @@ Status expert_linear(const Args& a, bool int8) {
 //         gemm and n_block apply to [out,in] weights only, bf16_dot to bf16 panels only (else kBadDtype).
 // output: y [N,out] f32
 COGVLM2_AOT(ExpertLinear) {
-  return cogvlm2::expert_linear(cogvlm2::Args{nparam, params, ndims, shapes, dtypes}, false);
+  return cogvlm2::expert_linear(cogvlm2::Args{nparam, params, ndims, shapes, dtypes}, cogvlm2::Quantized::kNone);
 }
 
 // ExpertLinear over int8 panels [out/32,in,32] (w8a16: each weight q * its output column's scale, dequantized in
 // registers). inputs: x, wl, wv, then the scales sl [out] and sv [out] (f32), then addend and config as above.
 // output: y [N,out] f32
 COGVLM2_AOT(ExpertLinearInt8) {
-  return cogvlm2::expert_linear(cogvlm2::Args{nparam, params, ndims, shapes, dtypes}, true);
+  return cogvlm2::expert_linear(cogvlm2::Args{nparam, params, ndims, shapes, dtypes}, cogvlm2::Quantized::kWeights);
 }
+
+// ExpertLinear over int8 panels in k quads [out/32,ceil(in/4),32,4] with per-token int8 activations (w8a8, gemm.h
+// kInt8Dot: quantized inside the call, integer products by vpdpbusd or its portable twin; config's portable picks
+// the twin, its bf16_dot and k_block are ignored). inputs: x, wl, wv, the scales sl and sv [out] (f32), the offsets
+// ol and ov [out] (i32, 128 * each output column's sum of int8 weights), then addend and config as above.
+// output: y [N,out] f32
+COGVLM2_AOT(ExpertLinearInt8Dot) {
+  return cogvlm2::expert_linear(cogvlm2::Args{nparam, params, ndims, shapes, dtypes},
+                                cogvlm2::Quantized::kWeightsAndActivations);
+}
+
+// 1 when the int8-dot panel GEMM runs vpdpbusd on this CPU, 0 when it takes the fallback.
+extern "C" int cogvlm2_has_int8_dot() { return cogvlm2::cpu_has_int8_dot() ? 1 : 0; }

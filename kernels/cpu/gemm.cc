@@ -135,11 +135,17 @@ inline uint16_t float_to_bf16(float f) {
 
 // A tile of R tokens x 32 columns over one k slice of a panel: y[r][0, cols) = (y +) the slice's sums. It also
 // pulls `pf_lines` cache lines from `pf` into L2 as it goes (the slice read next, so that streaming it from memory
-// overlaps this slice's products instead of stalling the next tile). `scale`: the 32 columns' dequantization
-// scales of an int8 panel (nullptr for the other dtypes).
+// overlaps this slice's products instead of stalling the next tile). `scales`: what an int8 panel's sums are
+// scaled and offset by (all nullptr for the other dtypes).
+struct TileScales {
+  const float* columns = nullptr;  // the 32 columns' weight scales
+  const int32_t* offsets = nullptr;  // kInt8Dot: the 32 columns' offsets (gemm.h kI8Quads)
+  const float* rows = nullptr;  // kInt8Dot: the tile's tokens' activation scales
+};
+
 template <class X, class W>
 using Tile = void (*)(const X* x, int64_t ldx, const W* panel, int64_t len, float* y, int64_t ldy, int64_t cols,
-                      bool add, const char* pf, int64_t pf_lines, const float* scale);
+                      bool add, const char* pf, int64_t pf_lines, TileScales scales);
 
 template <class X, class W>
 using Tiles = std::array<Tile<X, W>, kMaxTileRows>;  // by token count - 1
@@ -220,8 +226,9 @@ struct I8Panel {
 // otherwise the f32 panels' order (even, then odd; an odd k left over is the last product).
 template <class P, int R, bool kDotOrder>
 void portable_tile(const float* x, int64_t ldx, const typename P::W* panel, int64_t len, float* y, int64_t ldy,
-                   int64_t cols, bool add, const char* /*pf*/, int64_t /*pf_lines*/, const float* scale) {
+                   int64_t cols, bool add, const char* /*pf*/, int64_t /*pf_lines*/, TileScales scales) {
   constexpr int S = P::kStep;
+  const float* scale = scales.columns;
   float acc[R][kPackedPanel] = {};
   const int64_t whole = kDotOrder ? (len + S - 1) / S * S : len / S * S;
   for (int64_t kk = 0; kk < len; kk += S) {
@@ -282,7 +289,7 @@ inline void fma_rows(const float* x, int64_t ldx, int s, const __m512 (&w)[S][2]
 // portable_tile's math with one broadcast of x and a widening load of the panel per k: 2 x R accumulators.
 template <class P, int R, bool kDotOrder>
 void widening_tile(const float* x, int64_t ldx, const typename P::W* panel, int64_t len, float* y, int64_t ldy,
-                   int64_t cols, bool add, const char* pf, int64_t pf_lines, const float* scale) {
+                   int64_t cols, bool add, const char* pf, int64_t pf_lines, TileScales scales) {
   constexpr int S = P::kStep;
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -300,14 +307,14 @@ void widening_tile(const float* x, int64_t ldx, const typename P::W* panel, int6
     P::load(panel + kk * kPackedPanel, w);
     fma_rows<R, S>(x + kk, ldx, 0, w, acc);
   }
-  store_tile<R>(acc, y, ldy, cols, add, scale);
+  store_tile<R>(acc, y, ldy, cols, add, scales.columns);
 }
 
 // vdpbf16ps over bf16 activations (ldx in bf16, rows of whole pairs): per pair of k, one broadcast of x's pair.
 template <int R>
 COGVLM2_BF16_TARGET void bf16_dot_tile(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t len, float* y,
                                        int64_t ldy, int64_t cols, bool add, const char* pf, int64_t pf_lines,
-                                       const float* scale) {
+                                       TileScales scales) {
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   Prefetcher prefetch(pf, pf_lines, len);
@@ -323,7 +330,71 @@ COGVLM2_BF16_TARGET void bf16_dot_tile(const uint16_t* x, int64_t ldx, const uin
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
     }
   }
-  store_tile<R>(acc, y, ldy, cols, add, scale);
+  store_tile<R>(acc, y, ldy, cols, add, scales.columns);
+}
+
+#define COGVLM2_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// int32 accumulators as GCC's own vector type: as __m512i (64-bit lanes) GCC 12 copies every accumulator through
+// the casts of _mm512_dpbusd_epi32 on each k step and spills some, which halves the tile's speed.
+using Int32x16 = __v16si;
+
+// y[r][0, cols) = (y +) float(acc[r] - the columns' offsets) * row r's activation scale * the columns' weight scales.
+template <int R>
+inline void store_int_tile(const Int32x16 (&acc)[R][2], float* y, int64_t ldy, int64_t cols, bool add,
+                           TileScales s) {
+  const __m512i o0 = _mm512_loadu_si512(s.offsets), o1 = _mm512_loadu_si512(s.offsets + 16);
+  __m512 sums[R][2];
+  for (int r = 0; r < R; ++r) {
+    const __m512 row = _mm512_set1_ps(s.rows[r]);
+    sums[r][0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(reinterpret_cast<__m512i>(acc[r][0]), o0)), row);
+    sums[r][1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(reinterpret_cast<__m512i>(acc[r][1]), o1)), row);
+  }
+  store_tile<R>(sums, y, ldy, cols, add, s.columns);
+}
+
+// vpdpbusd over the unsigned activations (rows of whole k quads): per quad of k, one broadcast of x's four bytes
+// and two int32 accumulators per token, summed over all of len.
+template <int R>
+COGVLM2_VNNI_TARGET void int8_dot_tile(const uint8_t* x, int64_t ldx, const int8_t* panel, int64_t len, float* y,
+                                       int64_t ldy, int64_t cols, bool add, const char* pf, int64_t pf_lines,
+                                       TileScales scales) {
+  Int32x16 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = Int32x16{};
+  Prefetcher prefetch(pf, pf_lines, len);
+  for (int64_t kk = 0; kk < len; kk += 4) {
+    prefetch.at(kk);
+    const auto b0 = reinterpret_cast<Int32x16>(_mm512_loadu_si512(panel + kk * kPackedPanel));
+    const auto b1 = reinterpret_cast<Int32x16>(_mm512_loadu_si512(panel + kk * kPackedPanel + 64));
+    for (int r = 0; r < R; ++r) {
+      int32_t quad;
+      std::memcpy(&quad, x + r * ldx + kk, sizeof(quad));
+      const auto a = reinterpret_cast<Int32x16>(_mm512_set1_epi32(quad));
+      acc[r][0] = __builtin_ia32_vpdpbusd_v16si(acc[r][0], a, b0);
+      acc[r][1] = __builtin_ia32_vpdpbusd_v16si(acc[r][1], a, b1);
+    }
+  }
+  store_int_tile<R>(acc, y, ldy, cols, add, scales);
+}
+
+// quantize_row_portable with AVX-512 (the same IEEE division and rounding, so the same bytes).
+COGVLM2_VNNI_TARGET float quantize_row_native(const float* x, int64_t k, int64_t ld, uint8_t* out) {
+  auto first = [](int64_t count) {
+    return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(count > 0 ? (1u << count) - 1 : 0);
+  };
+  __m512 absmax = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) absmax = _mm512_max_ps(absmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(first(k - i), x + i)));
+  const float top = _mm512_reduce_max_ps(absmax);
+  const float scale = top > 0.f ? top / 127.f : 1.f;
+  const __m512 divisor = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  const __m512i unsigned_zero = _mm512_set1_epi32(128);
+  for (int64_t i = 0; i < ld; i += 16) {  // past k the loads give 0: q = 0 in the padding
+    const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(first(k - i), x + i), divisor),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i clamped = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, q)));
+    _mm_mask_storeu_epi8(out + i, first(ld - i), _mm512_cvtepi32_epi8(_mm512_add_epi32(clamped, unsigned_zero)));
+  }
+  return scale;
 }
 
 COGVLM2_BF16_TARGET void round_row_native(const float* x, int64_t k, uint16_t* out) {
@@ -347,6 +418,13 @@ constexpr Tiles<uint16_t, uint16_t> dot_tiles(std::index_sequence<I...>) {
 
 const Tiles<uint16_t, uint16_t> kBf16DotTiles = dot_tiles(std::make_index_sequence<kMaxTileRows>());
 
+template <size_t... I>
+constexpr Tiles<uint8_t, int8_t> int8_dot_tiles(std::index_sequence<I...>) {
+  return {{&int8_dot_tile<static_cast<int>(I) + 1>...}};
+}
+
+const Tiles<uint8_t, int8_t> kInt8DotTiles = int8_dot_tiles(std::make_index_sequence<kMaxTileRows>());
+
 #else
 
 template <class P, int R, bool kDotOrder>
@@ -364,6 +442,56 @@ const auto kF16Tiles = widening_tiles<F16Panel, false>(std::make_index_sequence<
 const auto kBf16WideningTiles = widening_tiles<Bf16Panel, false>(std::make_index_sequence<kMaxTileRows>());
 const auto kBf16FallbackTiles = widening_tiles<Bf16Panel, true>(std::make_index_sequence<kMaxTileRows>());
 const auto kI8Tiles = widening_tiles<I8Panel, false>(std::make_index_sequence<kMaxTileRows>());
+
+// int8_dot_tile's integers by plain int32 arithmetic: the same u8 x s8 products over the same whole quads.
+template <int R>
+void portable_int8_dot_tile(const uint8_t* x, int64_t ldx, const int8_t* panel, int64_t len, float* y, int64_t ldy,
+                            int64_t cols, bool add, const char* /*pf*/, int64_t /*pf_lines*/, TileScales scales) {
+  int32_t acc[R][kPackedPanel] = {};
+  for (int64_t kk = 0; kk < len; kk += 4) {
+    const int8_t* p = panel + kk * kPackedPanel;
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* a = x + r * ldx + kk;
+#pragma omp simd
+      for (int c = 0; c < kPackedPanel; ++c)
+        acc[r][c] += a[0] * p[4 * c] + a[1] * p[4 * c + 1] + a[2] * p[4 * c + 2] + a[3] * p[4 * c + 3];
+    }
+  }
+#ifdef __AVX512F__
+  Int32x16 sums[R][2];
+  for (int r = 0; r < R; ++r) {
+    sums[r][0] = reinterpret_cast<Int32x16>(_mm512_loadu_si512(acc[r]));
+    sums[r][1] = reinterpret_cast<Int32x16>(_mm512_loadu_si512(acc[r] + 16));
+  }
+  store_int_tile<R>(sums, y, ldy, cols, add, scales);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const float sum = static_cast<float>(acc[r][c] - scales.offsets[c]) * scales.rows[r] * scales.columns[c];
+      y[r * ldy + c] = add ? y[r * ldy + c] + sum : sum;
+    }
+#endif
+}
+
+template <size_t... I>
+constexpr Tiles<uint8_t, int8_t> portable_int8_dot_tiles(std::index_sequence<I...>) {
+  return {{&portable_int8_dot_tile<static_cast<int>(I) + 1>...}};
+}
+
+const auto kInt8DotFallbackTiles = portable_int8_dot_tiles(std::make_index_sequence<kMaxTileRows>());
+
+// One token row of kInt8Dot's activations (gemm.h): out[0, ld) = q + 128 (q = 0 past k); returns the row's scale.
+float quantize_row_portable(const float* x, int64_t k, int64_t ld, uint8_t* out) {
+  float top = 0.f;
+  for (int64_t i = 0; i < k; ++i) top = std::max(top, std::fabs(x[i]));
+  const float scale = top > 0.f ? top / 127.f : 1.f;
+  for (int64_t i = 0; i < k; ++i) {
+    const float q = std::min(127.f, std::max(-127.f, std::nearbyint(x[i] / scale)));
+    out[i] = static_cast<uint8_t>(static_cast<int32_t>(q) + 128);
+  }
+  std::fill(out + k, out + ld, uint8_t{128});
+  return scale;
+}
 
 #ifdef __AVX512F__
 
@@ -402,7 +530,7 @@ void gemm_columns_packed(int64_t m, int64_t n0, int64_t n1, int64_t k, const flo
       for (int64_t r0 = 0; r0 < m; r0 += kPanelRows) {
         const int64_t rows = std::min<int64_t>(kPanelRows, m - r0);
         kF32Tiles[rows - 1](x + r0 * k + k0, k, packed.data(), len, y + r0 * ldy + c0, ldy, cols,
-                            accumulate || k0 > 0, nullptr, 0, nullptr);
+                            accumulate || k0 > 0, nullptr, 0, TileScales{});
       }
     }
   }
@@ -432,7 +560,7 @@ struct PanelLoop {
   const W* wp;
   float* y;
   bool accumulate;
-  const float* scales;  // int8 panels: [n] per-column scales; else nullptr
+  TileScales scales;  // int8 panels: [n] per-column scales (and offsets), the [m] rows' scales; else nullptr
   const TileW* (*convert)(const W* slice, int64_t len) = nullptr;
 
   void run(int64_t p0, int64_t p1) const {
@@ -459,8 +587,13 @@ struct PanelLoop {
       const int64_t rows = std::min<int64_t>(tile_rows, r1 - row), first = std::min(b * per_block, lines);
       tiles[rows - 1](x + row * ldx + k0, ldx, panel, len, y + row * n + c0, n, cols, accumulate || k0 > 0,
                       reinterpret_cast<const char*>(next) + first * 64, std::min(per_block, lines - first),
-                      scales ? scales + c0 : nullptr);
+                      tile_scales(c0, row));
     }
+  }
+
+  TileScales tile_scales(int64_t c0, int64_t row) const {
+    return {scales.columns ? scales.columns + c0 : nullptr, scales.offsets ? scales.offsets + c0 : nullptr,
+            scales.rows ? scales.rows + row : nullptr};
   }
 
   const TileW* tile_panel(const W* stored, int64_t len) const {
@@ -509,15 +642,18 @@ COGVLM2_BF16_TARGET const uint16_t* i8_slice_to_bf16_pairs_native(const int8_t* 
 
 bool uses_vdpbf16ps(const PanelGemm& g) { return g.math == PanelMath::kBf16Dot && !g.portable && cpu_has_bf16_dot(); }
 
+bool uses_vpdpbusd(const PanelGemm& g) { return g.math == PanelMath::kInt8Dot && !g.portable && cpu_has_int8_dot(); }
+
 template <class X, class TileW, class W = TileW>
 void run_panels(const Tiles<X, TileW>& tiles, const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1,
-                int64_t k, const Activations& x, const void* wp, float* y, bool accumulate,
-                const float* scales = nullptr, const TileW* (*convert)(const W*, int64_t) = nullptr) {
-  const bool pairs = g.dtype == PanelDtype::kBf16;  // stored in k pairs
+                int64_t k, const Activations& x, const void* wp, float* y, bool accumulate, TileScales scales = {},
+                const TileW* (*convert)(const W*, int64_t) = nullptr) {
+  const bool pairs = g.dtype == PanelDtype::kBf16, quads = g.dtype == PanelDtype::kI8Quads;  // stored k groups
   const int rows = g.tile_rows > 0 ? std::min(g.tile_rows, kMaxTileRows) : kDefaultTileRows;
   int64_t kb = g.k_block > 0 ? g.k_block : kDefaultKBlock;
   kb = pairs || g.math == PanelMath::kBf16Dot ? (kb + 1) / 2 * 2 : kb;  // bf16 products read whole k pairs
-  const int64_t stored_k = pairs ? (k + 1) / 2 * 2 : k;
+  const int64_t stored_k = pairs ? (k + 1) / 2 * 2 : quads ? (k + 3) / 4 * 4 : k;
+  if (quads) kb = stored_k;  // integer sums over all of k (exact), scaled once
   const PanelLoop<X, W, TileW> loop{tiles, rows, m, n, k, kb, stored_k * kPackedPanel, static_cast<const X*>(x.data),
                                     x.ld, static_cast<const W*>(wp), y, accumulate, scales, convert};
   loop.run(p0, p1);
@@ -537,7 +673,37 @@ void round_rows(const float* x, int64_t rows, int64_t k, uint16_t* out, int64_t 
   }
 }
 
+Activations quantize_activations(const PanelGemm& g, const float* x, int64_t m, int64_t k, ActivationStorage& storage,
+                                 int threads) {
+  const int64_t ld = (k + 3) / 4 * 4;
+  const bool native = uses_vpdpbusd(g);
+  storage.int8.resize(m * ld);
+  storage.row_scales.resize(m);
+  parallel_ranges(m, m * k >= (1 << 16) ? threads : 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      uint8_t* row = storage.int8.data() + r * ld;
+#ifdef __AVX512F__
+      if (native) {
+        storage.row_scales[r] = quantize_row_native(x + r * k, k, ld, row);
+        continue;
+      }
+#endif
+      storage.row_scales[r] = quantize_row_portable(x + r * k, k, ld, row);
+    }
+  });
+  return {storage.int8.data(), ld, 1, storage.row_scales.data()};
+}
+
 }  // namespace
+
+bool cpu_has_int8_dot() {
+#if defined(__AVX512F__) && defined(__x86_64__)
+  static const bool has = __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
 
 bool cpu_has_bf16_dot() {
 #if defined(__AVX512F__) && defined(__x86_64__)
@@ -550,6 +716,7 @@ bool cpu_has_bf16_dot() {
 
 Activations prepare_activations(const PanelGemm& g, const float* x, int64_t m, int64_t k, ActivationStorage& storage,
                                 int threads) {
+  if (g.math == PanelMath::kInt8Dot) return quantize_activations(g, x, m, k, storage, threads);
   if (g.math != PanelMath::kBf16Dot) return {x, k, 4};
   const int64_t ld = (k + 1) / 2 * 2;
   const bool native = uses_vdpbf16ps(g);
@@ -565,16 +732,22 @@ Activations prepare_activations(const PanelGemm& g, const float* x, int64_t m, i
 }
 
 void gemm_panels(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
-                 const void* wp, float* y, bool accumulate, const float* scales) {
+                 const void* wp, float* y, bool accumulate, const float* scales, const int32_t* offsets) {
+  const TileScales s{scales, offsets, x.row_scales};
   switch (g.dtype) {
+    case PanelDtype::kI8Quads:
+#ifdef __AVX512F__
+      if (uses_vpdpbusd(g)) return run_panels(kInt8DotTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s);
+#endif
+      return run_panels(kInt8DotFallbackTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s);
     case PanelDtype::kI8:
-      if (g.math == PanelMath::kFloat32) return run_panels(kI8Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate, scales);
+      if (g.math == PanelMath::kFloat32) return run_panels(kI8Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s);
 #ifdef __AVX512F__
       if (uses_vdpbf16ps(g))
-        return run_panels<uint16_t, uint16_t, int8_t>(kBf16DotTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, scales,
+        return run_panels<uint16_t, uint16_t, int8_t>(kBf16DotTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s,
                                                        &i8_slice_to_bf16_pairs_native);
 #endif
-      return run_panels<float, uint16_t, int8_t>(kBf16FallbackTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, scales,
+      return run_panels<float, uint16_t, int8_t>(kBf16FallbackTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s,
                                                  &i8_slice_to_bf16_pairs_portable);
     case PanelDtype::kF32: return run_panels(kF32Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate);
     case PanelDtype::kF16: return run_panels(kF16Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate);

@@ -27,8 +27,11 @@ constexpr int64_t kGemmColumnAlign = 32;
 //   kBf16: k pairs interleaved, [ceil(n / 32), ceil(k / 2), 32, 2], wp[p][kk / 2][c][kk % 2] = w[32 p + c][kk]
 //     (an odd k padded with zeros): vdpbf16ps's operand layout, and widened exactly to fp32 by a shift (even kk)
 //     or a mask (odd kk) of each 32-bit pair.
+//   kI8Quads: int8 in k quads, [ceil(n / 32), ceil(k / 4), 32, 4], wp[p][kk / 4][c][kk % 4] = w[32 p + c][kk] (k
+//     padded with zeros): vpdpbusd's operand layout, four k per 32-bit lane; scales as for kI8, and beside them
+//     per-column offsets, 128 * the column's sum of weights (what kInt8Dot's unsigned activations add).
 constexpr int64_t kPackedPanel = 32;
-enum class PanelDtype { kF32, kF16, kBf16, kI8 };
+enum class PanelDtype { kF32, kF16, kBf16, kI8, kI8Quads };
 
 // How the products are taken.
 //   kFloat32: weights widened to fp32 in registers and fp32 FMAs over the fp32 activations, in the f32 panels'
@@ -37,46 +40,60 @@ enum class PanelDtype { kF32, kF16, kBf16, kI8 };
 //     zero: vcvtne2ps2bf16), products by vdpbf16ps into fp32 accumulators; where the CPU lacks avx512_bf16 (or
 //     `portable` asks), the same math on widened operands: per k pair, an FMA of the odd k then one of the even
 //     k (bf16 products are exact in fp32, so this is what vdpbf16ps computes), hence the same results.
-enum class PanelMath { kFloat32, kBf16Dot };
+//   kInt8Dot (kI8Quads panels only, w8a8): activations quantized per token once per call (symmetric int8: scale =
+//     max |x_row| / 127, or 1 for a zero row; q = x / scale rounded to nearest even, clamped to +-127) and stored
+//     as q + 128 (unsigned); vpdpbusd sums u8 x s8 products into int32 over the whole k in one pass (exact), the
+//     column's offset is subtracted, and y = float(sum) * x_scale[row] * w_scale[col] (+ y). Where the CPU lacks
+//     avx512_vnni (or `portable` asks), a plain integer loop computes the same integers, hence the same results.
+enum class PanelMath { kFloat32, kBf16Dot, kInt8Dot };
 
 constexpr int kMaxTileRows = 12;
 
 struct PanelGemm {
   PanelDtype dtype = PanelDtype::kF32;
   PanelMath math = PanelMath::kFloat32;
-  bool portable = false;  // kBf16Dot: the widening fallback even where vdpbf16ps exists
-  int64_t k_block = 0;    // k per pass over the panels (even for kBf16); <= 0: the default
+  bool portable = false;  // kBf16Dot, kInt8Dot: the fallback even where vdpbf16ps / vpdpbusd exists
+  int64_t k_block = 0;    // k per pass over the panels (even for kBf16; kInt8Dot: always all of k); <= 0: the default
   int tile_rows = 0;      // tokens per tile, 1..kMaxTileRows; <= 0: the default
 };
 
-// The activations as a panel GEMM reads them: x itself (kFloat32) or x rounded to bf16 for kBf16Dot, as bf16
-// (vdpbf16ps) or as the fp32 values of the rounded bf16 (the fallback), rows padded to an even length.
+// The activations as a panel GEMM reads them: x itself (kFloat32); x rounded to bf16 for kBf16Dot, as bf16
+// (vdpbf16ps) or as the fp32 values of the rounded bf16 (the fallback), rows padded to an even length; for kInt8Dot
+// the unsigned int8 q + 128 with a scale per row, rows padded with q = 0 to whole k quads.
 struct Activations {
   const void* data = nullptr;
   int64_t ld = 0;          // elements per row
-  int64_t elem_bytes = 4;  // 4 (fp32) or 2 (bf16)
+  int64_t elem_bytes = 4;  // 4 (fp32), 2 (bf16) or 1 (int8)
+  const float* row_scales = nullptr;  // kInt8Dot: [rows]
 
   Activations rows_from(int64_t row) const {
-    return {static_cast<const char*>(data) + row * ld * elem_bytes, ld, elem_bytes};
+    return {static_cast<const char*>(data) + row * ld * elem_bytes, ld, elem_bytes,
+            row_scales ? row_scales + row : nullptr};
   }
 };
 
 struct ActivationStorage {
   std::vector<uint16_t> bf16;
   std::vector<float> widened;
+  std::vector<uint8_t> int8;
+  std::vector<float> row_scales;
 };
 
-// x [m, k] as `g` reads it, rounded once into `storage` when g is kBf16Dot, on up to `threads` threads (valid while
-// `storage` lives).
+// x [m, k] as `g` reads it, rounded (kBf16Dot) or quantized (kInt8Dot) once into `storage`, on up to `threads`
+// threads (valid while `storage` lives).
 Activations prepare_activations(const PanelGemm& g, const float* x, int64_t m, int64_t k, ActivationStorage& storage,
                                 int threads);
 
 // Panels [p0, p1) of y[m, n] = x @ w^T (+ y when accumulate), on the calling thread. wp: panels of g.dtype;
-// scales: kI8's [n] per-column scales (else ignored).
+// scales: the int8 panels' [n] per-column scales (else ignored); offsets: kI8Quads' [n] per-column offsets.
 void gemm_panels(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
-                 const void* wp, float* y, bool accumulate, const float* scales = nullptr);
+                 const void* wp, float* y, bool accumulate, const float* scales = nullptr,
+                 const int32_t* offsets = nullptr);
 
 // Whether this CPU runs vdpbf16ps (else kBf16Dot takes the fallback).
 bool cpu_has_bf16_dot();
+
+// Whether this CPU runs vpdpbusd (else kInt8Dot takes the fallback).
+bool cpu_has_int8_dot();
 
 }  // namespace cogvlm2
