@@ -69,6 +69,17 @@ def test_serving_it_applies_its_method_without_quantizing(quantized_dir, golden_
         assert _greedy_tokens(llm, golden_cases) == quantized_at_load
 
 
+def test_either_int8_method_serves_the_checkpoint(quantized_dir, golden_cases, monkeypatch):
+    """w8a8 reads the same int8 weights (its column offsets are derived from them), so it needs no other file."""
+    from engine import LLM
+    with LLM("demo", quantization="w8a8") as llm:
+        quantized_at_load = _greedy_tokens(llm, golden_cases)
+    monkeypatch.setattr(quantization, "quantize_int8", lambda w: (_ for _ in ()).throw(AssertionError("quantized")))
+    with LLM(str(quantized_dir), quantization="w8a8") as llm:
+        assert llm.stats()["quantization"] == "w8a8"
+        assert _greedy_tokens(llm, golden_cases) == quantized_at_load
+
+
 def test_tensor_parallel_ranks_slice_the_int8_weights_and_their_scales(quantized_dir, golden_cases):
     from engine import LLM
     with LLM(str(quantized_dir)) as llm:
