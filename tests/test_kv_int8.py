@@ -3,8 +3,6 @@ attention over them against the reference composite, and the engine against the 
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from cogvlm2.rope import default_inv_freq, rope_table  # noqa: E402
 from kernels.quantization import dequantize, quantize_int8  # noqa: E402
 from kernels.reference import INT8_KV_SCALE_BYTES, make_paged_batch  # noqa: E402
 from kernels.registry import get_kernels, pad_block_tables  # noqa: E402
+from test_kernels import aot_paged_arrays, call_aot, portable_library  # noqa: E402,F401  (a fixture)
 
 try:
     CPU = get_kernels("cpu")
@@ -132,23 +131,14 @@ def test_paged_attention_over_a_long_int8_context():
 
 
 @needs_cpu
-def test_portable_build_reads_int8_caches_as_the_native_one(tmp_path):
+def test_portable_build_reads_int8_caches_as_the_native_one(portable_library):
     """The plain-loop build (no AVX-512) quantizes to the same bytes and attends to the same values."""
-    from test_kernels import KERNEL_SOURCES, aot_paged_arrays, call_aot
     from kernels.library import load_library
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("needs g++")
-    out = tmp_path / "portable_attention.so"
-    sources = [str(KERNEL_SOURCES / name) for name in ("rope.cc", "kv_cache.cc", "paged_attention.cc")]
-    build = subprocess.run([cxx, "-O2", "-std=c++17", "-march=x86-64", "-fopenmp-simd", "-pthread", "-shared",
-                            "-fPIC", *sources, "-o", str(out)], capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
     batch = make_paged_batch([9, 30, 12, 26], [1, 1, 12, 19], 16, np.random.default_rng(5), shuffle=True)
     inputs = aot_paged_arrays(np.random.default_rng(8), "float32", 8, 2, 64, batch)
     inputs[3], inputs[4] = int8_rows(inputs[3]), int8_rows(inputs[4])
     results = []
-    for library in (ctypes.CDLL(load_library().path), ctypes.CDLL(str(out))):
+    for library in (ctypes.CDLL(load_library().path), portable_library):
         arrays = [a.copy() for a in inputs]
         assert call_aot(library, "PagedAttention", arrays) == 0
         results.append(arrays)
