@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -41,6 +42,21 @@ struct Args {
   bool is_bf16(int i) const { return is(i, "bfloat16"); }
   bool is_f16(int i) const { return is(i, "float16") || is(i, "half"); }
 };
+
+// The symmetric int8 rule of kernels/quantization.py (quantize_int8), shared by w8a8's activations and the int8 KV
+// cache: a row's scale is max |x| / 127 (1 for an all-zero row), each value x / scale rounded to nearest even and
+// clamped to +-127.
+constexpr float kInt8Max = 127.f;
+
+inline float int8_scale(const float* x, int64_t n) {
+  float top = 0.f;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, std::fabs(x[i]));
+  return top > 0.f ? top / kInt8Max : 1.f;
+}
+
+inline int32_t int8_value(float x, float scale) {
+  return static_cast<int32_t>(std::min(kInt8Max, std::max(-kInt8Max, std::nearbyint(x / scale))));
+}
 
 // Runs body(item) for item in [0, count) on `threads` threads (the caller is one of them). Items are handed out
 // through an atomic counter, so callers list expensive items first. Threads are spawned per call: a persistent

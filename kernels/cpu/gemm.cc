@@ -385,8 +385,8 @@ COGVLM2_VNNI_TARGET float quantize_row_native(const float* x, int64_t k, int64_t
   __m512 absmax = _mm512_setzero_ps();
   for (int64_t i = 0; i < k; i += 16) absmax = _mm512_max_ps(absmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(first(k - i), x + i)));
   const float top = _mm512_reduce_max_ps(absmax);
-  const float scale = top > 0.f ? top / 127.f : 1.f;
-  const __m512 divisor = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  const float scale = top > 0.f ? top / kInt8Max : 1.f;
+  const __m512 divisor = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-kInt8Max), hi = _mm512_set1_ps(kInt8Max);
   const __m512i unsigned_zero = _mm512_set1_epi32(128);
   for (int64_t i = 0; i < ld; i += 16) {  // past k the loads give 0: q = 0 in the padding
     const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(first(k - i), x + i), divisor),
@@ -482,13 +482,8 @@ const auto kInt8DotFallbackTiles = portable_int8_dot_tiles(std::make_index_seque
 
 // One token row of kInt8Dot's activations (gemm.h): out[0, ld) = q + 128 (q = 0 past k); returns the row's scale.
 float quantize_row_portable(const float* x, int64_t k, int64_t ld, uint8_t* out) {
-  float top = 0.f;
-  for (int64_t i = 0; i < k; ++i) top = std::max(top, std::fabs(x[i]));
-  const float scale = top > 0.f ? top / 127.f : 1.f;
-  for (int64_t i = 0; i < k; ++i) {
-    const float q = std::min(127.f, std::max(-127.f, std::nearbyint(x[i] / scale)));
-    out[i] = static_cast<uint8_t>(static_cast<int32_t>(q) + 128);
-  }
+  const float scale = int8_scale(x, k);
+  for (int64_t i = 0; i < k; ++i) out[i] = static_cast<uint8_t>(int8_value(x[i], scale) + 128);
   std::fill(out + k, out + ld, uint8_t{128});
   return scale;
 }

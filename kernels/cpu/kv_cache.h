@@ -30,7 +30,6 @@ struct I8 {
 enum class CacheType { kF32, kBF16, kF16, kI8 };
 
 constexpr int64_t kI8ScaleBytes = sizeof(float);
-constexpr float kI8Max = 127.f;
 
 // Cache elements per KV head row.
 inline int64_t head_elems(CacheType type, int64_t d) { return type == CacheType::kI8 ? d + kI8ScaleBytes : d; }
@@ -162,13 +161,10 @@ inline void store_row<Fp16>(const float* src, Fp16* dst, int64_t n) {
 }
 #endif
 
-// One KV head's d values into an int8 cache row (values, then the scale).
+// One KV head's d values into an int8 cache row (values, then the scale), by common.h's int8 rule.
 inline void quantize_head(const float* x, int64_t d, I8* row) {
-  float absmax = 0.f;
-  for (int64_t i = 0; i < d; ++i) absmax = std::max(absmax, std::fabs(x[i]));
-  const float scale = absmax > 0.f ? absmax / kI8Max : 1.f;
-  for (int64_t i = 0; i < d; ++i)
-    row[i].value = static_cast<int8_t>(std::min(kI8Max, std::max(-kI8Max, std::nearbyint(x[i] / scale))));
+  const float scale = int8_scale(x, d);
+  for (int64_t i = 0; i < d; ++i) row[i].value = static_cast<int8_t>(int8_value(x[i], scale));
   std::memcpy(row + d, &scale, sizeof(scale));
 }
 
