@@ -176,8 +176,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class LaunchedServer:
+    url: str
+    pid: int | None = None  # None: a server this script did not launch
+    log_path: str | None = None
+
+
 @contextlib.contextmanager
-def launched_server(model: str, server_args: str, startup_timeout: float = 120.0) -> Iterator[str]:
+def launched_server(model: str, server_args: str, startup_timeout: float = 120.0) -> Iterator[LaunchedServer]:
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="cogvlm2-serve-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "engine.cli", "serve", "--model", model, "--host", "127.0.0.1",
@@ -188,7 +195,7 @@ def launched_server(model: str, server_args: str, startup_timeout: float = 120.0
     try:
         wait_healthy(url, process, startup_timeout, log.name)
         print(f"launched {' '.join(command[2:])} (log {log.name})", file=sys.stderr)
-        yield url
+        yield LaunchedServer(url, process.pid, log.name)
     finally:
         process.terminate()
         try:
@@ -251,8 +258,10 @@ def benchmark(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with (launched_server(args.launch, args.server_args) if args.launch else contextlib.nullcontext(args.url)) as url:
-        summary = benchmark(url.rstrip("/"), args)
+    launch = launched_server(args.launch, args.server_args) if args.launch else \
+        contextlib.nullcontext(LaunchedServer(args.url))
+    with launch as server:
+        summary = benchmark(server.url.rstrip("/"), args)
     print_summary(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

@@ -16,13 +16,10 @@ import argparse
 import asyncio
 import base64
 import collections
-import contextlib
 import io
 import json
-import os
 import random
-import socket
-import subprocess
+import shlex
 import sys
 import tempfile
 import time
@@ -34,45 +31,16 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.serving import launched_server  # noqa: E402
+
 DEMO = REPO / "cogvlm2" / "demo_model"
 BURST_SIZE = 32
 BURST_PIXELS = 6300
 
 
 # ---- the server --------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def server(model: str, media_dir: Path, log_path: Path):
-    port = _free_port()
-    command = [sys.executable, "-m", "engine.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port",
-               str(port), "--disable-access-log", "--max-model-len", "512", "--allowed-local-media-path",
-               str(media_dir)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not healthy in time")
-            time.sleep(0.3)
-        yield url, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -266,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-burst", action="store_true")
     args = p.parse_args(argv)
     seconds = args.minutes * 60
-    with tempfile.TemporaryDirectory(prefix="cogvlm2-soak-") as folder, \
-            server(args.model, Path(folder), Path(folder) / "server.log") as (url, pid):
+    with tempfile.TemporaryDirectory(prefix="cogvlm2-soak-") as folder, launched_server(
+            args.model, f"--max-model-len 512 --allowed-local-media-path {shlex.quote(folder)}", 180) as server:
+        url, pid = server.url, server.pid
         asyncio.run(run_phase(url, 5, 2, {"good": 1}, seed=0))  # warm-up
         baseline = asyncio.run(run_phase(url, seconds / 5, args.concurrency, {"good": 1}, seed=1))
         report("good only", baseline, leaked_blocks(url))
@@ -286,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{peak:.0f} MB (+{peak - idle:.0f}), {after:.0f} MB 10 s after ({after - idle:+.0f}); "
                   f"statuses {collections.Counter(statuses)}")
             leaked += leaked_blocks(url)
-        log = (Path(folder) / "server.log").read_text()
+        log = Path(server.log_path).read_text()
         print(f"server log: {log.count('Traceback')} tracebacks")
     print(f"TOTAL lost {lost}, duplicated {duplicated}, leaked blocks {leaked}")
     return 0 if lost == duplicated == leaked == 0 else 1
