@@ -118,6 +118,7 @@ class LLMEngine:
         """Everything that can fail for one request, before it touches the scheduler."""
         params = _as_sampling_params(sampling_params)
         processed, prompt_text = self._process(prompt)
+        self._check_token_ids(params)
         self._check_reachable(params, len(processed.input_ids))
         seq = Sequence(request_id=request_id, prompt_token_ids=processed.input_ids,
                        prompt_token_type_ids=processed.token_type_ids, prompt_position_ids=processed.position_ids,
@@ -142,13 +143,14 @@ class LLMEngine:
                     sequences.append(ids)
         return sequences
 
-    def _check_reachable(self, params: SamplingParams, prompt_len: int) -> None:
+    def _check_token_ids(self, params: SamplingParams) -> None:
         for name in ("allowed_token_ids", "logit_bias"):
-            ids = getattr(params, name) or []
-            outside = [t for t in ids if t >= self.config.vocab_size]
+            outside = [t for t in getattr(params, name) or [] if t >= self.config.vocab_size]
             if outside:
                 raise ValueError(f"{name} has token ids outside the vocabulary (size {self.config.vocab_size}): "
                                  f"{outside[:5]}")
+
+    def _check_reachable(self, params: SamplingParams, prompt_len: int) -> None:
         room = self.max_model_len - prompt_len
         if 0 < params.min_tokens > room:
             raise ValueError(f"min_tokens {params.min_tokens} cannot be reached: the prompt has {prompt_len} tokens "

@@ -33,9 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.structured_outputs import GrammarCompiler
-
 from engine.sampling_params import SamplingParams
+from engine.structured_outputs import GrammarCompiler
 
 # Top-p first looks for the nucleus among this many most likely tokens; a full sort only if that is not enough.
 TOP_P_CANDIDATES = 1024
@@ -121,7 +120,7 @@ def _check_batch(logits: np.ndarray, states: list[SamplingState]) -> None:
         raise ValueError(f"logits must be [num_states={len(states)}, vocab], got shape {logits.shape}")
 
 
-# ---- steps 1-3: penalties and the min_tokens mask (sparse: only touch the ids involved) ----------------------------
+# ---- steps 0-3: token rules, penalties and the min_tokens mask (sparse: only touch the ids involved) ---------------
 
 def process_logits(logits: np.ndarray, states: list[SamplingState], eos_token_ids: Sequence[int],
                    grammars: GrammarCompiler | None = None) -> np.ndarray:
@@ -134,7 +133,7 @@ def process_logits(logits: np.ndarray, states: list[SamplingState], eos_token_id
     filtered = [i for i, s in enumerate(states) if _has_token_filters(s)]
     if not any(needs_penalty) and not any(needs_mask) and not constrained and not filtered:
         return logits
-    logits = np.ascontiguousarray(logits).copy()
+    logits = logits.copy()  # C-contiguous: the masks write whole rows
     if constrained:
         if grammars is None:
             raise ValueError("a constrained request reached a sampler without a grammar compiler")

@@ -145,9 +145,9 @@ class GrammarCompiler:
         return llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
 
     def apply_masks(self, logits: np.ndarray, rows: list[int], matchers: list) -> None:
-        """logits[rows] (in place) keep only the tokens each row's matcher allows."""
+        """logits[rows] (in place) keep only the tokens each row's matcher allows (matchers made by `matcher`, which
+        also made the executor)."""
         import llguidance.numpy as llg_numpy
-        _ = self.tokenizer  # the executor comes with it
         mask = llg_numpy.allocate_token_bitmask(len(rows), self.vocab_size)
         llg_numpy.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], mask)
         for i, row in enumerate(rows):
