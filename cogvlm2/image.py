@@ -60,7 +60,8 @@ def _trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+_LIBC_NAME = ctypes.util.find_library("c")
+_LIBC = ctypes.CDLL(_LIBC_NAME) if _LIBC_NAME else None
 DECODE_BUDGET = DecodeBudget(DEFAULT_DECODE_BUDGET_BYTES)
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
