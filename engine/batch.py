@@ -22,6 +22,16 @@ class ImageSlice:
 
 
 @dataclass
+class PromptLogitsRows:
+    """Logits rows [row, row + count) of a step belong to chunk `chunk_index`: row j predicts prompt token
+    `first_token + j` (from the position before it), for prompt_logprobs."""
+    chunk_index: int
+    row: int
+    first_token: int
+    count: int
+
+
+@dataclass
 class StepInputs:
     """One step's flat batch in batch order. Per token: its sequence's index in the batch (`seq_index`), its
     index within that sequence (`token_position`) and its KV slot; per sequence: block table and context length."""
@@ -35,6 +45,8 @@ class StepInputs:
     block_tables: list[list[int]]
     context_lens: list[int]
     images: list[ImageSlice]
+    sample_rows: np.ndarray  # rows of the logits to sample from, one per chunk that needs a sample
+    prompt_rows: list[PromptLogitsRows]  # rows that give prompt logprobs
 
 
 @dataclass
@@ -46,7 +58,7 @@ class StepRequest:
 
 def step_inputs(chunks: list[ScheduledChunk], block_size: int) -> StepInputs:
     token_ids, positions, experts, seq_index, token_position, slots = [], [], [], [], [], []
-    images, logits_positions = [], []
+    images, logits_positions, sample_rows, prompt_rows = [], [], [], []
     offset = 0
     for s, chunk in enumerate(chunks):
         seq, start, end = chunk.seq, chunk.start, chunk.end
@@ -59,15 +71,30 @@ def step_inputs(chunks: list[ScheduledChunk], block_size: int) -> StepInputs:
         image = image_slice(chunk, offset)
         if image is not None:
             images.append(image)
+        predicting = prompt_predicting_positions(chunk)
+        if predicting:
+            prompt_rows.append(PromptLogitsRows(s, len(logits_positions), predicting.start + 1, len(predicting)))
+            logits_positions.extend(range(offset + predicting.start - start, offset + predicting.stop - start))
         offset += end - start
         if chunk.needs_sample:
+            sample_rows.append(len(logits_positions))
             logits_positions.append(offset - 1)
     return StepInputs(
         token_ids=np.concatenate(token_ids), position_ids=np.concatenate(positions),
         vision_expert=np.concatenate(experts).astype(bool), logits_positions=np.asarray(logits_positions, np.int64),
         seq_index=np.concatenate(seq_index), token_position=np.concatenate(token_position),
         slot_mapping=np.concatenate(slots), block_tables=[c.seq.block_table for c in chunks],
-        context_lens=[c.end for c in chunks], images=images)
+        context_lens=[c.end for c in chunks], images=images, sample_rows=np.asarray(sample_rows, np.int64),
+        prompt_rows=prompt_rows)
+
+
+def prompt_predicting_positions(chunk: ScheduledChunk) -> range:
+    """The chunk's token indices whose logits predict the next prompt token, when its request asked for
+    prompt_logprobs (the last prompt token predicts the first output: that is the sample, not a prompt logprob)."""
+    params = chunk.seq.sampling_params
+    if params is None or params.prompt_logprobs is None:
+        return range(0)
+    return range(chunk.start, max(min(chunk.end, chunk.seq.num_prompt_tokens - 1), chunk.start))
 
 
 def image_slice(chunk: ScheduledChunk, offset: int) -> ImageSlice | None:

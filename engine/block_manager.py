@@ -55,6 +55,7 @@ class BlockManager:
         self._num_committed_blocks: dict[str, int] = {}  # request_id -> leading blocks already registered
         self.prefix_cache_queried_tokens = 0
         self.prefix_cache_hit_tokens = 0
+        self.shared_prompt_tokens = 0  # prompt tokens that copies of a request (n > 1) took from their source
 
     # ---- pool state
     @property
@@ -96,7 +97,7 @@ class BlockManager:
     def _cache_hits(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached prefix, leaving at least the last token to compute (its logits give
         the next token) and never reusing the block that holds it (that block will be written)."""
-        if not self._is_cacheable(seq):
+        if not self._is_cacheable(seq) or not seq.reads_prefix_cache:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hits = []
@@ -108,29 +109,45 @@ class BlockManager:
         return hits
 
     def num_cached_tokens(self, seq: Sequence) -> int:
-        """Tokens of a waiting sequence that `allocate` would take from the prefix cache (no side effects)."""
+        """Tokens of a waiting sequence that `allocate` would not compute: its shared prompt blocks, else its
+        prefix-cache hits (no side effects)."""
+        if seq.block_table:
+            return seq.num_computed_tokens
         return len(self._cache_hits(seq)) * self.block_size
 
     # ---- allocation
+    def share_prompt(self, source: Sequence, copy: Sequence) -> None:
+        """Gives a waiting copy of `source`'s request (same prompt, no KV yet) the source's full, computed prompt
+        blocks: that KV is computed once and read by both. The copy computes the rest of its prompt itself."""
+        assert not copy.block_table and copy.num_computed_tokens == 0, "share_prompt() is for sequences without KV"
+        num_blocks = min((copy.num_prompt_tokens - 1) // self.block_size, source.num_computed_tokens // self.block_size)
+        copy.block_table = source.block_table[:num_blocks]
+        for block_id in copy.block_table:
+            self._take_ref(block_id)
+        copy.num_computed_tokens = copy.num_cached_prompt_tokens = num_blocks * self.block_size
+        self._num_committed_blocks[copy.request_id] = num_blocks
+        self.shared_prompt_tokens += num_blocks * self.block_size
+
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """First allocation of a waiting sequence: reuse its cached prefix, then reserve blocks for
-        `num_new_tokens` more tokens. Returns False, changing nothing, if the pool cannot hold them."""
-        assert not seq.block_table and seq.num_computed_tokens == 0, "allocate() is for sequences without KV"
-        hits = self._cache_hits(seq)
-        num_cached_tokens = len(hits) * self.block_size
-        num_new_blocks = self.num_blocks_for(num_cached_tokens + num_new_tokens) - len(hits)
+        """First allocation of a waiting sequence: reuse its shared prompt blocks (share_prompt) or else its cached
+        prefix, then reserve blocks for `num_new_tokens` more tokens. Returns False, changing nothing, if the pool
+        cannot hold them."""
+        num_shared = len(seq.block_table)  # held already
+        assert seq.num_computed_tokens == num_shared * self.block_size, "allocate() is for sequences without KV"
+        hits = [] if num_shared else self._cache_hits(seq)
+        num_reused_tokens = (num_shared + len(hits)) * self.block_size
+        num_new_blocks = self.num_blocks_for(num_reused_tokens + num_new_tokens) - num_shared - len(hits)
         hits_now_free = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
         if num_new_blocks > self.num_free_blocks - hits_now_free:
             return False
         for block_id in hits:
             self._take_ref(block_id)
-        seq.block_table = hits + [self._allocate_block() for _ in range(num_new_blocks)]
-        seq.num_computed_tokens = num_cached_tokens
-        seq.num_cached_prompt_tokens = num_cached_tokens
-        self._num_committed_blocks[seq.request_id] = len(hits)
-        if self._is_cacheable(seq):
+        seq.block_table = seq.block_table + hits + [self._allocate_block() for _ in range(num_new_blocks)]
+        seq.num_computed_tokens = seq.num_cached_prompt_tokens = num_reused_tokens
+        self._num_committed_blocks[seq.request_id] = num_shared + len(hits)
+        if self._is_cacheable(seq) and not num_shared:
             self.prefix_cache_queried_tokens += seq.num_tokens
-            self.prefix_cache_hit_tokens += num_cached_tokens
+            self.prefix_cache_hit_tokens += len(hits) * self.block_size
         return True
 
     def _num_missing_blocks(self, seq: Sequence, num_new_tokens: int) -> int:

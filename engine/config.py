@@ -9,6 +9,7 @@ from typing import Any
 
 from cogvlm2.image import DEFAULT_MAX_PIXELS
 from cogvlm2.precision import DTYPES, KV_CACHE_DTYPES
+from engine.sampler import LOGPROBS_MODES
 from kernels.quantization import QUANTIZATIONS
 from kernels.sku import BACKENDS as KERNEL_BACKENDS
 
@@ -58,6 +59,11 @@ class EngineArgs:
     enable_prefix_caching: bool = _arg(True, "reuse the KV blocks of identical prompt prefixes")
     enable_chunked_prefill: bool = _arg(True, "split long prefills over several steps")
     seed: int = _arg(0, "seed of requests that set none", flag="--engine-seed")
+    max_logprobs: int = _arg(20, "most logprobs / prompt_logprobs per position a request may ask for (-1: the "
+                                 "whole vocabulary)")
+    logprobs_mode: str = _arg("raw_logprobs", "what logprobs report: the model's (raw_) or the sampled "
+                                              "distribution's (processed_) logprobs or logits (engine/sampler.py)",
+                              choices=LOGPROBS_MODES)
     dtype: str = _arg("auto", "weights and GEMM math: float32, bfloat16, float16, or auto (a yaml's compute_dtype, "
                               "else bfloat16 for a bf16 checkpoint on a CPU with bf16 dot products, else float32)",
                       choices=DTYPES)
@@ -94,6 +100,10 @@ class EngineArgs:
                  f"max_model_len must be >= 2, got {self.max_model_len}")
         _require(self.kernels in KERNEL_BACKENDS, f"kernels must be one of {KERNEL_BACKENDS}, got {self.kernels!r}")
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(_is_int(self.max_logprobs) and self.max_logprobs >= -1,
+                 f"max_logprobs must be an int >= -1, got {self.max_logprobs!r}")
+        _require(self.logprobs_mode in LOGPROBS_MODES,
+                 f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
                  f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.limit_mm_per_prompt is not None:

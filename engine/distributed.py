@@ -281,7 +281,7 @@ class TensorParallelExecutor:
 
     # ---- the step
     def run_step(self, request: StepRequest) -> np.ndarray:
-        """Logits [sequences that need a sample, vocab] in batch order: the ranks' vocabulary slices joined."""
+        """Logits [the rows StepInputs.logits_positions asks for, vocab]: the ranks' vocabulary slices joined."""
         if self._failure is not None:
             raise WorkerFailure(self._failure)
         step = Step(self._step, request)

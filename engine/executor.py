@@ -16,7 +16,7 @@ class Executor(Protocol):
     num_images_encoded: int
 
     def run_step(self, step: StepRequest) -> np.ndarray:
-        """Logits [sequences that need a sample, vocab] in batch order."""
+        """Logits [the rows StepInputs.logits_positions asks for, vocab] in batch order."""
 
     def shutdown(self) -> None:
         """Release the model side. Idempotent."""

@@ -125,7 +125,7 @@ class ModelRunner:
         return RunnerInfo(self.model.kernels.backend, tuple(self.kv_cache.keys[0].shape))
 
     def run_step(self, step: StepRequest) -> np.ndarray:
-        """Logits [sequences that need a sample, vocab (this rank's slice)] in batch order."""
+        """Logits [the rows StepInputs.logits_positions asks for, vocab (this rank's slice)] in batch order."""
         with self.timer.phase("vision"):
             self._encode(step.new_images)
         with self.timer.phase("prepare_inputs"):

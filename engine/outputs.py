@@ -1,9 +1,22 @@
 """What the engine returns per request (vLLM's shapes). `LLMEngine.step` yields deltas: each RequestOutput holds
-only what is new since the request's previous output (text, token ids, logprobs); `add` accumulates them."""
+only what is new since the request's previous output (text, token ids, logprobs), and only for the completions
+(of a request with n > 1) that progressed; `add` accumulates them."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
+
+@dataclass
+class Logprob:
+    """One token's entry in a logprobs dict (vLLM's shape). rank: 1 = the most likely token of its position."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per generated (or prompt) token: token id -> Logprob, the chosen token first, then the top-k by rank.
+PositionLogprobs = dict[int, Logprob]
 
 
 @dataclass
@@ -13,8 +26,9 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[PositionLogprobs] | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
+    cumulative_logprob: float | None = None  # sum of the chosen tokens' logprobs so far (when logprobs are asked)
 
     def add(self, delta: "CompletionOutput") -> None:
         self.text += delta.text
@@ -22,6 +36,12 @@ class CompletionOutput:
         if delta.logprobs is not None:
             self.logprobs = (self.logprobs or []) + delta.logprobs
         self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+        self.cumulative_logprob = delta.cumulative_logprob
+
+    def copy(self) -> "CompletionOutput":
+        return CompletionOutput(self.index, self.text, list(self.token_ids), self.finish_reason,
+                                list(self.logprobs) if self.logprobs is not None else None, self.stop_reason,
+                                self.cumulative_logprob)
 
 
 @dataclass
@@ -37,11 +57,14 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
+    outputs: list[CompletionOutput]  # by index; a delta holds only the completions that progressed
     finished: bool
     metrics: RequestMetrics
     error: str | None = None
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it).
+    # Sent once, in the first delta after the whole prompt was computed.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     @classmethod
     def failed(cls, request_id: str, prompt: str | None, arrival_time: float, message: str) -> "RequestOutput":
@@ -51,18 +74,33 @@ class RequestOutput:
 
     def copy(self) -> "RequestOutput":
         """A copy whose lists can be extended by `add` without touching the delta it was made from."""
-        outputs = [CompletionOutput(o.index, o.text, list(o.token_ids), o.finish_reason,
-                                    list(o.logprobs) if o.logprobs is not None else None, o.stop_reason)
-                   for o in self.outputs]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
-                             self.metrics, self.error, self.num_cached_tokens)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [o.copy() for o in self.outputs],
+                             self.finished, self.metrics, self.error, self.num_cached_tokens, self.prompt_logprobs)
 
     def add(self, delta: "RequestOutput") -> None:
-        """Accumulate the next delta of the same request into this output."""
-        for mine, new in zip(self.outputs, delta.outputs):
-            mine.add(new)
+        """Accumulate the next delta of the same request into this output (completions matched by index)."""
+        mine = {o.index: o for o in self.outputs}
+        for new in delta.outputs:
+            if new.index in mine:
+                mine[new.index].add(new)
+            else:
+                self.outputs.append(new.copy())
+        self.outputs.sort(key=lambda o: o.index)
         self.finished, self.metrics, self.error = delta.finished, delta.metrics, delta.error
         self.num_cached_tokens = delta.num_cached_tokens
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
+
+
+def merge_deltas(deltas: list[RequestOutput]) -> list[RequestOutput]:
+    """One delta per request: the deltas of a request's completions in one step, merged (first-seen order)."""
+    merged: dict[str, RequestOutput] = {}
+    for delta in deltas:
+        if delta.request_id in merged:
+            merged[delta.request_id].add(delta)
+        else:
+            merged[delta.request_id] = delta
+    return list(merged.values())
 
 
 def accumulate(outputs: dict[str, RequestOutput], delta: RequestOutput) -> RequestOutput:

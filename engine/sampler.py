@@ -20,9 +20,14 @@ Processing order, per row of the [B, V] float32 logits:
 Reproducibility: each sampling row draws exactly one number from its own request's generator per step, and its
 probabilities are computed row by row, so a seeded request yields the same tokens alone or in any batch.
 
-Logprobs (when params.logprobs is set) are log_softmax of the logits after steps 1-3 (penalties and the
-min_tokens mask), i.e. before temperature and truncation: they describe the model's (penalised) belief, are the
-same for greedy and sampled requests, and stay finite for every token that could be picked.
+Logprobs (params.logprobs = k): the chosen token's entry and the k most likely, each with its rank (1 = most
+likely; ties by token id). Which values, per the engine's logprobs_mode (vLLM's names):
+  raw_logprobs (default)  log_softmax of the model's logits, before any step above;
+  raw_logits              the model's logits;
+  processed_logprobs      log of the distribution the token is drawn from (after steps 0-7, renormalised; -inf
+                          for the tokens truncated away); for greedy rows, log_softmax after steps 0-3;
+  processed_logits        the logits at that point (scaled by temperature; -inf where truncated).
+Prompt logprobs are always from the model's logits (raw): nothing processes the prompt.
 """
 from __future__ import annotations
 
@@ -75,31 +80,70 @@ class SamplingState:
         return self._prompt_vocab
 
 
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+
+
+@dataclass
+class TokenLogprobs:
+    """One position's logprobs: the chosen token first (when there is one), then the top-k by rank."""
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+
+
 @dataclass
 class SamplerOutput:
     token_ids: np.ndarray  # [B] int64
-    # Per row: None if that request asked for no logprobs, else {token_id: logprob} with the sampled token first,
-    # then the top-`params.logprobs` tokens by descending logprob. None for the whole batch if no row asked.
-    logprobs: list[dict[int, float] | None] | None
+    # Per row: None if that request asked for no logprobs. None for the whole batch if no row asked.
+    logprobs: list[TokenLogprobs | None] | None
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: Sequence[int] = (), grammars: GrammarCompiler | None = None):
+    def __init__(self, eos_token_ids: Sequence[int] = (), grammars: GrammarCompiler | None = None,
+                 logprobs_mode: str = "raw_logprobs"):
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
         self.eos_token_ids = [int(i) for i in eos_token_ids]
         self.grammars = grammars
+        self.logprobs_mode = logprobs_mode
 
     def __call__(self, logits: np.ndarray, states: list[SamplingState]) -> SamplerOutput:
         _check_batch(logits, states)
-        logits = process_logits(logits, states, self.eos_token_ids, self.grammars)
+        raw = np.asarray(logits, dtype=np.float32)
+        logits = process_logits(raw, states, self.eos_token_ids, self.grammars)
         greedy = np.array([s.params.is_greedy for s in states], dtype=bool)
         token_ids = np.empty(len(states), dtype=np.int64)
+        distributions: dict[int, TokenDistribution] = {}
         if greedy.all():
             token_ids[:] = logits.argmax(axis=1)
         else:
             token_ids[greedy] = logits[greedy].argmax(axis=1)
             for i in np.flatnonzero(~greedy):
-                token_ids[i] = draw(filtered_distribution(logits[i], states[i].params), states[i].rng)
-        return SamplerOutput(token_ids, token_logprobs(logits, states, token_ids))
+                distributions[i] = filtered_distribution(logits[i], states[i].params)
+                token_ids[i] = draw(distributions[i], states[i].rng)
+        rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        if not rows:
+            return SamplerOutput(token_ids, None)
+        logprobs: list[TokenLogprobs | None] = [None] * len(states)
+        for i in rows:
+            values, normalise = self._logprob_values(raw[i], logits[i], states[i].params, distributions.get(i))
+            logprobs[i] = position_logprobs(values, int(token_ids[i]), states[i].params.logprobs, normalise)
+        return SamplerOutput(token_ids, logprobs)
+
+    def _logprob_values(self, raw: np.ndarray, processed: np.ndarray, params: SamplingParams,
+                        distribution: TokenDistribution | None) -> tuple[np.ndarray, bool]:
+        """The row the logprobs are read from under this sampler's mode, and whether to log_softmax it."""
+        mode = self.logprobs_mode
+        if mode.startswith("raw") or distribution is None:
+            return (raw if mode.startswith("raw") else processed), mode.endswith("logprobs")
+        values = np.full(processed.shape, -np.inf, dtype=np.float32)
+        ids = distribution.token_ids if distribution.token_ids is not None else slice(None)
+        if mode == "processed_logprobs":
+            with np.errstate(divide="ignore"):
+                values[ids] = np.log(distribution.probs)
+        else:
+            values[ids] = _finite_shape(processed / np.float32(params.temperature))[ids]
+        return values, False
 
 
 def compute_probs(logits: np.ndarray, states: list[SamplingState],
@@ -337,20 +381,21 @@ def _inverse_cdf(probs: np.ndarray, u: float) -> int:
 
 # ---- logprobs ------------------------------------------------------------------------------------------------------
 
-def token_logprobs(logits: np.ndarray, states: list[SamplingState],
-                   token_ids: np.ndarray) -> list[dict[int, float] | None] | None:
-    """Logprobs of the sampled tokens and of each row's top-k, from log_softmax of the processed logits."""
-    rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-    if not rows:
-        return None
-    result: list[dict[int, float] | None] = [None] * len(states)
-    for i in rows:
-        x = logits[i]
-        chosen = int(token_ids[i])
-        ids = [chosen] + [t for t in _top_ids(x, states[i].params.logprobs).tolist() if t != chosen]
-        logprobs = x[ids] - _logsumexp(x)
-        result[i] = dict(zip(ids, logprobs.tolist()))
-    return result
+def position_logprobs(values: np.ndarray, chosen: int | None, k: int, normalise: bool) -> TokenLogprobs:
+    """The entries of one position: `chosen` (if any) with its rank, then the k largest values (k = -1: all).
+    normalise: the values are logits, reported as log_softmax."""
+    if normalise:
+        values = values - np.float32(_logsumexp(values))
+    top = _top_ids(values, values.size if k == -1 else k).tolist()
+    ids, ranks = list(top), list(range(1, len(top) + 1))
+    if chosen is not None and chosen not in top:
+        ids.insert(0, chosen)
+        ranks.insert(0, 1 + int(np.count_nonzero(values > values[chosen])))
+    elif chosen is not None:  # move it to the front, keeping its rank
+        at = top.index(chosen)
+        ids.insert(0, ids.pop(at))
+        ranks.insert(0, ranks.pop(at))
+    return TokenLogprobs(ids, values[ids].tolist(), ranks)
 
 
 def _logsumexp(x: np.ndarray) -> float:

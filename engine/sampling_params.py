@@ -9,7 +9,6 @@ from engine.structured_outputs import StructuredOutputsParams
 
 # Temperatures below this are treated as greedy: dividing logits by ~0 only overflows.
 GREEDY_TEMPERATURE_EPS = 1e-5
-MAX_LOGPROBS = 20
 # The sampler computes in float32: every number must be one, and a repetition penalty must not round to 0.
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.1754943508222875e-38
@@ -21,7 +20,9 @@ class SamplingParams:
 
     temperature 0 means greedy (argmax). top_k 0 or -1 means no top-k. max_tokens None means "up to the model's
     context length". stop is normalised to a list of strings and stop_token_ids to a list of ints.
-    logprobs=k asks for the sampled token's logprob plus the k most likely tokens (see engine.sampler).
+    logprobs=k asks for the sampled token's logprob plus the k most likely tokens (see engine.sampler);
+    prompt_logprobs=k the same for every prompt token. -1 means the whole vocabulary; the engine caps both at its
+    max_logprobs. n copies of the request share the prompt's KV; copy i draws with seed + i when seed is set.
     """
 
     temperature: float = 1.0
@@ -38,6 +39,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     n: int = 1
@@ -83,7 +85,7 @@ class SamplingParams:
         self.n = _int("n", self.n)
         _require(self.top_k >= -1, f"top_k must be -1, 0 (off) or a positive int, got {self.top_k}")
         _require(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
-        _require(self.n == 1, f"n must be 1 (only one completion per request is supported), got {self.n}")
+        _require(self.n >= 1, f"n must be >= 1, got {self.n}")
         if self.max_tokens is not None:
             self.max_tokens = _int("max_tokens", self.max_tokens)
             _require(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
@@ -92,10 +94,11 @@ class SamplingParams:
         if self.seed is not None:
             self.seed = _int("seed", self.seed)
             _require(self.seed >= 0, f"seed must be an int >= 0, got {self.seed}")
-        if self.logprobs is not None:
-            self.logprobs = _int("logprobs", self.logprobs)
-            _require(0 <= self.logprobs <= MAX_LOGPROBS,
-                     f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _int(name, getattr(self, name)))
+                _require(getattr(self, name) >= -1,
+                         f"{name} must be >= 0, or -1 for the whole vocabulary, got {getattr(self, name)}")
 
     def _check_bools(self) -> None:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):

@@ -3,7 +3,8 @@
 Each step: running decodes first, then running sequences still mid-prefill, then waiting sequences FCFS, while
 the step stays within max_num_batched_tokens and max_num_seqs. When a running sequence needs a block and the
 pool is empty, the newest running sequence not yet scheduled in this step is preempted (its KV is dropped and
-recomputed later); if that is the requester itself, it is the one preempted.
+recomputed later); if that is the requester itself, it is the one preempted. The copies of a request with n > 1
+are passed over in the queue until their source has computed the prompt, then share its blocks.
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prefill_chunks = 0  # partial prefill chunks: chunks after which the sequence still has tokens to compute
         self.num_steps = 0
+        self.num_computed_prompt_tokens = 0  # prompt tokens whose KV was computed (not shared, not cached)
 
     # ---- limits
     @property
@@ -198,24 +200,36 @@ class Scheduler:
         return next(seq for seq in reversed(self.running) if seq not in step.scheduled)
 
     def _schedule_waiting(self, step: _StepBuilder) -> None:
+        awaiting: list[Sequence] = []  # copies whose prompt is still being computed by their source: passed over
+        try:
+            while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+                if _awaits_prompt(self.waiting[0]):
+                    awaiting.append(self.waiting.popleft())
+                elif not self._admit_head(step):
+                    break
+        finally:
+            self.waiting.extendleft(reversed(awaiting))
+
+    def _admit_head(self, step: _StepBuilder) -> bool:
+        """Schedule the first waiting sequence; False (nothing changed) if it does not fit this step."""
         bm = self.block_manager
-        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            num_remaining = seq.num_tokens - bm.num_cached_tokens(seq)
-            if self.config.enable_chunked_prefill:
-                num_new = self._chunk_size(num_remaining, step.budget)
-            elif num_remaining <= step.budget:
-                num_new = num_remaining
-            else:
-                break  # FCFS: nothing overtakes the head of the queue
-            if not bm.allocate(seq, num_new):
-                break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
-            bisect.insort(self.running, seq, key=lambda s: s.arrival_time)
-            step.add(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+        seq = self.waiting[0]
+        num_remaining = seq.num_tokens - bm.num_cached_tokens(seq)
+        if self.config.enable_chunked_prefill:
+            num_new = self._chunk_size(num_remaining, step.budget)
+        elif num_remaining <= step.budget:
+            num_new = num_remaining
+        else:
+            return False  # FCFS: nothing overtakes the head of the queue
+        if not bm.allocate(seq, num_new):
+            return False
+        self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
+        bisect.insort(self.running, seq, key=lambda s: s.arrival_time)
+        step.add(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -232,8 +246,25 @@ class Scheduler:
             if seq.is_finished:  # aborted while the step ran
                 continue
             seq.num_computed_tokens += chunk.num_tokens
+            self.num_computed_prompt_tokens += max(min(chunk.end, seq.num_prompt_tokens) - chunk.start, 0)
             self.block_manager.commit_computed(seq)
+            if seq.prompt_copies and chunk.start < seq.num_prompt_tokens <= seq.num_computed_tokens:
+                self._share_prompt(seq)
         self.num_steps += 1
+
+    def _share_prompt(self, source: Sequence) -> None:
+        """The source's prompt is computed: its waiting copies take its full prompt blocks now, before a stop
+        could free them."""
+        for copy in source.prompt_copies:
+            if copy.status == SequenceStatus.WAITING and not copy.block_table:
+                self.block_manager.share_prompt(source, copy)
+
+
+def _awaits_prompt(seq: Sequence) -> bool:
+    """A copy of an n > 1 request waits while its source computes the prompt (then shares its blocks)."""
+    source = seq.prompt_source
+    return (source is not None and not seq.block_table and not source.is_finished
+            and source.num_computed_tokens < source.num_prompt_tokens)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Request state: one sequence (n=1) with its prompt metadata, generated tokens and KV block table."""
+"""Request state: one sequence (one completion of a request) with its prompt metadata, generated tokens and KV
+block table."""
 from __future__ import annotations
 
 import enum
@@ -42,6 +43,12 @@ class Sequence:
     # Content hashes of the full blocks of all_token_ids, filled lazily by the block manager. They depend only
     # on the tokens, so they survive preemption.
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    # False when the prompt's logits are wanted (prompt_logprobs): cached blocks would skip computing them.
+    reads_prefix_cache: bool = True
+    # n > 1: the first copy computes the prompt; the others (its prompt_copies, each with prompt_source set to it)
+    # wait for that and share its full prompt blocks (Scheduler, BlockManager.share_prompt).
+    prompt_copies: list["Sequence"] = field(default_factory=list, repr=False)
+    prompt_source: "Sequence | None" = field(default=None, repr=False)
     # Half-open [start, end) token indices of the image span (token type 1), or None for text-only.
     image_span: tuple[int, int] | None = field(init=False, default=None)
 

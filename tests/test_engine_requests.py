@@ -92,9 +92,13 @@ def test_logprobs(llm):
     out = _one(llm, DESCRIBE, SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True)).outputs[0]
     assert len(out.logprobs) == 5
     for token, entry in zip(out.token_ids, out.logprobs):
-        assert token in entry
-        assert max(entry.values()) == pytest.approx(entry[token])  # greedy picks the most likely
-        assert all(v <= 0 for v in entry.values()) and len(entry) >= 3
+        assert list(entry)[0] == token and entry[token].rank == 1  # greedy picks the most likely
+        assert entry[token].decoded_token == llm.tokenizer.decode([token])
+        assert max(e.logprob for e in entry.values()) == pytest.approx(entry[token].logprob)
+        assert all(e.logprob <= 0 for e in entry.values()) and len(entry) == 3
+        assert sorted(e.rank for e in entry.values()) == [1, 2, 3]
+    assert out.cumulative_logprob == pytest.approx(sum(entry[t].logprob for t, entry in zip(out.token_ids,
+                                                                                          out.logprobs)))
 
 
 def test_bad_requests_fail_alone(llm, tmp_path):

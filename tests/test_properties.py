@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_no_leak as assert_engine_has_no_leak
-from engine.sampling_params import MAX_LOGPROBS
+from engine.config import EngineArgs
 from test_scheduler import FakeEngine, assert_no_leak, make_scheduler, make_seq
 
 settings.register_profile("default", max_examples=25, deadline=None,
@@ -39,6 +39,8 @@ VALID = {
     "stop_token_ids": st.none() | st.lists(st.integers(0, 128255), max_size=3),
     "ignore_eos": st.booleans(),
     "logprobs": st.none() | st.integers(0, 5),
+    "prompt_logprobs": st.none() | st.integers(0, 3),
+    "n": st.integers(1, 3),
     "skip_special_tokens": st.booleans(),
     "include_stop_str_in_output": st.booleans(),
 }
@@ -56,10 +58,11 @@ INVALID = {
     "stop": st.sampled_from([[""], [1], 5, [None], {"a": 1}]),
     "stop_token_ids": st.sampled_from([[-1], ["a"], 3, [1.5], [True]]),
     "ignore_eos": NOT_A_BOOL,
-    "logprobs": NOT_AN_INT.filter(lambda v: v is not None) | st.sampled_from([-1, MAX_LOGPROBS + 1]),
+    "logprobs": NOT_AN_INT.filter(lambda v: v is not None) | st.sampled_from([-2, -1, EngineArgs.max_logprobs + 1]),
+    "prompt_logprobs": NOT_AN_INT.filter(lambda v: v is not None) | st.sampled_from([-2, -1, 21]),
     "skip_special_tokens": NOT_A_BOOL,
     "include_stop_str_in_output": NOT_A_BOOL,
-    "n": st.sampled_from([0, 2, -1, "2"]),
+    "n": st.sampled_from([0, -1, "2", 1.0]),
 }
 
 
@@ -96,7 +99,8 @@ def _check_batch(llm, good, candidate: tuple[dict, str | None]) -> None:
     outs = llm.generate([prompts[0], "Hello", prompts[1]], [good_params, params, good_params], use_tqdm=False)
     if bad is None:
         assert outs[1].error is None, (params, outs[1].error)
-        assert 1 <= len(outs[1].outputs[0].token_ids) <= params["max_tokens"]
+        assert [o.index for o in outs[1].outputs] == list(range(params.get("n", 1)))
+        assert all(1 <= len(o.token_ids) <= params["max_tokens"] for o in outs[1].outputs)
     else:
         assert outs[1].outputs[0].finish_reason == "error", params
         assert bad in outs[1].error, (bad, params, outs[1].error)

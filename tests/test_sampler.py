@@ -296,34 +296,79 @@ def test_unseeded_states_from_the_engine_counter_differ():
 
 # ---- logprobs ------------------------------------------------------------------------------------------------------
 
-def test_logprobs_are_log_softmax_of_penalised_logits():
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x - x.max() - np.log(np.exp(x - x.max()).sum())
+
+
+def _check_entry(entry, chosen: int, expected: np.ndarray, k: int) -> None:
+    """The chosen token first, then the k largest of `expected` (ties by id), values and ranks as expected."""
+    top = np.lexsort((np.arange(expected.size), -expected))[:k].tolist()
+    assert entry.token_ids == [chosen] + [t for t in top if t != chosen]
+    np.testing.assert_allclose(entry.logprobs, expected[entry.token_ids], rtol=1e-5, atol=1e-5)
+    for token, rank in zip(entry.token_ids, entry.ranks):
+        expected_rank = top.index(token) + 1 if token in top else 1 + int((expected > expected[token]).sum())
+        assert rank == expected_rank
+
+
+LOGPROB_PARAMS = [SamplingParams(temperature=0, logprobs=5, repetition_penalty=1.5),
+                  SamplingParams(temperature=0.7, top_k=3, logprobs=0),
+                  SamplingParams(temperature=1.3, top_p=0.5, logprobs=20, repetition_penalty=1.5), SamplingParams()]
+
+
+def _logprob_batch(mode: str):
     rng = np.random.default_rng(8)
-    vocab = 300
-    logits = random_logits(rng, 4, vocab)
-    params = [SamplingParams(temperature=0, logprobs=5), SamplingParams(temperature=0.7, top_k=3, logprobs=0),
-              SamplingParams(logprobs=20, repetition_penalty=1.5), SamplingParams()]
-    states = [make_state(p, [1, 2], [3], seed=i) for i, p in enumerate(params)]
-    out = Sampler()(logits, states)
+    logits = random_logits(rng, 4, 300)
+    states = [make_state(p, [1, 2], [3], seed=i) for i, p in enumerate(LOGPROB_PARAMS)]
+    return logits, Sampler(logprobs_mode=mode)(logits, states)
+
+
+def test_raw_logprobs_are_the_models_log_softmax():
+    logits, out = _logprob_batch("raw_logprobs")
     assert out.logprobs is not None and len(out.logprobs) == 4 and out.logprobs[3] is None
     for row in range(3):
-        penalised = reference_penalised(logits[row], params[row], [1, 2], [3], [])
-        full = penalised - np.log(np.exp(penalised - penalised.max()).sum()) - penalised.max()
-        entry = out.logprobs[row]
-        chosen = int(out.token_ids[row])
-        top = np.argsort(-full, kind="stable")[:params[row].logprobs].tolist()
-        assert list(entry) == [chosen] + [t for t in top if t != chosen]
-        for token, value in entry.items():
-            assert value == pytest.approx(full[token], abs=1e-5)
-        assert np.exp(full).sum() == pytest.approx(1.0)
-    assert len(out.logprobs[1]) == 1  # logprobs=0: the sampled token only
+        _check_entry(out.logprobs[row], int(out.token_ids[row]), _log_softmax(logits[row]), LOGPROB_PARAMS[row].logprobs)
+    assert len(out.logprobs[1].token_ids) == 1  # logprobs=0: the sampled token only
 
 
-def test_logprobs_top_k_is_sorted_descending():
+def test_raw_logits_are_the_models_logits():
+    logits, out = _logprob_batch("raw_logits")
+    for row in range(3):
+        _check_entry(out.logprobs[row], int(out.token_ids[row]), logits[row].astype(np.float64),
+                     LOGPROB_PARAMS[row].logprobs)
+
+
+def test_processed_logprobs_are_the_sampled_distribution():
+    logits, out = _logprob_batch("processed_logprobs")
+    for row in range(3):
+        params = LOGPROB_PARAMS[row]
+        if params.is_greedy:  # greedy: the penalised logits' log_softmax (no temperature, no truncation)
+            expected = _log_softmax(reference_penalised(logits[row], params, [1, 2], [3], []))
+        else:
+            with np.errstate(divide="ignore"):
+                expected = np.log(reference_probs(logits[row], params, [1, 2], [3], []))
+        _check_entry(out.logprobs[row], int(out.token_ids[row]), expected, params.logprobs)
+
+
+def test_processed_logits_are_scaled_and_truncated():
+    logits, out = _logprob_batch("processed_logits")
+    params = LOGPROB_PARAMS[2]
+    kept = reference_probs(logits[2], params, [1, 2], [3], []) > 0
+    expected = np.where(kept, reference_penalised(logits[2], params, [1, 2], [3], []) / params.temperature, -np.inf)
+    _check_entry(out.logprobs[2], int(out.token_ids[2]), expected, params.logprobs)
+
+
+def test_logprobs_of_the_whole_vocabulary():
     logits = np.array([[0.0, 3.0, 1.0, 2.0, -1.0]], dtype=np.float32)
-    out = Sampler()(logits, [make_state(SamplingParams(temperature=0, logprobs=3))])
-    assert list(out.logprobs[0]) == [1, 3, 2]
-    values = list(out.logprobs[0].values())
-    assert values == sorted(values, reverse=True)
+    out = Sampler()(logits, [make_state(SamplingParams(temperature=0, logprobs=-1))])
+    assert out.logprobs[0].token_ids == [1, 3, 2, 0, 4] and out.logprobs[0].ranks == [1, 2, 3, 4, 5]
+    values = out.logprobs[0].logprobs
+    assert values == sorted(values, reverse=True) and np.exp(values).sum() == pytest.approx(1.0)
+
+
+def test_unknown_logprobs_mode_is_an_error():
+    with pytest.raises(ValueError, match="logprobs_mode"):
+        Sampler(logprobs_mode="penalised")
 
 
 def test_rejects_mismatched_batch():

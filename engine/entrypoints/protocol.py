@@ -128,6 +128,7 @@ class SamplingRequest(Strict):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     n: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's extra field: logprobs of the prompt tokens (not when streaming)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -150,7 +151,8 @@ class CompletionRequest(SamplingRequest):
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens",
-                   "include_stop_str_in_output", "n", "logit_bias", "allowed_token_ids", "bad_words")
+                   "include_stop_str_in_output", "n", "logit_bias", "allowed_token_ids", "bad_words",
+                   "prompt_logprobs")
 
 
 def parse_request(body: bytes, schema: type[T]) -> T:
@@ -176,14 +178,18 @@ def _loc(loc: tuple) -> str:
 
 # ---- sampling ----------------------------------------------------------------------------------------------------
 def sampling_params(req: SamplingRequest, max_tokens: int | None, logprobs: int | None,
-                    max_model_len: int) -> SamplingParams:
+                    max_model_len: int, **overrides: Any) -> SamplingParams:
     if isinstance(max_tokens, int) and max_tokens > max_model_len:
         raise ApiError(400, f"max_tokens={max_tokens} is more than this model's context length "
                             f"(max_model_len={max_model_len})", code="max_tokens_too_large", param="max_tokens")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise ApiError(400, f"best_of={req.best_of} is not supported: only best_of equal to n", code="unsupported",
                        param="best_of")
+    if req.prompt_logprobs is not None and req.stream:
+        raise ApiError(400, "prompt_logprobs is not available when streaming", code="unsupported",
+                       param="prompt_logprobs")
     chosen = {name: getattr(req, name) for name in SAMPLING_FIELDS if getattr(req, name) is not None}
+    chosen.update(overrides)
     structured, field_name = structured_outputs(req)
     try:
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, structured_outputs=structured, **chosen)

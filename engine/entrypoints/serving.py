@@ -241,20 +241,22 @@ class OpenAIServing:
             image = await asyncio.to_thread(load_image_url, conversation.image_url, self.settings)
         prompt = {"prompt": conversation.query, "history": conversation.history or None, "image": image}
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", self.settings.model_name, int(time.time()),
-                         self.llm.tokenizer, params.logprobs, req.include_usage())
+                         self.llm.tokenizer, params.logprobs, req.include_usage(), params.n)
         return await self.run(request, req.stream, fmt, prompt, params)
 
     async def completions(self, request: Request) -> Response:
         req = parse_request(await read_body(request, self.settings.max_body_bytes), CompletionRequest)
         self.check_model(req.model)
         prompt = _single_prompt(req.prompt)
-        if req.echo:
-            raise ApiError(400, "echo is not supported", code="unsupported", param="echo")
         max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-        params = sampling_params(req, max_tokens, req.logprobs, self.llm.max_model_len)
+        # echo with logprobs reports the prompt's tokens too (OpenAI's legacy completions behaviour)
+        echo_logprobs = {"prompt_logprobs": req.logprobs} if req.echo and req.logprobs is not None \
+            and req.prompt_logprobs is None else {}
+        params = sampling_params(req, max_tokens, req.logprobs, self.llm.max_model_len, **echo_logprobs)
         await self.check_constraint(req, params)
         fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", self.settings.model_name, int(time.time()),
-                               self.llm.tokenizer, params.logprobs, req.include_usage())
+                               self.llm.tokenizer, params.logprobs, req.include_usage(), params.n,
+                               echo=prompt if req.echo else None)
         return await self.run(request, req.stream, fmt, {"prompt": prompt, "template": "base"}, params)
 
     async def run(self, request: Request, stream: bool, fmt: OutputFormat, prompt: dict,
