@@ -255,6 +255,44 @@ def test_logprobs(client):
         assert token.top_logprobs[0].token == token.token  # greedy picks the most likely token
 
 
+def test_n_choices_chat_and_streamed(client):
+    kwargs = dict(model="demo", messages=[user("Describe the image.", IMAGE_0)], max_tokens=6, temperature=1.0,
+                  seed=5, n=4, extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(**kwargs)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason == "length" and c.message.content for c in reply.choices)
+    assert reply.usage.completion_tokens == 24
+    texts = {i: "" for i in range(4)}
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert [texts[i] for i in range(4)] == [c.message.content for c in reply.choices]  # same seeds, same copies
+
+
+def test_completions_echo_with_logprobs_and_prompt_logprobs(client):
+    prompt = "Question: What is a circle? Answer:"
+    reply = client.completions.create(model="demo", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                      logprobs=2, extra_body={"ignore_eos": True})
+    choice = reply.choices[0]
+    num_prompt = reply.usage.prompt_tokens
+    assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+    tokens, values = choice.logprobs.tokens, choice.logprobs.token_logprobs
+    assert len(tokens) == num_prompt + 4 and tokens[0] == "<|begin_of_text|>"
+    assert values[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert all(v <= 0 for v in values[1:]) and all(len(top) == 2 for top in choice.logprobs.top_logprobs[1:])
+    streamed = list(client.completions.create(model="demo", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                              stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(p.choices[0].text for p in streamed) == choice.text
+    raw = client.completions.with_raw_response.create(model="demo", prompt=prompt, max_tokens=1,
+                                                      extra_body={"prompt_logprobs": 1}).http_response.json()
+    entries = raw["prompt_logprobs"]
+    assert len(entries) == num_prompt and entries[0] is None
+    assert all(1 <= len(e) <= 2 and min(v["rank"] for v in e.values()) == 1 for e in entries[1:])
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.completions.create(model="demo", prompt=prompt, max_tokens=1, stream=True,
+                                  extra_body={"prompt_logprobs": 1})
+
+
 def test_models_health_and_the_api_key(client, demo_url):
     assert [m.id for m in client.models.list().data] == ["demo"]
     assert httpx.get(f"{demo_url}/health").json() == {"status": "ok"}  # no key needed
