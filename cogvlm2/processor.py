@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, Sequence
 
 import numpy as np
@@ -141,8 +142,24 @@ class CogVLM2Processor:
         image = _single_image(image)
         text = format_prompt(query, pairs, template)
 
-        input_ids = [self.tokenizer.bos_id]
-        token_type_ids = [LANGUAGE_TOKEN]
+        return self._assemble([self.tokenizer.bos_id], image, self.tokenizer.encode(text), text)
+
+    def from_token_ids(self, token_ids: Any, image: Any = None) -> ProcessedPrompt:
+        """A prompt given as token ids (vLLM's prompt_token_ids), used as they are; an image's tokens go right
+        after their leading BOS, where the template puts them."""
+        ids = self._check_token_ids(token_ids)
+        image = _single_image(image)
+        if ids[0] != self.tokenizer.bos_id:
+            if image is not None:
+                raise InputError(f"'prompt_token_ids' with an image must start with BOS ({self.tokenizer.bos_id}): "
+                                 f"the image's tokens follow it")
+            return self._assemble([], None, ids, "")
+        return self._assemble(ids[:1], image, ids[1:], "")
+
+    def _assemble(self, head: list[int], image: Any, text_ids: list[int], text: str) -> ProcessedPrompt:
+        """head (BOS, or nothing), then the image's placeholder tokens, then the text's tokens."""
+        input_ids = list(head)
+        token_type_ids = [LANGUAGE_TOKEN] * len(head)
         pixel_values = image_hash = None
         if image is not None:
             pixel_values = self.preprocess(image)
@@ -150,7 +167,6 @@ class CogVLM2Processor:
             n = self.config.tokens_per_image
             input_ids += [self.image_placeholder_id] * n
             token_type_ids += [VISION_TOKEN] * n
-        text_ids = self.tokenizer.encode(text)
         input_ids += text_ids
         token_type_ids += [LANGUAGE_TOKEN] * len(text_ids)
         return ProcessedPrompt(
@@ -158,6 +174,14 @@ class CogVLM2Processor:
             position_ids=build_position_ids(token_type_ids),
             vision_expert_mask=build_vision_expert_mask(token_type_ids),
             pixel_values=pixel_values, image_hash=image_hash)
+
+    def _check_token_ids(self, token_ids: Any) -> list[int]:
+        vocab = self.config.vocab_size
+        if not isinstance(token_ids, (list, tuple)) or not token_ids or not all(
+                isinstance(t, Integral) and not isinstance(t, bool) and 0 <= t < vocab for t in token_ids):
+            raise InputError(f"'prompt_token_ids' must be a non-empty list of token ids in [0, {vocab}), "
+                             f"got {str(token_ids)[:80]}")
+        return [int(t) for t in token_ids]
 
     def preprocess(self, image: Any) -> np.ndarray:
         """Load (with the pixel limit) and preprocess one image: float32 [3, S, S]."""

@@ -1,8 +1,9 @@
 """The serving core: paged KV cache, continuous batching scheduler, sampling, the LLM API."""
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "AsyncLLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "AsyncLLM", "EngineArgs", "AsyncEngineArgs", "SamplingParams", "RequestOutputKind",
+           "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):
@@ -13,7 +14,7 @@ def __getattr__(name: str):
     if name == "AsyncLLM":
         from engine.async_llm import AsyncLLM
         return AsyncLLM
-    if name == "EngineArgs":
+    if name in ("EngineArgs", "AsyncEngineArgs"):  # vLLM has two classes; here one list of settings serves both
         from engine.config import EngineArgs
         return EngineArgs
     if name == "LLMEngine":

@@ -1,14 +1,16 @@
-"""asyncio front end of the engine: `async for delta in AsyncLLM(...).generate(prompt, params)`.
+"""asyncio front end of the engine: `async for out in AsyncLLM(...).generate(prompt, params, request_id)`.
 
 The LLMEngine lives in one background thread (its forward pass is blocking CPU work), so the event loop never
 waits on the model. Callers hand requests to that thread through a thread-safe queue; after every step the thread
 passes the step's outputs back to the event loop with `call_soon_threadsafe`, where they are routed to the
 waiting callers. A caller that stops iterating (breaks, closes the generator, is cancelled) aborts its request,
-which frees its KV blocks.
+which frees its KV blocks. What a caller receives follows its SamplingParams.output_kind (vLLM's): the output so
+far (CUMULATIVE, the default), only what is new (DELTA, what the HTTP server streams), or the finished output.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -18,8 +20,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+from engine.config import EngineArgs
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -52,29 +55,45 @@ _STOP = object()
 class _Stream:
     """One caller's view of its request. Touched only on the event loop."""
     request_id: str  # the caller's id; the engine knows the request by a unique internal id
+    kind: RequestOutputKind
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    pending: RequestOutput | None = None  # deltas not yet taken by the caller, merged
+    # DELTA: the deltas not yet taken by the caller, merged (a slow caller costs no extra outputs); otherwise the
+    # whole output so far.
+    pending: RequestOutput | None = None
     error: str | None = None
 
     def put(self, delta: RequestOutput) -> None:
-        """Deltas that arrive while the caller is busy are merged, so a slow caller costs no extra outputs."""
         if self.pending is None:
             self.pending = delta.copy()
             self.pending.request_id = self.request_id
         else:
             self.pending.add(delta)
-        self.ready.set()
+        if self.kind is not RequestOutputKind.FINAL_ONLY or delta.finished:
+            self.ready.set()
 
     def take(self) -> RequestOutput:
-        delta, self.pending = self.pending, None
-        return delta
+        if self.kind is RequestOutputKind.DELTA:
+            delta, self.pending = self.pending, None
+            return delta
+        return self.pending.copy()  # the caller may keep it: later steps extend `pending`, not this copy
+
+
+def _output_kind(params: SamplingParams | dict | None) -> RequestOutputKind:
+    """The request's output kind, read before the engine validates the rest (a bad value fails it there)."""
+    kind = params.output_kind if isinstance(params, SamplingParams) else \
+        params.get("output_kind") if isinstance(params, dict) else None
+    return kind if isinstance(kind, RequestOutputKind) else RequestOutputKind.CUMULATIVE
 
 
 class AsyncLLM:
-    """Streams RequestOutput deltas to many concurrent asyncio callers from one engine thread.
+    """Streams RequestOutputs to many concurrent asyncio callers from one engine thread.
 
-    Construction blocks until the model is loaded (in the engine thread). Use `async with AsyncLLM(...) as llm`
-    or `await llm.shutdown()`; a shut-down or crashed engine makes every waiting caller raise EngineDeadError.
+    The model loads in the engine thread. Constructed outside an event loop, the constructor waits for it and
+    raises what loading raised; constructed inside a running loop (a FastAPI lifespan, say) it returns at once,
+    and `generate` (or `await llm.ready()`, or the `await AsyncLLM.create(...)` factory) waits without blocking
+    the loop. It serves one event loop at a time: a later loop may take over once the earlier one has no open
+    request. `llm.shutdown()` (or `async with`) stops it; a shut-down or crashed engine makes every waiting
+    caller raise EngineDeadError.
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any):
@@ -89,32 +108,65 @@ class AsyncLLM:
         self._dead_reason: str | None = None
         self._stats: dict[str, Any] = {}
         self.engine = None
-        started = threading.Event()
-        startup_errors: list[BaseException] = []
+        self._started = threading.Event()  # set once loading finished, or failed (then _startup_error is set)
+        self._startup_error: BaseException | None = None
         self._thread = threading.Thread(target=self._engine_thread, name="cogvlm2-engine", daemon=True,
-                                        args=(model, engine_args, started, startup_errors))
+                                        args=(model, engine_args))
         self._thread.start()
-        started.wait()
-        if startup_errors:
-            raise startup_errors[0]
+        if not _in_running_loop():
+            self._loaded_engine()
 
-    # ---- read-only engine facts (fixed after construction, safe from any thread) ------------------------------
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "AsyncLLM":
+        """vLLM's constructor: `AsyncLLM.from_engine_args(AsyncEngineArgs(model=...))`."""
+        return cls(**dataclasses.asdict(engine_args))
+
+    @classmethod
+    async def create(cls, model: str | None = None, **engine_args: Any) -> "AsyncLLM":
+        """Constructs and waits for the model without blocking the running loop."""
+        llm = cls(model, **engine_args)
+        await llm.ready()
+        return llm
+
+    async def ready(self) -> None:
+        """Waits (without blocking the loop) until the model is loaded; raises what loading raised."""
+        if not self._started.is_set():
+            await asyncio.to_thread(self._started.wait)
+        self._loaded_engine()
+
+    def _loaded_engine(self):
+        """The engine, waiting for it if it is still loading (blocking: from a loop, await ready() first)."""
+        self._started.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
+        return self.engine
+
+    # ---- read-only engine facts (fixed once loaded, safe from any thread) -------------------------------------
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self._loaded_engine().tokenizer
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    @property
+    def processor(self):
+        """The engine's prompt processor (stateless, safe from any thread): a server may process prompts itself
+        and pass the ProcessedPrompt."""
+        return self._loaded_engine().processor
 
     @property
     def config(self):
-        return self.engine.config
+        return self._loaded_engine().config
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self._loaded_engine().max_model_len
 
     @property
     def grammars(self):
         """The engine's grammar compiler (thread-safe): servers validate a constraint before submitting it."""
-        return self.engine.grammars
+        return self._loaded_engine().grammars
 
     @property
     def is_running(self) -> bool:
@@ -131,10 +183,11 @@ class AsyncLLM:
     # ---- the caller's API ------------------------------------------------------------------------------------
     async def generate(self, prompt: str | dict, sampling_params: SamplingParams | dict | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields deltas: the text and token ids that are new since the previous yield; the last one has
-        `finished` and `finish_reason` set ("error" with `.error` for a bad request)."""
+        """Yields the request's outputs as its output_kind says; the last one has `finished` and `finish_reason`
+        set ("error" with `.error` for a bad request)."""
+        await self.ready()
         request_id = request_id if request_id is not None else f"req-{uuid.uuid4().hex}"
-        engine_id, stream = self._open_stream(request_id)
+        engine_id, stream = self._open_stream(request_id, _output_kind(sampling_params))
         self._commands.put(_AddRequest(engine_id, prompt, sampling_params, time.monotonic()))
         finished = False
         try:
@@ -159,20 +212,22 @@ class AsyncLLM:
         if engine_id is not None and self._dead_reason is None:
             self._commands.put(_AbortRequest(engine_id))
 
-    async def shutdown(self) -> None:
-        """Stop the engine thread; callers still waiting get EngineDeadError."""
+    def shutdown(self) -> None:
+        """Stop the engine thread (after its current step, or its loading); callers still waiting get
+        EngineDeadError. Idempotent."""
         if self._thread.is_alive():
             self._commands.put(_STOP)
-            await asyncio.to_thread(self._thread.join)
+            self._thread.join()
         self._mark_dead("the engine was shut down")
 
     async def __aenter__(self) -> "AsyncLLM":
+        await self.ready()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        await self.shutdown()
+        self.shutdown()
 
-    def _open_stream(self, request_id: str) -> tuple[str, _Stream]:
+    def _open_stream(self, request_id: str, kind: RequestOutputKind) -> tuple[str, _Stream]:
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)
         if request_id in self._engine_ids:
@@ -183,7 +238,7 @@ class AsyncLLM:
                 raise RuntimeError("AsyncLLM serves one event loop at a time; another loop has open requests")
             self._loop = loop
         engine_id = f"{request_id}-{next(self._counter)}"
-        stream = _Stream(request_id)
+        stream = _Stream(request_id, kind)
         self._streams[engine_id] = stream
         self._engine_ids[request_id] = engine_id
         return engine_id, stream
@@ -217,17 +272,17 @@ class AsyncLLM:
             pass
 
     # ---- the engine thread ---------------------------------------------------------------------------------
-    def _engine_thread(self, model: str | None, engine_args: dict, started: threading.Event,
-                       startup_errors: list[BaseException]) -> None:
+    def _engine_thread(self, model: str | None, engine_args: dict) -> None:
         try:
             from engine.llm_engine import LLMEngine
             self.engine = LLMEngine(model, **engine_args)
             self._stats = self.engine.stats()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
-            startup_errors.append(e)
+        except BaseException as e:  # noqa: BLE001 - re-raised by the constructor, ready() and generate()
+            self._startup_error = e
+            self._dead_reason = f"the engine failed to start: {type(e).__name__}: {e}"
             return
         finally:
-            started.set()
+            self._started.set()
         try:
             self._run_steps()
         except BaseException as e:  # noqa: BLE001 - a crash must reach every waiting caller
@@ -276,3 +331,10 @@ class AsyncLLM:
             except Exception:  # noqa: BLE001 - observers must not stop the engine
                 logger.exception("step listener %r failed", listener)
 
+
+def _in_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -1,11 +1,16 @@
-"""Offline batch generation: `LLM(model=...).generate(prompts, sampling_params)`."""
+"""Offline batch generation: `LLM(model=...).generate(prompts, sampling_params)` and `.chat(messages, ...)`."""
 from __future__ import annotations
 
 import itertools
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
 
+from cogvlm2.chat import conversation_from_messages
+from cogvlm2.errors import UnreadableImageError
+from engine.entrypoints.media import data_url_bytes
+from engine.entrypoints.protocol import ApiError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, accumulate
 from engine.sampling_params import SamplingParams
@@ -32,6 +37,17 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """OpenAI-style messages (one conversation, or a list of them) -> one output each, through the message
+        conversion the server uses. Image parts: data: URLs, file:// URLs or local paths (nothing is fetched)."""
+        conversations = [messages] if not messages or isinstance(messages[0], dict) else list(messages)
+        return self.generate([_chat_prompt(c) for c in conversations], sampling_params, use_tqdm)
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -77,3 +93,26 @@ def _per_prompt(sampling_params, count: int) -> list:
     if len(sampling_params) != count:
         raise ValueError(f"sampling_params has {len(sampling_params)} entries for {count} prompts")
     return list(sampling_params)
+
+
+def _chat_prompt(messages: list[dict]) -> dict:
+    conversation = conversation_from_messages(messages)
+    prompt: dict[str, Any] = {"prompt": conversation.query, "history": conversation.history or None}
+    if conversation.image_url is not None:
+        prompt["image"] = _local_image(conversation.image_url)
+    return prompt
+
+
+def _local_image(url: str) -> bytes | str:
+    """An image part's URL as what the processor reads: the bytes of a data: URL, else a local path."""
+    scheme = urlparse(url).scheme.lower()
+    if scheme == "data":
+        try:
+            return data_url_bytes(url)
+        except ApiError as e:
+            raise UnreadableImageError(f"image_url: {e.message}") from e
+    if scheme == "file":
+        return unquote(urlparse(url).path)
+    if scheme in ("http", "https"):
+        raise UnreadableImageError("image_url: remote URLs are not fetched; pass a data: URL or a local path")
+    return url

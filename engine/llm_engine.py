@@ -37,7 +37,7 @@ from kernels.sku import detect_sku_info
 
 logger = logging.getLogger(__name__)
 
-PROMPT_KEYS = {"prompt", "image", "history", "template"}
+PROMPT_KEYS = {"prompt", "prompt_token_ids", "image", "multi_modal_data", "history", "template"}
 
 
 @dataclass
@@ -118,7 +118,7 @@ class LLMEngine:
         return self.kv_spec.blocks_for_budget(self.args.kv_cache_memory_gb, self.args.max_num_seqs, self.max_model_len)
 
     # ---- requests ------------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | dict, sampling_params: SamplingParams | dict | None = None,
+    def add_request(self, request_id: str, prompt: str | dict | ProcessedPrompt, sampling_params: SamplingParams | dict | None = None,
                     arrival_time: float | None = None) -> None:
         """Bad input fails this request only: its output (finish_reason 'error') comes from the next step()."""
         arrival = arrival_time if arrival_time is not None else time.monotonic()
@@ -201,23 +201,50 @@ class LLMEngine:
             raise ValueError(f"min_tokens {params.min_tokens} cannot be reached: the prompt has {prompt_len} tokens "
                              f"and max_model_len is {self.max_model_len}, so at most {max(room, 0)} can be generated")
 
-    def _process(self, prompt: str | dict) -> tuple[ProcessedPrompt, str]:
+    def _process(self, prompt: str | dict) -> tuple[ProcessedPrompt, str | None]:
+        """A prompt: a str, or a dict with 'prompt' (plus image, history, template) or vLLM's 'prompt_token_ids';
+        the image as 'image' or vLLM's multi_modal_data={'image': ...}."""
         if isinstance(prompt, str):
             return self.processor(prompt), prompt
+        if isinstance(prompt, ProcessedPrompt):  # processed by the caller (the server, off the engine thread)
+            if prompt.pixel_values is not None:
+                self._check_image_allowed()
+            return prompt, prompt.prompt_text
         if not isinstance(prompt, dict):
             raise TypeError(f"prompt must be a str or a dict with keys {sorted(PROMPT_KEYS)}, "
                             f"got {type(prompt).__name__}")
         unknown = set(prompt) - PROMPT_KEYS
         if unknown:
             raise ValueError(f"prompt dict has unknown keys {sorted(unknown)}; allowed: {sorted(PROMPT_KEYS)}")
-        if "prompt" not in prompt:
-            raise ValueError("prompt dict needs the key 'prompt'")
-        if prompt.get("image") is not None and image_limit(self.args) == 0:
-            raise ImagesDisabledError("this engine serves text only (limit_mm_per_prompt={'image': 0}: no vision "
-                                      "tower loaded); the request's 'image' cannot be used")
-        processed = self.processor(prompt["prompt"], image=prompt.get("image"), history=prompt.get("history"),
+        image = self._prompt_image(prompt)
+        if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+            raise ValueError("prompt dict needs exactly one of the keys 'prompt' and 'prompt_token_ids'")
+        if "prompt_token_ids" in prompt:
+            text_only = {"history", "template"} & {k for k, v in prompt.items() if v is not None}
+            if text_only:
+                raise ValueError(f"prompt dict keys {sorted(text_only)} need 'prompt' (text), not 'prompt_token_ids'")
+            return self.processor.from_token_ids(prompt["prompt_token_ids"], image=image), None
+        processed = self.processor(prompt["prompt"], image=image, history=prompt.get("history"),
                                    template=prompt.get("template"))
         return processed, prompt["prompt"]
+
+    def _prompt_image(self, prompt: dict) -> Any:
+        media = prompt.get("multi_modal_data")
+        if media is not None:
+            if not isinstance(media, dict) or set(media) - {"image"}:
+                raise ValueError(f"multi_modal_data must be a dict with the key 'image' (CogVLM2 takes images "
+                                 f"only), got {media!r:.80}")
+            if prompt.get("image") is not None:
+                raise ValueError("the prompt has both 'image' and multi_modal_data['image']: give one")
+        image = prompt.get("image") if media is None else media.get("image")
+        if image is not None:
+            self._check_image_allowed()
+        return image
+
+    def _check_image_allowed(self) -> None:
+        if image_limit(self.args) == 0:
+            raise ImagesDisabledError("this engine serves text only (limit_mm_per_prompt={'image': 0}: no vision "
+                                      "tower loaded); the request's 'image' cannot be used")
 
     def abort_request(self, request_id: str) -> None:
         """Aborts every unfinished completion of the request."""

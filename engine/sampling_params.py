@@ -1,6 +1,7 @@
 """Per-request sampling parameters, with vLLM's names and semantics."""
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -12,6 +13,14 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 # The sampler computes in float32: every number must be one, and a repetition penalty must not round to 0.
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.1754943508222875e-38
+
+
+class RequestOutputKind(enum.Enum):
+    """What AsyncLLM.generate yields per request (vLLM's names): the whole output so far (CUMULATIVE), only what
+    is new since the previous yield (DELTA), or just the finished output (FINAL_ONLY)."""
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -47,6 +56,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's range)
     allowed_token_ids: list[int] | None = None  # only these tokens can be generated
     bad_words: list[str] | None = None  # never generated (as vLLM: the word alone and after a space)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # AsyncLLM's yields (LLMEngine.step: deltas)
 
     def __post_init__(self) -> None:
         self._check_floats()
@@ -58,6 +68,8 @@ class SamplingParams:
         self.logit_bias = _normalise_logit_bias(self.logit_bias)
         self.allowed_token_ids = _normalise_token_list("allowed_token_ids", self.allowed_token_ids)
         self.bad_words = _normalise_bad_words(self.bad_words)
+        _require(isinstance(self.output_kind, RequestOutputKind),
+                 f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 
     @property
     def is_greedy(self) -> bool:

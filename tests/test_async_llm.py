@@ -10,19 +10,19 @@ import time
 import pytest
 
 from conftest import TINY
-from engine import AsyncLLM, LLM
+from engine import LLM, AsyncLLM, RequestOutputKind
 from engine.async_llm import EngineDeadError
 
 ENGINE_ARGS = dict(max_model_len=256, max_num_seqs=32)
 IMAGE = str(TINY / "demo_0.png")
-LONG = {"max_tokens": 200, "ignore_eos": True}
+LONG = {"max_tokens": 200, "ignore_eos": True, "output_kind": RequestOutputKind.DELTA}
 
 
 @pytest.fixture(scope="module")
 def llm():
     engine = AsyncLLM("tiny", **ENGINE_ARGS)
     yield engine
-    asyncio.run(engine.shutdown())
+    engine.shutdown()
 
 
 def run(coro):
@@ -30,6 +30,8 @@ def run(coro):
 
 
 async def collect(llm: AsyncLLM, prompt, params, request_id=None) -> list:
+    """The request's deltas (output_kind DELTA)."""
+    params = {**(params or {}), "output_kind": RequestOutputKind.DELTA}
     return [delta async for delta in llm.generate(prompt, params, request_id)]
 
 
@@ -213,7 +215,7 @@ def test_shutdown_fails_waiting_callers_instead_of_hanging():
             await anext(deltas)
             waiting = asyncio.create_task(collect(llm, "Another story.", LONG))
             await asyncio.sleep(0.05)
-            await llm.shutdown()
+            llm.shutdown()
             with pytest.raises(EngineDeadError, match="shut down"):
                 async for _ in deltas:
                     pass
@@ -246,6 +248,6 @@ def test_engine_crash_fails_every_waiting_caller():
         with pytest.raises(EngineDeadError, match="crashed"):
             await anext(llm.generate("Hi"))
         assert not llm.is_running
-        await llm.shutdown()  # still clean after a crash
+        llm.shutdown()  # still clean after a crash
 
     run(main())

@@ -348,7 +348,9 @@ BAD_REQUESTS = {
     "roles out of order": (_chat(messages=[{"role": "assistant", "content": "Hi"}, user("Hi")]), 400,
                            "invalid_messages"),
     "prompt longer than the context": (_chat(messages=[user("word " * (MAX_MODEL_LEN + 50))]), 400,
-                                       "invalid_request"),
+                                       "context_length_exceeded"),
+    "prompt + max_tokens beyond the context": (_chat(messages=[user("word " * (MAX_MODEL_LEN - 40))], max_tokens=60),
+                                               400, "context_length_exceeded"),
     "body too large": (_chat(messages=[user("x" * 1_200_000)]), 413, "request_too_large"),
     "negative seed": (_chat(seed=-1), 400, "invalid_sampling_params"),
     "unreachable min_tokens": ({**_chat(min_tokens=10 ** 6), "max_tokens": None}, 400, "invalid_request"),
@@ -679,6 +681,6 @@ def test_a_crashed_engine_answers_503_instead_of_hanging():
             again = await http.post("/v1/chat/completions", json={**request, "stream": True})
             assert again.status_code == 503 and again.json()["error"]["code"] == "engine_unavailable"
             assert (await http.get("/health")).status_code == 503
-        await llm.shutdown()
+        llm.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), timeout=60))

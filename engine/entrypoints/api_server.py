@@ -55,7 +55,7 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        await llm.shutdown()
+        await asyncio.to_thread(llm.shutdown)  # joins the engine thread: off the loop
 
     app = FastAPI(title="CogVLM2 OpenAI-compatible server", lifespan=lifespan)
     app.state.server = state
@@ -128,7 +128,7 @@ class _Uvicorn(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         super().handle_exit(sig, frame)
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.llm.shutdown()))
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(asyncio.to_thread(self.llm.shutdown)))
 
 
 def run_server(args: argparse.Namespace, engine_args: dict[str, Any]) -> int:

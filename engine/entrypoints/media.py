@@ -30,7 +30,7 @@ def load_image_url(url: str, settings: ServerSettings) -> Image.Image:
 def _image_bytes(url: str, settings: ServerSettings) -> bytes:
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        return _data_url_bytes(url)
+        return data_url_bytes(url)
     if scheme == "file":
         return _local_file_bytes(url, settings)
     if scheme in ("http", "https"):
@@ -40,7 +40,7 @@ def _image_bytes(url: str, settings: ServerSettings) -> bytes:
                    code="invalid_image_url", param=PARAM)
 
 
-def _data_url_bytes(url: str) -> bytes:
+def data_url_bytes(url: str) -> bytes:
     header, comma, payload = url[len("data:"):].partition(",")
     if not comma:
         raise ApiError(400, "malformed data URL: no ',' before the data", code="invalid_image_url", param=PARAM)

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cogvlm2.errors import (ImageError, ImageNotFoundError, ImagesDisabledError, ImageTooLargeError, InputError,
                             MessagesError, TooManyImagesError, UnreadableImageError, UnsupportedImageError)
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.structured_outputs import StructuredOutputsParams
 
 T = TypeVar("T")
@@ -192,7 +192,8 @@ def sampling_params(req: SamplingRequest, max_tokens: int | None, logprobs: int 
     chosen.update(overrides)
     structured, field_name = structured_outputs(req)
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, structured_outputs=structured, **chosen)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, structured_outputs=structured,
+                              output_kind=RequestOutputKind.DELTA, **chosen)  # the server sends what is new
     except ValueError as e:  # SamplingParams names the field first: "temperature must be >= 0, ..."
         param = field_name if str(e).startswith("structured_outputs") else str(e).split(" ", 1)[0]
         raise ApiError(400, str(e), code="invalid_sampling_params", param=param) from e

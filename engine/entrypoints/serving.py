@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from cogvlm2.chat import conversation_from_messages
-from cogvlm2.errors import MessagesError
+from cogvlm2.errors import InputError, MessagesError
+from cogvlm2.processor import ProcessedPrompt
 from engine.async_llm import AsyncLLM, EngineDeadError
 from engine.entrypoints.formatting import ChatFormat, CompletionFormat, OutputFormat, Result
 from engine.entrypoints.media import load_image_url
@@ -69,7 +70,7 @@ def _sse(data: dict[str, Any]) -> str:
 class Generation:
     """One engine request seen from HTTP: its deltas, its deadline, and what its end means for the client."""
 
-    def __init__(self, llm: AsyncLLM, request_id: str, prompt: str | dict, params: SamplingParams,
+    def __init__(self, llm: AsyncLLM, request_id: str, prompt: str | dict | ProcessedPrompt, params: SamplingParams,
                  timeout: float | None):
         self.llm, self.request_id, self.timeout = llm, request_id, timeout
         self.timed_out = False
@@ -226,6 +227,22 @@ class OpenAIServing:
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_structured_output", param=structured_outputs(req)[1]) from e
 
+    async def process(self, query: str, **kwargs: Any) -> ProcessedPrompt:
+        """The prompt's tokens and image, off the event loop (and off the engine thread)."""
+        try:
+            return await asyncio.to_thread(self.llm.processor, query, **kwargs)
+        except InputError as e:
+            raise from_input_error(e, None) from e
+
+    def check_context(self, num_prompt_tokens: int, max_tokens: int | None, field: str) -> None:
+        """A prompt that, with max_tokens, does not fit the context is a 400 before it reaches the engine."""
+        limit = self.llm.max_model_len
+        wanted = num_prompt_tokens + (max_tokens or 1)
+        if wanted > limit:
+            raise ApiError(400, f"this model's maximum context length is {limit} tokens, but {wanted} were asked "
+                                f"for ({num_prompt_tokens} in the {field}, {max_tokens or 1} in the completion); "
+                                f"shorten the {field} or max_tokens", code="context_length_exceeded", param=field)
+
     async def chat(self, request: Request) -> Response:
         req = parse_request(await read_body(request, self.settings.max_body_bytes), ChatCompletionRequest)
         self.check_model(req.model)
@@ -239,7 +256,8 @@ class OpenAIServing:
         image = None
         if conversation.image_url is not None:
             image = await asyncio.to_thread(load_image_url, conversation.image_url, self.settings)
-        prompt = {"prompt": conversation.query, "history": conversation.history or None, "image": image}
+        prompt = await self.process(conversation.query, image=image, history=conversation.history or None)
+        self.check_context(prompt.num_tokens, params.max_tokens, "messages")
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", self.settings.model_name, int(time.time()),
                          self.llm.tokenizer, params.logprobs, req.include_usage(), params.n)
         return await self.run(request, req.stream, fmt, prompt, params)
@@ -257,9 +275,11 @@ class OpenAIServing:
         fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", self.settings.model_name, int(time.time()),
                                self.llm.tokenizer, params.logprobs, req.include_usage(), params.n,
                                echo=prompt if req.echo else None)
-        return await self.run(request, req.stream, fmt, {"prompt": prompt, "template": "base"}, params)
+        processed = await self.process(prompt, template="base")
+        self.check_context(processed.num_tokens, params.max_tokens, "prompt")
+        return await self.run(request, req.stream, fmt, processed, params)
 
-    async def run(self, request: Request, stream: bool, fmt: OutputFormat, prompt: dict,
+    async def run(self, request: Request, stream: bool, fmt: OutputFormat, prompt: ProcessedPrompt,
                   params: SamplingParams) -> Response:
         self.check_alive()
         gen = Generation(self.llm, fmt.id, prompt, params, self.settings.request_timeout)
