@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import importlib.metadata
 import logging
 import sys
 import uuid
@@ -13,6 +14,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -23,18 +25,30 @@ from engine.entrypoints.settings import ServerSettings
 from engine.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
+MAX_REQUEST_ID_CHARS = 128
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("cogvlm2-engine")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
 
 
 class ApiKeyMiddleware:
-    """`Authorization: Bearer KEY` on every path but /health (the scheme in any case, RFC 7235), the key compared
-    in constant time."""
+    """`Authorization: Bearer KEY` on the OpenAI routes (/v1/...), and on /metrics if asked; the scheme in any case
+    (RFC 7235), the key compared in constant time. Like vLLM, the other routes (/health, /tokenize, ...) are open."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key: str, metrics_require_key: bool = False):
         self.app = app
         self._expected = api_key.encode()
+        self._metrics_require_key = metrics_require_key
+
+    def _guarded(self, path: str) -> bool:
+        return path.startswith("/v1/") or (self._metrics_require_key and path == "/metrics")
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health" or self._authorized(scope):
+        if scope["type"] != "http" or not self._guarded(scope["path"]) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         error = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
@@ -45,6 +59,29 @@ class ApiKeyMiddleware:
         given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
         scheme, _, key = given.strip().partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self._expected)
+
+
+class RequestIdMiddleware:
+    """The request's id: the client's X-Request-Id, else a new one; kept in request.state.request_id and sent back
+    in the response's X-Request-Id."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
+        request_id = given.decode("latin-1").strip()[:MAX_REQUEST_ID_CHARS] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
@@ -60,7 +97,11 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="CogVLM2 OpenAI-compatible server", lifespan=lifespan)
     app.state.server = state
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key,
+                           metrics_require_key=settings.metrics_require_key)
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=settings.allowed_methods,
+                       allow_headers=settings.allowed_headers, allow_credentials=settings.allow_credentials)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer, a 401 too, carries the id
     _add_error_handlers(app)
 
     @app.post("/v1/chat/completions")
@@ -74,6 +115,18 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return state.models()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return await state.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return await state.detokenize(request)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": package_version()}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -105,7 +158,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
         """The traceback goes to the log under an id the client is told; the exception text is not sent."""
-        error_id = request.headers.get("x-request-id") or f"err-{uuid.uuid4().hex[:16]}"
+        error_id = getattr(request.state, "request_id", None) or f"err-{uuid.uuid4().hex[:16]}"
         logger.error("internal error on %s %s (id %s)", request.method, request.url.path, error_id, exc_info=error)
         return ApiError(500, f"internal server error (id {error_id}; see the server log)",
                         code="internal_error").response()
@@ -135,7 +188,10 @@ def run_server(args: argparse.Namespace, engine_args: dict[str, Any]) -> int:
     settings = ServerSettings(
         model_name=args.served_model_name or args.model or "demo", api_key=args.api_key,
         allowed_local_media_path=args.allowed_local_media_path, max_body_bytes=args.max_body_bytes,
-        request_timeout=args.request_timeout, max_image_pixels=args.max_image_pixels)
+        request_timeout=args.request_timeout, max_image_pixels=args.max_image_pixels,
+        metrics_require_key=args.metrics_require_key, allowed_origins=args.allowed_origins,
+        allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
+        allow_credentials=args.allow_credentials)
     llm = AsyncLLM(args.model, **engine_args)
     settings.image_size = llm.config.vision.image_size
     print(f"serving {settings.model_name!r} on http://{args.host}:{args.port} "

@@ -149,6 +149,20 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
 
 
+class TokenizeRequest(Strict):
+    """vLLM's /tokenize: a completions prompt or chat messages, tokenized as the engine would."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens",
                    "include_stop_str_in_output", "n", "logit_bias", "allowed_token_ids", "bad_words",

@@ -22,8 +22,9 @@ from cogvlm2.processor import ProcessedPrompt
 from engine.async_llm import AsyncLLM, EngineDeadError
 from engine.entrypoints.formatting import ChatFormat, CompletionFormat, OutputFormat, Result
 from engine.entrypoints.media import load_image_url
-from engine.entrypoints.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, chat_logprobs,
-                                         from_input_error, parse_request, sampling_params, structured_outputs)
+from engine.entrypoints.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                         TokenizeRequest, chat_logprobs, from_input_error, parse_request,
+                                         sampling_params, structured_outputs)
 from engine.entrypoints.settings import ServerSettings
 from engine.outputs import RequestOutput
 from engine.llm_engine import INTERNAL_ERROR
@@ -234,6 +235,16 @@ class OpenAIServing:
         except InputError as e:
             raise from_input_error(e, None) from e
 
+    async def _chat_prompt(self, messages: list) -> ProcessedPrompt:
+        try:
+            conversation = conversation_from_messages([message.model_dump() for message in messages])
+        except MessagesError as e:
+            raise from_input_error(e, e.param) from e
+        image = None
+        if conversation.image_url is not None:
+            image = await asyncio.to_thread(load_image_url, conversation.image_url, self.settings)
+        return await self.process(conversation.query, image=image, history=conversation.history or None)
+
     def check_context(self, num_prompt_tokens: int, max_tokens: int | None, field: str) -> None:
         """A prompt that, with max_tokens, does not fit the context is a 400 before it reaches the engine."""
         limit = self.llm.max_model_len
@@ -246,19 +257,12 @@ class OpenAIServing:
     async def chat(self, request: Request) -> Response:
         req = parse_request(await read_body(request, self.settings.max_body_bytes), ChatCompletionRequest)
         self.check_model(req.model)
-        try:
-            conversation = conversation_from_messages([message.model_dump() for message in req.messages])
-        except MessagesError as e:
-            raise from_input_error(e, e.param) from e
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = sampling_params(req, max_tokens, chat_logprobs(req), self.llm.max_model_len)
         await self.check_constraint(req, params)
-        image = None
-        if conversation.image_url is not None:
-            image = await asyncio.to_thread(load_image_url, conversation.image_url, self.settings)
-        prompt = await self.process(conversation.query, image=image, history=conversation.history or None)
+        prompt = await self._chat_prompt(req.messages)
         self.check_context(prompt.num_tokens, params.max_tokens, "messages")
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", self.settings.model_name, int(time.time()),
+        fmt = ChatFormat(f"chatcmpl-{request.state.request_id}", self.settings.model_name, int(time.time()),
                          self.llm.tokenizer, params.logprobs, req.include_usage(), params.n)
         return await self.run(request, req.stream, fmt, prompt, params)
 
@@ -272,7 +276,7 @@ class OpenAIServing:
             and req.prompt_logprobs is None else {}
         params = sampling_params(req, max_tokens, req.logprobs, self.llm.max_model_len, **echo_logprobs)
         await self.check_constraint(req, params)
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", self.settings.model_name, int(time.time()),
+        fmt = CompletionFormat(f"cmpl-{request.state.request_id}", self.settings.model_name, int(time.time()),
                                self.llm.tokenizer, params.logprobs, req.include_usage(), params.n,
                                echo=prompt if req.echo else None)
         processed = await self.process(prompt, template="base")
@@ -282,7 +286,8 @@ class OpenAIServing:
     async def run(self, request: Request, stream: bool, fmt: OutputFormat, prompt: ProcessedPrompt,
                   params: SamplingParams) -> Response:
         self.check_alive()
-        gen = Generation(self.llm, fmt.id, prompt, params, self.settings.request_timeout)
+        # the engine's id stays unique when clients reuse an X-Request-Id
+        gen = Generation(self.llm, f"{fmt.id}-{uuid.uuid4().hex[:8]}", prompt, params, self.settings.request_timeout)
         if not stream:
             result = await unless_disconnected(request, collect(gen))
             return JSONResponse(fmt.response(result)) if result is not None else _client_gone()
@@ -290,6 +295,32 @@ class OpenAIServing:
         if first is None:
             return _client_gone()
         return EventStreamResponse(sse_events(gen, first, fmt), headers={"Cache-Control": "no-cache"})
+
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        req = parse_request(await read_body(request, self.settings.max_body_bytes), TokenizeRequest)
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give exactly one of 'prompt' and 'messages'", code="invalid_request", param="prompt")
+        if req.prompt is not None:
+            tokens = (await self.process(req.prompt, template="base")).input_ids if req.add_special_tokens \
+                else self.llm.tokenizer.encode(req.prompt)
+        else:
+            tokens = (await self._chat_prompt(req.messages)).input_ids
+        body: dict[str, Any] = {"count": len(tokens), "max_model_len": self.llm.max_model_len, "tokens": tokens}
+        if req.return_token_strs:
+            body["token_strs"] = [self.llm.tokenizer.token_bytes(t).decode("utf-8", errors="replace")
+                                  for t in tokens]
+        return body
+
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        req = parse_request(await read_body(request, self.settings.max_body_bytes), DetokenizeRequest)
+        self.check_model(req.model)
+        vocab = self.llm.config.vocab_size
+        outside = [t for t in req.tokens if not 0 <= t < vocab]
+        if outside:
+            raise ApiError(400, f"tokens outside the vocabulary (size {vocab}): {outside[:5]}", code="invalid_tokens",
+                           param="tokens")
+        return {"prompt": self.llm.tokenizer.decode(req.tokens)}
 
     def models(self) -> dict[str, Any]:
         card = {"id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "cogvlm2",

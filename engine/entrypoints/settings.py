@@ -1,12 +1,14 @@
 """The server's settings: the `cogvlm2 serve` flags that the HTTP layer (not the engine) reads."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cogvlm2.image import DEFAULT_MAX_PIXELS
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2 ** 20
+API_KEY_ENV = "VLLM_API_KEY"  # vLLM's variable: the key when --api-key is not given
 
 
 @dataclass
@@ -18,8 +20,15 @@ class ServerSettings:
     request_timeout: float | None = None
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     image_size: int | None = None  # the model's: images are decoded toward it (cogvlm2.image)
+    metrics_require_key: bool = False  # False: /metrics is open (Prometheus scrapes it), as in vLLM
+    # CORS, with vLLM's defaults
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
+        self.api_key = self.api_key or os.environ.get(API_KEY_ENV) or None
         if self.allowed_local_media_path is not None:
             folder = Path(self.allowed_local_media_path).resolve()
             if not folder.is_dir():
