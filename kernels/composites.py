@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from mindspore import Tensor, ops
+from mindspore import dtype as mstype
 
 _matmul_nt = ops.MatMul(transpose_b=True)
 
@@ -25,12 +26,26 @@ def split_qkv(qkv: Tensor, num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     return qkv[:, :heads], qkv[:, heads:heads + num_kv_heads], qkv[:, heads + num_kv_heads:]
 
 
-def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """q [G, M, d], k/v [G, T, d] -> [G, M, d]; mask is additive, broadcastable to [G, M, T]."""
-    scores = ops.BatchMatMul(transpose_b=True)(q, k) * scale
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                      bf16_math: bool = False) -> Tensor:
+    """q [G, M, d], k/v [G, T, d] -> [G, M, d]; mask is additive, broadcastable to [G, M, T].
+    bf16_math: the unnormalised probabilities are rounded to bf16 before P @ V (fp32 accumulation; the softmax's
+    max and sum in fp32), as the kernels do for compute dtype bfloat16."""
+    if not bf16_math:
+        scores = ops.BatchMatMul(transpose_b=True)(q, k) * scale
+        if mask is not None:
+            scores = scores + mask
+        return ops.BatchMatMul()(ops.softmax(scores, axis=-1), v)
+    scores = ops.BatchMatMul(transpose_b=True)(q * scale, k)
     if mask is not None:
         scores = scores + mask
-    return ops.BatchMatMul()(ops.softmax(scores, axis=-1), v)
+    weights = ops.exp(scores - scores.max(axis=-1, keepdims=True))
+    return ops.BatchMatMul()(bf16_rounded(weights), v) / weights.sum(axis=-1, keepdims=True)
+
+
+def bf16_rounded(x: Tensor) -> Tensor:
+    """x rounded to the nearest bfloat16 (ties to even), kept in float32."""
+    return ops.cast(ops.cast(x, mstype.bfloat16), mstype.float32)
 
 
 def expert_linear(x: Tensor, num_language: int, language_w: Tensor, vision_w: Tensor,

@@ -38,6 +38,12 @@ def cache_head_elements(head_dim: int, dtype: str) -> int:
     return head_dim + INT8_KV_SCALE_BYTES if dtype == "int8" else head_dim
 
 
+def uses_bf16_attention(compute_dtype: str, cache_dtype) -> bool:
+    """Attention rounds P to bf16 before P @ V (bf16 products) for compute dtype bfloat16 over a bfloat16 cache;
+    every other combination multiplies in fp32."""
+    return compute_dtype == "bfloat16" and cache_dtype == mstype.bfloat16
+
+
 def cache_dtype(key_cache: Tensor, value_cache: Tensor | None = None):
     """The dtype of a call's caches: one of CACHE_DTYPES, the same for both (ValueError otherwise)."""
     dtype = key_cache.dtype
@@ -206,8 +212,10 @@ def build_paged_metadata(seq_index: np.ndarray, token_position: np.ndarray, seq_
     return PagedAttentionMetadata(_int_tensor(slot_mapping), decode, prefills, _int_tensor(restore))
 
 
-def paged_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, meta: PagedAttentionMetadata) -> Tensor:
-    """q [N, H, d] in forward order; caches [num_slots, KV, d] already holding this step's K/V -> [N, H * d] fp32."""
+def paged_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, meta: PagedAttentionMetadata,
+                    bf16_math: bool = False) -> Tensor:
+    """q [N, H, d] in forward order; caches [num_slots, KV, d] already holding this step's K/V -> [N, H * d] fp32.
+    bf16_math: P rounded to bf16 before P @ V (composites.softmax_attention)."""
     n, num_heads, head_dim = q.shape
     num_kv = key_cache.shape[1]
     group = num_heads // num_kv
@@ -218,12 +226,12 @@ def paged_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, meta: Pag
         qd = ops.gather(q, d.rows, 0).reshape(d.batch * num_kv, group, head_dim)
         k = _gather_batched(key_cache, d.context_slots, d.batch, d.max_len)
         v = _gather_batched(value_cache, d.context_slots, d.batch, d.max_len)
-        outputs.append(softmax_attention(qd, k, v, d.mask, scale).reshape(d.batch, num_heads * head_dim))
+        outputs.append(softmax_attention(qd, k, v, d.mask, scale, bf16_math).reshape(d.batch, num_heads * head_dim))
     for p in meta.prefills:
         qp = ops.gather(q, p.rows, 0).transpose(1, 0, 2).reshape(num_kv, group * p.num_queries, head_dim)
         k = _gather_rows(key_cache, p.context_slots).transpose(1, 0, 2)
         v = _gather_rows(value_cache, p.context_slots).transpose(1, 0, 2)
-        out = softmax_attention(qp, k, v, p.mask, scale)
+        out = softmax_attention(qp, k, v, p.mask, scale, bf16_math)
         outputs.append(out.reshape(num_heads, p.num_queries, head_dim).transpose(1, 0, 2)
                        .reshape(p.num_queries, num_heads * head_dim))
     merged = outputs[0] if len(outputs) == 1 else ops.concat(outputs, 0)

@@ -171,7 +171,7 @@ class ReferenceKernels(BaseKernels):
 
     def paged_attention(self, q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index, token_position,
                         block_tables, context_lens, block_size, rope=None):
-        reference.cache_dtype(key_cache, value_cache)
+        bf16_math = reference.uses_bf16_attention(self.compute_dtype, reference.cache_dtype(key_cache, value_cache))
         if k_new is None:
             q, k_new, v_new = composites.split_qkv(q, key_cache.shape[1])
         if rope is not None:
@@ -180,7 +180,7 @@ class ReferenceKernels(BaseKernels):
                               q.shape[1], key_cache.shape[1])
         reference.write_kv_cache(key_cache, meta.slot_mapping, k_new)
         reference.write_kv_cache(value_cache, meta.slot_mapping, v_new)
-        return reference.paged_attention(q, key_cache, value_cache, meta)
+        return reference.paged_attention(q, key_cache, value_cache, meta, bf16_math)
 
     def expert_linear(self, x, num_language, wl, wv, bv, residual=None):
         return self._composite_expert_linear(x, num_language, wl, wv, bv, residual)
@@ -238,8 +238,9 @@ class CpuKernels(BaseKernels):
         if op in THREADS_ONLY_OPS:
             return [p["threads"]]
         if op == "paged_attention":
-            block_size, apply_rope = values
-            return [block_size, p["threads"], p["query_tile"], p["key_tile"], p["parallel_min_work"], apply_rope]
+            block_size, apply_rope, bf16_math = values
+            return [block_size, p["threads"], p["query_tile"], p["key_tile"], p["parallel_min_work"], apply_rope,
+                    bf16_math]
         num_language, addend = values  # an expert_linear op of PANEL_OPS
         gemm = self._gemm_kind(p["gemm"]) if op == "expert_linear" else GEMM_OWN  # 16-bit weights: panels only
         portable = self.vnni_fallback if op == INT8_DOT_OP else self.bf16_fallback
@@ -281,7 +282,8 @@ class CpuKernels(BaseKernels):
 
     def _precomputed_configs(self) -> dict[tuple, Tensor]:
         keys = [(op, cls) for op in THREADS_ONLY_OPS for cls in ("decode", "prefill")]
-        keys += [("paged_attention", cls, 1 << b, r) for cls in ("decode", "prefill") for b in range(9) for r in (0, 1)]
+        keys += [("paged_attention", cls, 1 << b, r, m) for cls in ("decode", "prefill") for b in range(9) for r in (0, 1)
+                 for m in (0, 1)]
         return {key: Tensor(self._config_row(*key), mstype.int32) for key in keys}
 
     def rope(self, q, k, positions, cos_table, sin_table):
@@ -293,10 +295,11 @@ class CpuKernels(BaseKernels):
 
     def paged_attention(self, q, k_new, v_new, key_cache, value_cache, slot_mapping, seq_index, token_position,
                         block_tables, context_lens, block_size, rope=None):
-        reference.cache_dtype(key_cache, value_cache)  # the kernel's status would not say which
+        dtype = reference.cache_dtype(key_cache, value_cache)  # the kernel's status would not say which
         if isinstance(block_tables, list):
             block_tables = pad_block_tables(block_tables)
-        config = self._config("paged_attention", q.shape[0], int(block_size), int(rope is not None))
+        config = self._config("paged_attention", q.shape[0], int(block_size), int(rope is not None),
+                              int(reference.uses_bf16_attention(self.compute_dtype, dtype)))
         positions, cos, sin = (_i32(rope[0]), rope[1], rope[2]) if rope is not None else \
             (self._dummy_index, self._dummy_float, self._dummy_float)
         if k_new is None:  # fused QKV: the kernel reads k and v inside q's rows

@@ -284,6 +284,57 @@ def test_paged_attention_cache_dtypes_head_shapes(dtype, heads_per_kv, head_dim)
     check_cache_dtype(dtype, batch, heads_per_kv * 2, 2, head_dim, fused=True, rope=True, seed=heads_per_kv)
 
 
+def bf16_attention(kernels_cls, dtype: str, batch, heads: int, kv: int, d: int, seed: int, query_tile: int = 16):
+    """paged_attention with compute dtype bfloat16 (bf16 math over a bf16 cache): the output and the caches."""
+    params = load_params(path="/nonexistent")
+    for cls in ("decode", "prefill"):
+        params.ops["paged_attention"][cls].update(query_tile=query_tile, key_tile=32, threads=2, parallel_min_work=0)
+    kernels = kernels_cls(params, "bfloat16")
+    rng = np.random.default_rng(seed)
+    qkv = normal(rng, len(batch.seq_index), heads + 2 * kv, d)
+    caches = [cache_parameter(normal(rng, batch.num_slots, kv, d), dtype, f"c{i}") for i in range(2)]
+    cos, sin = rope_table(default_inv_freq(d, 10000.0), 512)
+    rope = (Tensor(rng.integers(0, 512, len(batch.seq_index)).astype(np.int32)), Tensor(cos), Tensor(sin))
+    return paged_call(kernels, qkv, kv, caches, batch, rope, fused=True), [c.asnumpy() for c in caches]
+
+
+@needs_cpu
+@pytest.mark.parametrize("kind", list(CACHE_BATCHES))
+@pytest.mark.parametrize("heads_per_kv,head_dim", [(4, 64), (4, 128), (1, 128), (3, 112), (12, 64), (2, 40)])
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_bf16_attention_matches_its_composite(kind, heads_per_kv, head_dim, block_size):
+    """Compute dtype bfloat16 over a bf16 cache: P rounded to bf16 before P @ V, products by vdpbf16ps on the query
+    tiles (Q K^T on the queries split in two bf16 parts; fp32 FMAs of the rounded P on decodes, off-vector
+    head_dims and without avx512_bf16). Against the composite with the same rounding, to bf16's precision (the
+    online softmax rounds each key tile's unnormalised P, the composite the whole row's)."""
+    lens, new, shuffle = CACHE_BATCHES[kind]
+    batch = make_paged_batch(lens, new, block_size, np.random.default_rng(block_size), shuffle=shuffle)
+    args = ("bfloat16", batch, heads_per_kv * 2, 2, head_dim, heads_per_kv + head_dim)
+    out, caches = bf16_attention(CpuKernels, *args)
+    ref_out, ref_caches = bf16_attention(ReferenceKernels, *args)
+    for cache, ref_cache in zip(caches, ref_caches):
+        np.testing.assert_array_equal(cache_bits(cache), cache_bits(ref_cache))
+    assert_close(out, ref_out, rtol=4e-3)
+
+
+@needs_cpu
+def test_bf16_attention_rounds_what_it_says():
+    """bf16 math is not float32 math in disguise: kernel and composite both move off their float32 results by
+    bf16's rounding of P (far above float32's), and stay within it of each other."""
+    lens, new, _ = CACHE_BATCHES["mixed"]
+    batch = make_paged_batch(lens, new, 16, np.random.default_rng(3), shuffle=False)
+    args = ("bfloat16", batch, 8, 2, 64, 9)
+    in_float32 = lambda cls: (lambda params, _: cls(params, "float32"))  # noqa: E731
+    outputs = {name: bf16_attention(cls, *args)[0] for name, cls in [
+        ("kernel", CpuKernels), ("composite", ReferenceKernels), ("kernel-f32", in_float32(CpuKernels)),
+        ("composite-f32", in_float32(ReferenceKernels))]}
+    scale = np.abs(outputs["composite-f32"]).max()
+    off = lambda a, b: np.abs(outputs[a] - outputs[b]).max() / scale  # noqa: E731
+    assert off("kernel-f32", "composite-f32") < 1e-5
+    assert 1e-4 < off("kernel", "kernel-f32") < 4e-3 and 1e-4 < off("composite", "composite-f32") < 4e-3
+    assert off("kernel", "composite") < 4e-3
+
+
 def rounding_cases() -> np.ndarray:
     """fp32 values whose rounding to bfloat16 or float16 is easy to get wrong (ties each way and their neighbours,
     subnormals, overflow to infinity, infinities, NaNs whose payload could carry into the exponent, signed zeros),
@@ -375,7 +426,7 @@ def test_paged_attention_kernel_status_for_mixed_caches():
                                 cache_parameter(cache, "float16", "vh"), i32(batch.slot_mapping),
                                 i32(batch.seq_index), i32(batch.token_position),
                                 i32(pad_block_tables(batch.block_tables)), i32(batch.context_lens),
-                                i32([0]), dummy, dummy, CPU._config("paged_attention", 8, 4, 0))
+                                i32([0]), dummy, dummy, CPU._config("paged_attention", 8, 4, 0, 0))
 
 
 # The portable build: the attention kernels compiled for baseline x86-64 (no AVX-512, no F16C) and called
@@ -440,6 +491,23 @@ def test_portable_paged_attention_matches_the_native_build(portable_library, dty
     np.testing.assert_array_equal(cache_bits(portable_out[3]), cache_bits(native_out[3]))
     np.testing.assert_array_equal(cache_bits(portable_out[4]), cache_bits(native_out[4]))
     assert_close(portable_out[14], native_out[14])
+
+
+@needs_cpu
+def test_portable_bf16_attention_is_the_native_one_to_bf16_precision(portable_library):
+    """bf16 math in the portable build (fp32 FMAs of the rounded P) against vdpbf16ps in the native one."""
+    from kernels.library import load_library
+    native = ctypes.CDLL(load_library().path)
+    lens, new, _ = CACHE_BATCHES["mixed-shuffled"]
+    batch = make_paged_batch(lens, new, 16, np.random.default_rng(6), shuffle=True)
+    inputs = aot_paged_arrays(np.random.default_rng(7), "bfloat16", 8, 2, 64, batch)
+    inputs[13] = np.array([batch.block_size, 2, 4, 32, 0, 1, 1], np.int32)  # the 7th entry: bf16 math
+    outputs = []
+    for library in (native, portable_library):
+        arrays = [a.copy() for a in inputs]
+        assert call_aot(library, "PagedAttention", arrays) == 0
+        outputs.append(arrays[14])
+    assert_close(outputs[1], outputs[0], rtol=4e-3)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -201,7 +201,7 @@ def assert_misses_at_near_ties(goldens: dict, exact: list[bool], dtype: str, qua
         want = reference.generate(prompt, params, use_tqdm=False)[0].outputs[0]
         got = quantized.generate(prompt, params, use_tqdm=False)[0].outputs[0]
         step = next(i for i, (a, b) in enumerate(zip(want.token_ids, got.token_ids)) if a != b)
-        top2 = sorted(want.logprobs[step].values(), reverse=True)[:2]  # {token id: logprob}
+        top2 = sorted((e.logprob for e in want.logprobs[step].values()), reverse=True)[:2]  # {token id: Logprob}
         assert top2[0] - top2[1] < margin, (ex["prompt"], ex["image"], step, top2)
 
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -267,6 +268,141 @@ void widen_row(const T* row, int64_t d, float* out) {
   for (; i < d; ++i) out[i] = to_f32(row[i]);
 }
 
+// ---- bf16 math (compute dtype bfloat16 over a bf16 cache): Q and P rounded to bf16, products by vdpbf16ps -----
+// Two key elements (or two keys) per instruction into fp32 accumulators: half the multiply instructions of the
+// fp32 forms, and the cache's bf16 K and V rows are read as they are (no widened copies).
+
+// Element e of the 32 in a pair-interleaved vector takes element kInterleave[e] of (16 of a, then 16 of b):
+// a[0], b[0], a[1], b[1], ...: vdpbf16ps's operand layout.
+alignas(64) inline constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                         8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+COGVLM2_BF16_TARGET inline __m512i interleave_bf16(__m512i halves) {
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), halves);
+}
+
+// scores[j][rows16] = sum_i key_rows[j][i] * q[i][rows16] with the fp32 queries split into two bf16 parts
+// (q = high + low, to 2^-16 of q): qt2 [2][d / 2][rows16] their pairs of consecutive elements (element 2i in the
+// low half), the high parts then the low parts; each key pair is broadcast straight from its cache row.
+template <int Chunks, int Keys>
+COGVLM2_BF16_TARGET void score_rows_bf16_fixed(const uint32_t* qt2, const Bf16* const* key_rows, int64_t width,
+                                               int64_t d, float* scores) {
+  const int64_t low_parts = (d / 2) * Chunks * 16;
+  int64_t j = 0;
+  for (; j + Keys <= width; j += Keys) {
+    for (int u = 0; u < Keys; ++u)
+      if (j + u + kPrefetchKeys < width) prefetch_row(key_rows[j + u + kPrefetchKeys], d);
+    __m512 acc[Keys][Chunks];
+    for (int u = 0; u < Keys; ++u)
+      for (int c = 0; c < Chunks; ++c) acc[u][c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d / 2; ++i) {
+      const uint32_t* row = qt2 + i * Chunks * 16;
+      for (int u = 0; u < Keys; ++u) {
+        uint32_t pair;
+        std::memcpy(&pair, key_rows[j + u] + 2 * i, sizeof(pair));
+        const __m512bh k = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(pair)));
+        for (int c = 0; c < Chunks; ++c) {
+          acc[u][c] = _mm512_dpbf16_ps(acc[u][c], reinterpret_cast<__m512bh>(_mm512_loadu_si512(row + 16 * c)), k);
+          acc[u][c] = _mm512_dpbf16_ps(acc[u][c],
+                                       reinterpret_cast<__m512bh>(_mm512_loadu_si512(row + low_parts + 16 * c)), k);
+        }
+      }
+    }
+    for (int u = 0; u < Keys; ++u)
+      for (int c = 0; c < Chunks; ++c) _mm512_storeu_ps(scores + ((j + u) * Chunks + c) * 16, acc[u][c]);
+  }
+  if (Keys > 1 && j < width)
+    score_rows_bf16_fixed<Chunks, 1>(qt2, key_rows + j, width - j, d, scores + j * Chunks * 16);
+}
+
+COGVLM2_BF16_TARGET inline void score_rows_bf16(const uint32_t* qt2, const Bf16* const* key_rows, int64_t width,
+                                                int64_t d, int64_t rows16, float* scores) {
+  switch (rows16 / 16) {
+    case 1: return score_rows_bf16_fixed<1, 8>(qt2, key_rows, width, d, scores);
+    case 2: return score_rows_bf16_fixed<2, 4>(qt2, key_rows, width, d, scores);
+    case 3: return score_rows_bf16_fixed<3, 2>(qt2, key_rows, width, d, scores);
+    case 4: return score_rows_bf16_fixed<4, 2>(qt2, key_rows, width, d, scores);
+    case 5: return score_rows_bf16_fixed<5, 1>(qt2, key_rows, width, d, scores);
+    case 6: return score_rows_bf16_fixed<6, 1>(qt2, key_rows, width, d, scores);
+    case 7: return score_rows_bf16_fixed<7, 1>(qt2, key_rows, width, d, scores);
+    default: return score_rows_bf16_fixed<8, 1>(qt2, key_rows, width, d, scores);
+  }
+}
+
+// pairs[j / 2][lane] = bf16 pair (p[j][lane] low, p[j + 1][lane] high) for j < width (an odd width's last pair
+// gets 0 high); p [width][stride], stride a multiple of 16.
+COGVLM2_BF16_TARGET inline void probability_pairs(const float* p, int64_t width, int64_t stride, uint32_t* pairs) {
+  for (int64_t j = 0; j < width; j += 2) {
+    for (int64_t lane = 0; lane < stride; lane += 16) {
+      const __m512 low = _mm512_loadu_ps(p + j * stride + lane);
+      const __m512 high = j + 1 < width ? _mm512_loadu_ps(p + (j + 1) * stride + lane) : _mm512_setzero_ps();
+      const __m512i halves = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low));
+      _mm512_storeu_si512(pairs + (j / 2) * stride + lane, interleave_bf16(halves));
+    }
+  }
+}
+
+// accumulate_pv over bf16 V rows by key pairs: out[l] = out[l] * correction[l] + sum_j p[j][l] v[j], p as
+// probability_pairs; each pair of V rows interleaved once per chunk for all lanes.
+template <int Chunks, int Lanes>
+COGVLM2_BF16_TARGET void accumulate_pv_bf16_fixed(float* out, int64_t d, const float* correction,
+                                                  const uint32_t* pairs, int64_t stride, const Bf16* const* v_rows,
+                                                  int64_t width) {
+  __m512 acc[Lanes][Chunks];
+  for (int l = 0; l < Lanes; ++l) {
+    const __m512 corr = _mm512_set1_ps(correction[l]);
+    for (int c = 0; c < Chunks; ++c) acc[l][c] = _mm512_mul_ps(_mm512_loadu_ps(out + l * d + 16 * c), corr);
+  }
+  for (int64_t j = 0; j < width; j += 2) {
+    if (j + kPrefetchKeys < width) prefetch_row(v_rows[j + kPrefetchKeys], 16 * Chunks);
+    if (j + 1 + kPrefetchKeys < width) prefetch_row(v_rows[j + 1 + kPrefetchKeys], 16 * Chunks);
+    const Bf16* v0 = v_rows[j];
+    const Bf16* v1 = j + 1 < width ? v_rows[j + 1] : v0;  // an odd width's partner: its probability is 0
+    const uint32_t* pj = pairs + (j / 2) * stride;
+    for (int c = 0; c < Chunks; ++c) {
+      const __m512i halves = _mm512_inserti64x4(
+          _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + 16 * c))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + 16 * c)), 1);
+      const __m512bh vc = reinterpret_cast<__m512bh>(interleave_bf16(halves));
+      for (int l = 0; l < Lanes; ++l)
+        acc[l][c] = _mm512_dpbf16_ps(acc[l][c], vc,
+                                     reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(pj[l]))));
+    }
+  }
+  for (int l = 0; l < Lanes; ++l)
+    for (int c = 0; c < Chunks; ++c) _mm512_storeu_ps(out + l * d + 16 * c, acc[l][c]);
+}
+
+template <int Chunks>
+COGVLM2_BF16_TARGET void accumulate_pv_bf16_chunks(float* out, int64_t d, const float* correction,
+                                                   const uint32_t* pairs, int64_t stride, const Bf16* const* v_rows,
+                                                   int64_t width, int64_t lanes) {
+  constexpr int kLanes = pv_lanes(Chunks);
+  int64_t l = 0;
+  for (; l + kLanes <= lanes; l += kLanes)
+    accumulate_pv_bf16_fixed<Chunks, kLanes>(out + l * d, d, correction + l, pairs + l, stride, v_rows, width);
+  for (; l < lanes; ++l)
+    accumulate_pv_bf16_fixed<Chunks, 1>(out + l * d, d, correction + l, pairs + l, stride, v_rows, width);
+}
+
+// Only where bf16_dot_applies(d).
+COGVLM2_BF16_TARGET inline void accumulate_pv_bf16(float* out, int64_t d, const float* correction,
+                                                   const uint32_t* pairs, int64_t stride, const Bf16* const* v_rows,
+                                                   int64_t width, int64_t lanes) {
+  switch (d / 16) {
+    case 1: return accumulate_pv_bf16_chunks<1>(out, d, correction, pairs, stride, v_rows, width, lanes);
+    case 2: return accumulate_pv_bf16_chunks<2>(out, d, correction, pairs, stride, v_rows, width, lanes);
+    case 3: return accumulate_pv_bf16_chunks<3>(out, d, correction, pairs, stride, v_rows, width, lanes);
+    case 4: return accumulate_pv_bf16_chunks<4>(out, d, correction, pairs, stride, v_rows, width, lanes);
+    case 5: return accumulate_pv_bf16_chunks<5>(out, d, correction, pairs, stride, v_rows, width, lanes);
+    case 6: return accumulate_pv_bf16_chunks<6>(out, d, correction, pairs, stride, v_rows, width, lanes);
+    case 7: return accumulate_pv_bf16_chunks<7>(out, d, correction, pairs, stride, v_rows, width, lanes);
+    default: return accumulate_pv_bf16_chunks<8>(out, d, correction, pairs, stride, v_rows, width, lanes);
+  }
+}
+
+inline bool bf16_dot_applies(int64_t d) { return d % 16 == 0 && d <= 128; }
+
 #else  // portable
 
 template <typename T>
@@ -304,6 +440,12 @@ void accumulate_pv_direct(float* out, int64_t d, const float* correction, const 
 }
 
 inline int64_t lanes_per_pass(int64_t) { return 1; }
+
+inline bool bf16_dot_applies(int64_t) { return false; }
+inline void score_rows_bf16(const uint32_t*, const Bf16* const*, int64_t, int64_t, int64_t, float*) {}
+inline void probability_pairs(const float*, int64_t, int64_t, uint32_t*) {}
+inline void accumulate_pv_bf16(float*, int64_t, const float*, const uint32_t*, int64_t, const Bf16* const*, int64_t,
+                               int64_t) {}
 
 template <typename T>
 void widen_row(const T* row, int64_t d, float* out) {

@@ -10,6 +10,21 @@
 #include <vector>
 
 // MindSpore's AOT custom-op entry point: inputs then outputs in `params`, their ranks, shapes and dtype names.
+// Functions with vdpbf16ps: compiled for it whatever -march says, called only where cpu_has_bf16_dot().
+#define COGVLM2_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+namespace cogvlm2 {
+// Whether this CPU runs vdpbf16ps (else the bf16 dot products take their fallbacks).
+inline bool cpu_has_bf16_dot() {
+#if defined(__AVX512F__) && defined(__x86_64__)
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+}  // namespace cogvlm2
+
 #define COGVLM2_AOT(name) \
   extern "C" int name(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, \
                       void* stream, void* extra)

@@ -251,8 +251,6 @@ void portable_tile(const float* x, int64_t ldx, const typename P::W* panel, int6
 
 #ifdef __AVX512F__
 
-#define COGVLM2_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
 // y[r][0, cols) = (y +) acc[r] (* scale per column, an int8 panel's, when there is one).
 template <int R>
 inline void store_tile(__m512 (&acc)[R][2], float* y, int64_t ldy, int64_t cols, bool add, const float* scale) {
@@ -694,15 +692,6 @@ Activations quantize_activations(const PanelGemm& g, const float* x, int64_t m, 
 bool cpu_has_int8_dot() {
 #if defined(__AVX512F__) && defined(__x86_64__)
   static const bool has = __builtin_cpu_supports("avx512vnni");
-  return has;
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_bf16_dot() {
-#if defined(__AVX512F__) && defined(__x86_64__)
-  static const bool has = __builtin_cpu_supports("avx512bf16");
   return has;
 #else
   return false;

@@ -90,9 +90,6 @@ void gemm_panels(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p
                  const void* wp, float* y, bool accumulate, const float* scales = nullptr,
                  const int32_t* offsets = nullptr);
 
-// Whether this CPU runs vdpbf16ps (else kBf16Dot takes the fallback).
-bool cpu_has_bf16_dot();
-
 // Whether this CPU runs vpdpbusd (else kInt8Dot takes the fallback).
 bool cpu_has_int8_dot();
 

@@ -84,6 +84,8 @@ inline uint16_t bf16_bits(float x) {
   return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 
+inline float bf16_rounded(float x) { return bits_float(static_cast<uint32_t>(bf16_bits(x)) << 16); }
+
 // IEEE binary16 without F16C: the conversions the hardware does, for builds without it.
 namespace portable {
 

@@ -7,6 +7,11 @@
 // computed online over key tiles. The caches hold float32, bfloat16, float16 or int8 (kv_cache.h): 16-bit K/V rows
 // are widened to fp32 as they are read, int8 ones dequantized into a per-thread buffer once per key tile, so a
 // 16-bit cache halves the bytes that bound decode attention at long contexts and an int8 one nearly quarters them.
+// bf16 math (config, for compute dtype bfloat16): the probabilities are rounded to bf16 before P @ V (products
+// exact in fp32, accumulated in fp32; softmax, sums and the output stay fp32). Over a bf16 cache on a CPU with
+// vdpbf16ps, the query tiles' products run as bf16 dot products on the cache's own rows: P @ V on the rounded P,
+// and Q K^T on the fp32 queries split into two bf16 parts (rounding the queries instead moved the demo model's
+// logits by up to 0.23, cosine 0.99982 against the goldens: scores carry |q||k| of rounding).
 
 #include <cmath>
 #include <limits>
@@ -25,6 +30,7 @@ struct Shapes {
 
 struct Config {
   int64_t block_size, threads, query_tile, key_tile, parallel_min_work;
+  bool bf16_math;
 };
 
 struct Tile {
@@ -60,6 +66,7 @@ struct RowBuffer {
 template <typename T>
 struct Scratch {
   std::vector<float> q, qt, out, scores, row_max, row_sum, correction;
+  std::vector<uint32_t> qt2, pairs;  // bf16 dot products: the queries' element pairs, the probabilities' key pairs
   std::vector<int64_t> slots;
   std::vector<const T*> key_rows, value_rows;
   RowBuffer keys, values;
@@ -124,15 +131,43 @@ int64_t softmax_step(const Lanes& lanes, int64_t lanes_per_token, const int64_t*
   return seen;
 }
 
+// The probabilities rounded to bf16 in place (bf16 math's P, after the fp32 sums took them).
+void round_to_bf16(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = bf16_rounded(x[i]);
+}
+
+// What one KV head's tile update reads besides the rows: the queries (q [stride][d] and transposed qt [d][stride]),
+// and for the bf16 dot products (qt2 non-null) their split pairs and a buffer for P's pairs.
+struct TileQueries {
+  const float* q;
+  const float* qt;
+  const uint32_t* qt2;  // null: fp32 products
+  uint32_t* pairs;
+  bool bf16_math;
+};
+
 // One KV head over one key tile: scores [key][stride] (few rows: a dot product per (row, key); else from the
-// transposed queries, 16 lanes per FMA), the softmax step and P @ V. Lane = token * group + h.
+// transposed queries, 16 lanes per FMA, or bf16 pairs per vdpbf16ps), the softmax step and P @ V. Lane = token *
+// group + h.
 template <typename T>
-void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const float* q, const float* qt,
-                  const int64_t* visible, const T* const* key_rows, const T* const* value_rows, int64_t width,
-                  float* scores, float* correction) {
-  if (!score_rows_dot(q, lanes.count, key_rows, width, d, lanes.stride, scores))
-    score_rows(qt, key_rows, width, d, lanes.stride, scores);
+void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const TileQueries& tq, const int64_t* visible,
+                  const T* const* key_rows, const T* const* value_rows, int64_t width, float* scores,
+                  float* correction) {
+  const bool dot = score_rows_dot(tq.q, lanes.count, key_rows, width, d, lanes.stride, scores);
+  if constexpr (std::is_same_v<T, Bf16>) {
+    if (!dot && tq.qt2 != nullptr) score_rows_bf16(tq.qt2, key_rows, width, d, lanes.stride, scores);
+  }
+  if (!dot && (tq.qt2 == nullptr || !std::is_same_v<T, Bf16>)) score_rows(tq.qt, key_rows, width, d, lanes.stride,
+                                                                          scores);
   const int64_t seen = softmax_step(lanes, group, visible, width, scores, correction);
+  if constexpr (std::is_same_v<T, Bf16>) {
+    if (tq.qt2 != nullptr) {
+      probability_pairs(scores, seen, lanes.stride, tq.pairs);
+      accumulate_pv_bf16(lanes.out, d, correction, tq.pairs, lanes.stride, value_rows, seen, lanes.count);
+      return;
+    }
+  }
+  if (tq.bf16_math) round_to_bf16(scores, seen * lanes.stride);
   accumulate_pv(lanes.out, d, correction, scores, lanes.stride, value_rows, seen, lanes.count);
 }
 
@@ -156,24 +191,46 @@ void store_output(const float* acc, float sum, int64_t d, float* dst) {
 
 float query_scale(int64_t d) { return 1.f / std::sqrt(static_cast<float>(d)); }
 
+// A query row scaled by query_scale(d).
+void scale_query(const float* src, int64_t d, float scale, float* dst) {
+  for (int64_t i = 0; i < d; ++i) dst[i] = src[i] * scale;
+}
+
+// bf16 pair of the high (low: false) bf16 parts of x[0] and x[1] (x = high + low).
+uint32_t split_pair(const float* x, bool high) {
+  uint32_t pair = 0;
+  for (int e = 0; e < 2; ++e) {
+    const float part = high ? x[e] : x[e] - bf16_rounded(x[e]);
+    pair |= static_cast<uint32_t>(bf16_bits(part)) << (16 * e);
+  }
+  return pair;
+}
+
 // The tile's queries, scaled by query_scale(d), per KV head g in lanes [g * stride, g * stride + count) (lane = token *
-// group + h for query head g * group + h): w.q [kv][stride][d], and transposed, w.qt [kv][d][stride].
+// group + h for query head g * group + h): w.q [kv][stride][d], and transposed, w.qt [kv][d][stride]; with pairs,
+// also as bf16 element pairs of their two parts w.qt2 [kv][2][d / 2][stride] (score_rows_bf16).
 template <typename T>
-void load_queries(const Tile& tile, const Shapes& s, const float* q, const int64_t* order, int64_t stride,
-                  Scratch<T>& w) {
+void load_queries(const Tile& tile, const Shapes& s, const Config& c, const float* q, const int64_t* order,
+                  int64_t stride, bool pairs, Scratch<T>& w) {
   const int64_t group = s.heads / s.kv, d = s.d;
   const float scale = query_scale(d);
   w.q.assign(s.kv * stride * d, 0.f);
   for (int64_t t = 0; t < tile.end - tile.begin; ++t)
-    for (int64_t head = 0; head < s.heads; ++head) {
-      const float* src = q + order[tile.begin + t] * s.q_stride + head * d;
-      float* dst = w.q.data() + ((head / group) * stride + t * group + head % group) * d;
-      for (int64_t i = 0; i < d; ++i) dst[i] = src[i] * scale;
-    }
+    for (int64_t head = 0; head < s.heads; ++head)
+      scale_query(q + order[tile.begin + t] * s.q_stride + head * d, d, scale,
+                  w.q.data() + ((head / group) * stride + t * group + head % group) * d);
   w.qt.resize(s.kv * d * stride);
   for (int64_t g = 0; g < s.kv; ++g)
     for (int64_t lane = 0; lane < stride; ++lane)
       for (int64_t i = 0; i < d; ++i) w.qt[(g * d + i) * stride + lane] = w.q[(g * stride + lane) * d + i];
+  if (!pairs) return;
+  w.qt2.resize(s.kv * d * stride);
+  for (int64_t g = 0; g < s.kv; ++g)
+    for (int part = 0; part < 2; ++part)
+      for (int64_t i = 0; i < d / 2; ++i)
+        for (int64_t lane = 0; lane < stride; ++lane)
+          w.qt2[((g * 2 + part) * (d / 2) + i) * stride + lane] =
+              split_pair(w.q.data() + (g * stride + lane) * d + 2 * i, part == 0);
 }
 
 // Cache rows of keys [k0, k0 + width) through the sequence's block table.
@@ -193,8 +250,10 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
                  Scratch<T>& w) {
   const int64_t group = s.heads / s.kv, d = s.d, tokens = tile.end - tile.begin, count = tokens * group;
   const int64_t stride = (count + 15) / 16 * 16, kt = c.key_tile, head = head_elems<T>(d), row_stride = s.kv * head;
-  load_queries(tile, s, q, order, stride, w);
+  const bool pairs = std::is_same_v<T, Bf16> && c.bf16_math && bf16_dot_applies(d) && cpu_has_bf16_dot();
+  load_queries(tile, s, c, q, order, stride, pairs, w);
   reset_scratch(w, s.kv * stride, d, kt, stride);
+  if (pairs) w.pairs.resize((kt + 1) / 2 * stride);
   std::vector<int64_t> visible(tokens);
   for (int64_t k0 = 0; k0 < tile.keys; k0 += kt) {
     const int64_t width = std::min(kt, tile.keys - k0);
@@ -213,9 +272,10 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
       }
       const Lanes lanes{count, stride, w.row_max.data() + g * stride, w.row_sum.data() + g * stride,
                         w.out.data() + g * stride * d};
-      update_lanes(lanes, group, d, w.q.data() + g * stride * d, w.qt.data() + g * d * stride, visible.data(),
-                   readable(w.key_rows.data(), width, 1, d, w.keys), readable(w.value_rows.data(), width, 1, d, w.values),
-                   width, w.scores.data(), w.correction.data());
+      const TileQueries tq{w.q.data() + g * stride * d, w.qt.data() + g * d * stride,
+                           pairs ? w.qt2.data() + g * d * stride : nullptr, w.pairs.data(), c.bf16_math};
+      update_lanes(lanes, group, d, tq, visible.data(), readable(w.key_rows.data(), width, 1, d, w.keys),
+                   readable(w.value_rows.data(), width, 1, d, w.values), width, w.scores.data(), w.correction.data());
     }
   }
   for (int64_t t = 0; t < tokens; ++t)
@@ -236,7 +296,7 @@ void attend_decode(const Tile& tile, const Shapes& s, const Config& c, const flo
   const int64_t head = head_elems<T>(d), row_stride = s.kv * head;
   const float scale = query_scale(d);
   w.q.resize(s.heads * d);
-  for (int64_t i = 0; i < s.heads * d; ++i) w.q[i] = q[token * s.q_stride + i] * scale;
+  scale_query(q + token * s.q_stride, s.heads * d, scale, w.q.data());
   reset_scratch(w, stride, d, kt, stride);
   const Lanes lanes{s.heads, stride, w.row_max.data(), w.row_sum.data(), w.out.data()};
   for (int64_t k0 = 0; k0 < tile.keys; k0 += kt) {
@@ -248,6 +308,7 @@ void attend_decode(const Tile& tile, const Shapes& s, const Config& c, const flo
     score_heads_dot(w.q.data(), group, s.kv, readable(w.key_rows.data(), width, s.kv, d, w.keys), width, d, stride,
                     w.scores.data());
     const int64_t seen = softmax_step(lanes, stride, &visible, width, w.scores.data(), w.correction.data());
+    if (c.bf16_math) round_to_bf16(w.scores.data(), seen * stride);
     for (int64_t g = 0; g < s.kv; ++g) {
       for (int64_t j = 0; j < seen; ++j) w.value_rows[j] = values + w.slots[j] * row_stride + g * head;
       for (int64_t j = 0; j < std::min(seen, kPrefetchKeys); ++j) prefetch_row(w.value_rows[j], d);
@@ -321,7 +382,7 @@ int check_layout(const Args& a, bool& fused, CacheType& cache) {
   if (cache != value_cache) return kCacheDtypeMismatch;
   fused = a.rank(1) == 1 && a.rank(2) == 1;
   if (a.rank(0) != 3 || (!fused && (a.rank(1) != 3 || a.rank(2) != 3)) || a.rank(3) != 3 || a.rank(4) != 3 ||
-      a.rank(8) != 2 || a.numel(13) < 6)
+      a.rank(8) != 2 || a.numel(13) < 6)  // the 7th config entry (bf16 math) is optional
     return kBadShape;
   return kOk;
 }
@@ -334,7 +395,7 @@ int read_call(const Args& a, Call& call) {
   call.s = Shapes{n, heads, kv, d, a.dim(3, 0), a.dim(8, 0), a.dim(8, 1), a.dim(0, 1) * d};
   const Shapes& s = call.s;
   const int32_t* cfg = a.data<int32_t>(13);
-  call.c = Config{cfg[0], std::max(1, cfg[1]), cfg[2], cfg[3], cfg[4]};
+  call.c = Config{cfg[0], std::max(1, cfg[1]), cfg[2], cfg[3], cfg[4], a.numel(13) >= 7 && cfg[6] != 0};
   call.apply_rope = cfg[5] != 0;
   const int64_t row = s.kv * s.d, cache_row = s.kv * head_elems(call.cache, s.d);
   if ((!call.fused && (a.numel(1) != s.n * row || a.numel(2) != s.n * row)) ||
@@ -430,7 +491,8 @@ void attend_all(const Args& a, const Call& call, const Inputs& in) {
 //         both bf16 or both f16; or both int8 [S,KV,d+4], kv_cache.h),
 //         slot_mapping [N], seq_index [N], token_position [N], block_tables [B,M], context_lens [B] (i32),
 //         rope_positions [N] (i32), cos [P,d], sin [P,d] (f32; any [1] tensors when rotary is off),
-//         config [block_size, threads, query_tile, key_tile, parallel_min_work, apply_rope] (i32)
+//         config [block_size, threads, query_tile, key_tile, parallel_min_work, apply_rope, bf16_math (optional)]
+//         (i32)
 //   or fused: q is the QKV projection [N, H+2KV, d] (q heads, then k, then v) and k_new, v_new are any [1]
 //         tensors, so the layer's projection hands over one tensor (no slicing copies).
 // output: [N, H*d] f32. k_new (rotated when apply_rope) and v_new are written into the caches first (in place,
