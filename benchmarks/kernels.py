@@ -1,7 +1,7 @@
 """Kernel micro-benchmarks: each CPU kernel against its reference composite, at decode and prefill shapes of the
 `bench` preset and of the 19B model's layer (small token counts).
 
-    python benchmarks/kernels.py [--json OUT] [--repeat N] [--only rope,paged_attention,...]
+    python benchmarks/kernels.py [--json OUT] [--repeat N] [--only rope,paged_attention,bf16_attention,...]
 
 Kernel and reference calls are interleaved and the minimum over `repeat` rounds is kept: on a shared 2-core
 machine the minimum is the figure least disturbed by other processes. Paged attention over 16-bit KV caches
@@ -172,6 +172,20 @@ def bench_paged_cache_dtypes(cpu: KernelSet, ref: KernelSet, m: Model, case: str
     return results
 
 
+def bench_bf16_attention(m: Model, case: str, lens: list[int], new: list[int], repeat: int,
+                         rng: np.random.Generator) -> list[Result]:
+    """Compute dtype bfloat16 over a bf16 cache (bf16 math: vdpbf16ps on the query tiles) against float32 math over
+    the same cache (its twin), then against its composite (reference.uses_bf16_attention)."""
+    (q, k, v), pair, meta = _paged_inputs(m, lens, new, rng, shuffle=True, dtypes=(HALF_CACHE_DTYPES["bf16"],))
+    bf16, twin = get_kernels("cpu", compute_dtype="bfloat16"), get_kernels("cpu")
+    ref = get_kernels("reference", compute_dtype="bfloat16")
+    kernel = lambda: bf16.paged_attention(q, k, v, *pair, *meta)  # noqa: E731
+    kernel_ms, twin_ms = time_pair(kernel, lambda: twin.paged_attention(q, k, v, *pair, *meta), repeat)
+    _, ref_ms = time_pair(kernel, lambda: ref.paged_attention(q, k, v, *pair, *meta), repeat)
+    return [Result("paged_attn bf16 math", m.name, case, kernel_ms, twin_ms, reference="float32 math kernel"),
+            Result("paged_attn bf16 math", m.name, case, kernel_ms, ref_ms)]
+
+
 def bench_fused_rope_attention(cpu: KernelSet, ref: KernelSet, m: Model, case: str, lens: list[int],
                                new: list[int], repeat: int, rng: np.random.Generator) -> list[Result]:
     """Rotary fused into paged attention, against the composites and against the two CPU kernels in turn."""
@@ -329,6 +343,10 @@ def run(repeat: int, only: set[str] | None) -> list[Result]:
             for lens, new, case in (([context] * decode, [1] * decode, f"decode {decode} x {context} context"),
                                     (mixed_lens, mixed_new, f"mixed {decode // 2} decodes + chunk {prefill}")):
                 results += bench_paged_cache_dtypes(cpu, ref, m, case, lens, new, repeat, rng)
+        if want("paged_attention") or want("bf16_attention"):
+            long_prefill = 2048 if m is BENCH else 512
+            results += bench_bf16_attention(m, f"prefill 1 x {long_prefill}", [long_prefill], [long_prefill],
+                                            max(3, repeat // 5), rng)
         if want("expert_linear"):
             qkv = (m.heads + 2 * m.kv_heads) * m.head_dim
             results += bench_expert_linear(cpu, ref, m, "qkv decode", decode, decode, qkv, m.hidden, True,
