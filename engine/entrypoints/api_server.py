@@ -158,7 +158,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
         """The traceback goes to the log under an id the client is told; the exception text is not sent."""
-        error_id = getattr(request.state, "request_id", None) or f"err-{uuid.uuid4().hex[:16]}"
+        error_id = getattr(request.state, "request_id", None) or request.headers.get("x-request-id") or \
+            f"err-{uuid.uuid4().hex[:16]}"
         logger.error("internal error on %s %s (id %s)", request.method, request.url.path, error_id, exc_info=error)
         return ApiError(500, f"internal server error (id {error_id}; see the server log)",
                         code="internal_error").response()
