@@ -146,7 +146,9 @@ class AsyncLLM:
     def tokenizer(self):
         return self._loaded_engine().tokenizer
 
-    def get_tokenizer(self):
+    async def get_tokenizer(self):
+        """vLLM's coroutine: `tokenizer = await llm.get_tokenizer()`."""
+        await self.ready()
         return self.tokenizer
 
     @property

@@ -43,9 +43,15 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
         """OpenAI-style messages (one conversation, or a list of them) -> one output each, through the message
-        conversion the server uses. Image parts: data: URLs, file:// URLs or local paths (nothing is fetched)."""
+        conversion the server uses. Image parts: data: URLs, file:// URLs or local paths (nothing is fetched).
+        CogVLM2's prompt template is fixed by the model: a chat_template is refused, add_generation_prompt is
+        always in effect (the template ends with the answer tag)."""
+        if chat_template is not None or not add_generation_prompt:
+            raise ValueError("chat_template / add_generation_prompt=False: CogVLM2's prompt template is fixed by "
+                             "the model (its config's template_version)")
         conversations = [messages] if not messages or isinstance(messages[0], dict) else list(messages)
         return self.generate([_chat_prompt(c) for c in conversations], sampling_params, use_tqdm)
 

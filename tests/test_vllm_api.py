@@ -48,6 +48,7 @@ def test_the_vllm_style_client_runs_unchanged_but_for_the_import(monkeypatch, of
             story.outputs[0].text
         assert http.post("/stream_deltas", json={"prompt_token_ids": hello_ids, "max_tokens": 12}).text == \
             hello.outputs[0].text
+        assert http.post("/count_tokens", json={"text": "Hello"}).json() == {"count": len(hello_ids)}
     chat_text, more_text = client.offline_chat()
     assert chat_text == expected.outputs[0].text == "two"
     assert more_text == offline.generate({"prompt_token_ids": hello_ids}, SamplingParams(temperature=0, max_tokens=4),

@@ -75,6 +75,12 @@ async def stream_deltas(request: Request) -> StreamingResponse:
     return StreamingResponse(pieces(), media_type="text/plain")
 
 
+@app.post("/count_tokens")
+async def count_tokens(request: Request) -> JSONResponse:
+    tokenizer = await engine.get_tokenizer()
+    return JSONResponse({"count": len(tokenizer.encode((await request.json())["text"]))})
+
+
 def offline_chat() -> list[str]:
     llm = LLM(model=MODEL, max_model_len=256)
     with open(IMAGE, "rb") as f:
