@@ -120,29 +120,37 @@ def engine_dtypes(preset: str, dtypes: list[str]) -> list[dict]:
 
 def resident_sizes(preset: str, dtypes: list[str], tp_sizes: list[int]) -> list[dict]:
     """Weights held per device, from the checkpoint's tensor shapes alone (the preset's, or an HF folder's
-    safetensors headers): GEMM weights and the embedding in the storage dtype, the rest in float32."""
+    safetensors headers): GEMM weights and the embedding in the storage dtype, the rest in float32; with a
+    "+w8a16" / "+w8a8" suffix the quantized weights as int8 with one fp32 scale per output row. Also the vision
+    tower's (encoder + adapter) share, which text-only serving does not load."""
     from math import prod
 
     from cogvlm2.model_source import resolve_model
     from cogvlm2.parallel import shard_layout, shard_shape
     from cogvlm2.precision import checkpoint_dtype, held_in_storage_dtype, weight_storage
-    from cogvlm2.weights import hf_weight_shapes, is_optional_tensor
+    from cogvlm2.weights import hf_weight_shapes, is_optional_tensor, is_quantized_weight
 
     config = resolve_model(preset).config
     shapes = {n: s for n, s in hf_weight_shapes(config).items() if not is_optional_tensor(n)}
     rows = []
     for dtype in dtypes:
-        itemsize = 4 if dtype == "float32-widened" else weight_storage(dtype, checkpoint_dtype(config)).itemsize
+        base, _, quantization = dtype.partition("+")
+        itemsize = 4 if base == "float32-widened" else weight_storage(base, checkpoint_dtype(config)).itemsize
+
+        def tensor_bytes(name: str, shape: tuple[int, ...]) -> int:
+            if quantization and is_quantized_weight(name, shape):
+                return prod(shape) + 4 * shape[0]
+            return prod(shape) * (itemsize if held_in_storage_dtype(name, shape) else 4)
         for tp in tp_sizes:
             layout = shard_layout(config, tp, 0)
-            total = sum(prod(shard_shape(n, s, config, layout)) * (itemsize if held_in_storage_dtype(n, s) else 4)
-                        for n, s in shapes.items())
-            rows.append({"dtype": dtype, "tensor_parallel_size": tp, "bytes_per_device": total})
-    print(f"preset {preset}: weights resident per device, from the shapes alone (GiB)")
-    print(f"{'dtype':<10}" + "".join(f"{'TP=' + str(tp):>10}" for tp in tp_sizes))
+            sized = {n: tensor_bytes(n, shard_shape(n, s, config, layout)) for n, s in shapes.items()}
+            rows.append({"dtype": dtype, "tensor_parallel_size": tp, "bytes_per_device": sum(sized.values()),
+                         "vision_bytes_per_device": sum(b for n, b in sized.items() if n.startswith("model.vision."))})
+    print(f"preset {preset}: weights resident per device, from the shapes alone (GiB; in brackets the vision tower's)")
+    print(f"{'dtype':<16}" + "".join(f"{'TP=' + str(tp):>18}" for tp in tp_sizes))
     for dtype in dtypes:
-        print(f"{dtype:<10}" + "".join(f"{r['bytes_per_device'] / 2 ** 30:>10.2f}" for r in rows
-                                       if r["dtype"] == dtype))
+        print(f"{dtype:<16}" + "".join(f"{r['bytes_per_device'] / 2 ** 30:>10.2f} ({r['vision_bytes_per_device'] / 2 ** 30:.2f})"
+                                       for r in rows if r["dtype"] == dtype))
     return rows
 
 

@@ -130,8 +130,24 @@ class VisionEncoder:
         linear = self.kernels.linear
         qkv = linear(x, w.qkv_w, w.qkv_b).reshape(b, t, 3, heads, hd).transpose(2, 0, 3, 1, 4)
         qkv = qkv.reshape(3, b * heads, t, hd)
-        attn = softmax_attention(qkv[0], qkv[1], qkv[2], None, hd ** -0.5)
+        attn = _chunked_attention(qkv[0], qkv[1], qkv[2], hd ** -0.5)
         attn = attn.reshape(b, heads, t, hd).transpose(0, 2, 1, 3).reshape(n, heads * hd)
         x = x + layer_norm(self.reduce(linear(attn, w.dense_w, w.dense_b)), w.ln_in_w, w.ln_in_b, v.layer_norm_eps)
         mlp = self.reduce(linear(gelu_exact(linear(x, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b))
         return x + layer_norm(mlp, w.ln_post_w, w.ln_post_b, v.layer_norm_eps)
+
+
+# The most bytes of fp32 scores one attention call materialises: a 1344x1344 image (9,217 tokens, 16 heads) would
+# otherwise hold 5.4 GB of scores and as much of probabilities at once.
+ATTENTION_SCORES_BUDGET = 256 * 2 ** 20
+
+
+def _chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax_attention over [G, T, hd] in groups of (image, head) pairs whose scores fit the budget (the same
+    math: each head's attention is computed whole)."""
+    groups, tokens = q.shape[0], q.shape[1]
+    per_call = max(1, ATTENTION_SCORES_BUDGET // (tokens * tokens * 4))
+    if per_call >= groups:
+        return softmax_attention(q, k, v, None, scale)
+    return ops.concat([softmax_attention(q[i:i + per_call], k[i:i + per_call], v[i:i + per_call], None, scale)
+                       for i in range(0, groups, per_call)], 0)

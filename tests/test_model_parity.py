@@ -41,6 +41,19 @@ def test_vision_features_match_with_cpu_kernels(golden_cases, golden_arrays, pro
         np.testing.assert_allclose(features, golden_arrays[f"{case['name']}.vision_features"], atol=1e-4)
 
 
+def test_vision_attention_in_head_groups_is_the_same_math(demo_pipeline, golden_cases, processed, monkeypatch):
+    """A budget that fits one (image, head) pair's scores per call (the 19B's 1344x1344 images are cut so) gives the
+    same features as one call over all heads."""
+    import cogvlm2.vision as vision
+    case = next(c for c in golden_cases if c["image"])
+    pixels = processed[case["name"]].pixel_values[None]
+    whole = demo_pipeline.generator.model.encode_images(pixels).asnumpy()
+    tokens = demo_pipeline.generator.model.config.vision.grid_size ** 2 + 1
+    monkeypatch.setattr(vision, "ATTENTION_SCORES_BUDGET", tokens * tokens * 4)
+    grouped = demo_pipeline.generator.model.encode_images(pixels).asnumpy()
+    np.testing.assert_allclose(grouped, whole, rtol=0, atol=1e-6)
+
+
 def test_prefill_logits_and_probe_logprobs(demo_pipeline, golden_cases, golden_arrays, processed):
     for case in golden_cases:
         name = case["name"]
