@@ -43,14 +43,16 @@ CUSTOM_ROPE, CUSTOM_PAGED_ATTENTION = "RotaryCogvlm2", "PagedAttentionCogvlm2"
 
 
 class AscendPrimitives:
-    """Builds the NPU's primitives: `make("ReshapeAndCache")` is mindspore.ops.operations.ReshapeAndCache();
-    `make("Custom", name, ...)` an Ascend C op through ops.Custom(func_type="aot")."""
+    """Builds the NPU's primitives: `make("ReshapeAndCache")` is MindSpore's generated primitive of that name
+    (mindspore.ops.auto_generate, where 2.10 defines all of them: FlashAttentionScore and FormatCast are not
+    re-exported by mindspore.ops.operations); `make("Custom", name, ...)` an Ascend C op through
+    ops.Custom(func_type="aot")."""
 
     def make(self, name: str, *args, **kwargs):
         if name == "Custom":
             return self._custom(*args, **kwargs)
-        from mindspore.ops import operations  # noqa: PLC0415
-        return getattr(operations, name)(*args, **kwargs)
+        from mindspore.ops import auto_generate  # noqa: PLC0415
+        return getattr(auto_generate, name)(*args, **kwargs)
 
     @staticmethod
     def _custom(func: str, out_shape, out_dtype, writes_inputs: bool = False):
@@ -215,6 +217,7 @@ class AscendKernels:
 
     # ---- rope
     def _table(self, table: Tensor) -> Tensor:
+        """The whole table in the compute dtype (the custom op indexes it), cast once."""
         key = id(table)
         if key not in self._tables:
             self._tables[key] = table.astype(self.dtype)
@@ -224,15 +227,14 @@ class AscendKernels:
         t, heads, dim = q.shape
         kv = k.shape[1]
         positions = _i32(positions)
-        cos, sin = self._table(cos_table), self._table(sin_table)
         q16, k16 = q.astype(self.dtype), k.astype(self.dtype)
         if self.choices["rope"] == "custom":
             op = self._custom(CUSTOM_ROPE, lambda qs, ks, *_: (qs, ks), lambda qd, kd, *_: (qd, kd))
-            q_out, k_out = op(q16, k16, positions, cos, sin)
-        else:
+            q_out, k_out = op(q16, k16, positions, self._table(cos_table), self._table(sin_table))
+        else:  # each token's rows, gathered in fp32 and then cast (T rows, not the table)
+            cos, sin = (ops.gather(table, positions, 0).astype(self.dtype) for table in (cos_table, sin_table))
             op = self._prim("ApplyRotaryPosEmb", NEOX_COS_FORMAT)
-            q_out, k_out = op(q16.reshape(t, heads * dim), k16.reshape(t, kv * dim), ops.gather(cos, positions, 0),
-                              ops.gather(sin, positions, 0), positions)
+            q_out, k_out = op(q16.reshape(t, heads * dim), k16.reshape(t, kv * dim), cos, sin, positions)
         return (q_out.reshape(t, heads, dim).astype(mstype.float32),
                 k_out.reshape(t, kv, dim).astype(mstype.float32))
 
@@ -265,9 +267,8 @@ class AscendKernels:
         else:
             self._prim("ReshapeAndCache")(k16, v16, key_cache, value_cache, slots)
             out = self._builtin_attention(q16, k16, v16, key_cache, value_cache, tables, layout)
-        if not layout.is_identity:
-            out = ops.gather(out, Tensor.from_numpy(layout.restore.astype(np.int32)), 0)
-        return out.reshape(out.shape[0], -1).astype(mstype.float32)
+        out = out.reshape(out.shape[0], -1).astype(mstype.float32)
+        return out if layout.is_identity else ops.gather(out, Tensor.from_numpy(layout.restore.astype(np.int32)), 0)
 
     def _builtin_attention(self, q, k, v, key_cache, value_cache, tables, layout: SequenceLayout) -> Tensor:
         heads, head_dim = q.shape[1], q.shape[2]

@@ -24,8 +24,10 @@ VISIBLE_ENV = "ASCEND_RT_VISIBLE_DEVICES"
 DEVICE_ID_ENV = "DEVICE_ID"  # msrun: the worker's local rank
 NO_BF16_FAMILIES = ("310p",)  # SoCs whose vector and cube units have no bf16 (Ascend 310P)
 # HCCL settings of a tensor-parallel launch on Ascend (docs/ascend.md, "Tensor parallelism on Ascend"): the connect
-# timeout covers ranks that load a 19B shard at different speeds; a value the user exported wins.
+# timeout covers ranks that load a 19B shard at different speeds; a value the user exported wins. `import mindspore`
+# itself sets HCCL_CONNECT_TIMEOUT=600 when unset (mindspore/context.py), so that value counts as unset.
 HCCL_DEFAULTS = {"HCCL_CONNECT_TIMEOUT": "1800", "HCCL_EXEC_TIMEOUT": "1800"}
+MINDSPORE_IMPORT_DEFAULTS = {"HCCL_CONNECT_TIMEOUT": "600"}
 
 logger = logging.getLogger("cogvlm2.device")
 
@@ -176,7 +178,9 @@ def launch_env(device: str, size: int, env: dict[str, str]) -> dict[str, str]:
     if visible is not None and len(visible) < size:
         raise ValueError(f"tensor_parallel_size {size} needs {size} devices, {VISIBLE_ENV}={env[VISIBLE_ENV]} "
                          f"lists {len(visible)}")
-    added.update({key: env.get(key, value) for key, value in HCCL_DEFAULTS.items()})
+    for key, value in HCCL_DEFAULTS.items():
+        exported = env.get(key)
+        added[key] = value if exported in (None, MINDSPORE_IMPORT_DEFAULTS.get(key)) else exported
     if visible is None:
         added[VISIBLE_ENV] = ",".join(str(i) for i in range(size))
     return added
