@@ -138,7 +138,7 @@ class AscendKernels:
         self.prims = primitives or AscendPrimitives()
         self.dtype = ASCEND_DTYPES[compute_dtype]
         self._made: dict[tuple, object] = {}
-        self._tables: dict[int, Tensor] = {}  # rope tables in the compute dtype, by the fp32 table's id
+        self._tables: dict[int, tuple[Tensor, Tensor]] = {}  # fp32 rope table's id -> (it, it in the compute dtype)
         self._fa_mask: Tensor | None = None
 
     @property
@@ -217,11 +217,12 @@ class AscendKernels:
 
     # ---- rope
     def _table(self, table: Tensor) -> Tensor:
-        """The whole table in the compute dtype (the custom op indexes it), cast once."""
-        key = id(table)
-        if key not in self._tables:
-            self._tables[key] = table.astype(self.dtype)
-        return self._tables[key]
+        """The whole table in the compute dtype (the custom op indexes it), cast once per table (the entry holds the
+        table, so its id cannot be reused by another)."""
+        entry = self._tables.get(id(table))
+        if entry is None or entry[0] is not table:
+            entry = self._tables[id(table)] = (table, table.astype(self.dtype))
+        return entry[1]
 
     def rope(self, q, k, positions, cos_table, sin_table):
         t, heads, dim = q.shape

@@ -185,12 +185,14 @@ class Batch:
     cos: np.ndarray
     sin: np.ndarray
     cache: tuple[np.ndarray, np.ndarray]  # K and V rows [num_slots, KV, D] before the step
+    num_blocks: int
 
 
 def make_batch(block_size: int, sequences=SEQUENCES, seed: int = 0) -> Batch:
     rng = np.random.default_rng(seed)
-    blocks = rng.permutation(NUM_BLOCKS)
     per_seq = -(-max(c for c, _ in sequences) // block_size)
+    num_blocks = max(NUM_BLOCKS, per_seq * len(sequences))
+    blocks = rng.permutation(num_blocks)
     tables = np.stack([blocks[s * per_seq:(s + 1) * per_seq] for s in range(len(sequences))]).astype(np.int32)
     seq_index = np.concatenate([np.full(q, s) for s, (_, q) in enumerate(sequences)])
     token_position = np.concatenate([np.arange(c - q, c) for c, q in sequences])
@@ -200,13 +202,13 @@ def make_batch(block_size: int, sequences=SEQUENCES, seed: int = 0) -> Batch:
                       for s, p in zip(seq_index, token_position)], np.int32)
     positions = token_position + 3  # position ids differ from indices after an image
     inv_freq = 1.0 / 10000 ** (np.arange(0, D, 2) / D)
-    angles = np.arange(64)[:, None] * inv_freq[None]
+    angles = np.arange(max(c for c, _ in sequences) + 8)[:, None] * inv_freq[None]
     cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
-    slots_total = NUM_BLOCKS * block_size
+    slots_total = num_blocks * block_size
     return Batch(rng.standard_normal((seq_index.shape[0], H + 2 * KV, D)).astype(np.float32), seq_index,
                  token_position, slots, tables, np.array([c for c, _ in sequences], np.int32), positions,
                  cos.astype(np.float32), sin.astype(np.float32),
-                 tuple(rng.standard_normal((slots_total, KV, D)).astype(np.float32) for _ in range(2)))
+                 tuple(rng.standard_normal((slots_total, KV, D)).astype(np.float32) for _ in range(2)), num_blocks)
 
 
 def rounded(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -225,7 +227,7 @@ def run_reference(batch: Batch, block_size: int, dtype: str) -> np.ndarray:
 
 
 def ascend_caches(kernels: AscendKernels, batch: Batch, block_size: int, dtype: str) -> list[Parameter]:
-    shape = kernels.kv_cache_shape(NUM_BLOCKS, block_size, KV, D)
+    shape = kernels.kv_cache_shape(batch.num_blocks, block_size, KV, D)
     return [kernels.place_kv_cache(Parameter(Tensor.from_numpy(c.reshape(shape).astype(NUMPY_DTYPES[dtype])),
                                              name=f"cache_{i}", requires_grad=False))
             for i, c in enumerate(batch.cache)]
