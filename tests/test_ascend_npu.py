@@ -1,7 +1,10 @@
 """On an Ascend NPU only (scripts/ascend_first_run.sh runs them): both Ascend kernel sets against
 kernels/reference.py on the device (fp16, bf16 where the SoC has it, block sizes 16 and 128, a mixed decode +
-mid-block prefill batch, decodes only, whole prompts), and the engine's goldens on the NPU. Skipped elsewhere."""
+mid-block prefill batch, decodes only, whole prompts), and the engine's goldens on the NPU. Skipped elsewhere;
+with COGVLM2_REQUIRE_NPU=1 (the first-run script) a missing NPU or custom-op package fails instead."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +12,9 @@ import pytest
 from kernels.device import select_device
 
 DEVICE = select_device("auto")
+REQUIRED = os.environ.get("COGVLM2_REQUIRE_NPU") == "1"
+if REQUIRED and DEVICE.target != "ascend":
+    pytest.fail(f"COGVLM2_REQUIRE_NPU=1, but this process runs on {DEVICE.describe()}", pytrace=False)
 pytestmark = pytest.mark.skipif(
     DEVICE.target != "ascend", reason="needs an Ascend NPU (MindSpore reports none here): run "
                                       "scripts/ascend_first_run.sh on an Ascend host")
@@ -24,7 +30,8 @@ from test_ascend_host import TOLERANCE, make_batch, run_ascend, run_reference  #
 
 DTYPES = ["float16"] + (["bfloat16"] if DEVICE.supports_bf16 else [])
 CHOICES = ["builtin", pytest.param("custom", marks=pytest.mark.skipif(
-    installed_package() is None, reason="the custom ops are not installed (python -m kernels.ascend_build)"))]
+    installed_package() is None and not REQUIRED,
+    reason="the custom ops are not installed (python -m kernels.ascend_build)"))]
 BATCHES = {"mixed": [(37, 1), (45, 25), (5, 1)], "decodes": [(37, 1), (5, 1), (16, 1)], "prompts": [(7, 7), (20, 20)],
            "long_chunk": [(300, 130), (129, 1)]}
 
