@@ -5,9 +5,9 @@ SKU's table (`ascend_backends`) or forced by kernels="ascend-builtin" / "ascend-
 - rope, builtin: ApplyRotaryPosEmb(cos_format=2) on q [T, H*D] and k [T, KV*D] with the cos/sin rows gathered per
   token by position id ([T, D]); custom: RotaryCogvlm2 on the whole tables.
 - KV write + paged attention, builtin: ReshapeAndCache writes this step's K/V, then FlashAttentionScore (TND,
-  right-down causal; not on 310P, which lacks it) when no sequence has cached context, else PagedAttention over the block tables, with
-  q_seq_lens and the TRAPEZOIDAL mask when a sequence brings more than one token; custom: PagedAttentionCogvlm2
-  (writes and attends in one op).
+  right-down causal; not on 310P, which lacks it) when no sequence has cached context, else PagedAttention over
+  the block tables, with q_seq_lens and the TRAPEZOIDAL mask when a sequence brings more than one token; custom:
+  PagedAttentionCogvlm2 (writes and attends in one op).
 - The dense ops (projections, norms, SwiGLU) are MindSpore ops: GEMMs in the compute dtype (bf16 on 910B, fp16 on
   310P; weights cast to it at load), norms and softmax-side math in fp32 as on CPU.
 The KernelSet contract holds: activations enter and leave every op in fp32 and tokens arrive in routed order
@@ -166,12 +166,13 @@ class AscendKernels:
         return self._made[key]
 
     # ---- the KV cache
-    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_elements: int) -> tuple[int, ...]:
         if self.choices["paged_attention"] == "custom":
-            return num_blocks * block_size, num_kv_heads, head_dim
+            return num_blocks * block_size, num_kv_heads, head_elements
         if self.nz_cache:
-            return nz_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
-        return num_blocks, block_size, num_kv_heads, head_dim
+            return nz_cache_shape(num_blocks, block_size, num_kv_heads, head_elements)
+        return num_blocks, block_size, num_kv_heads, head_elements
 
     def place_kv_cache(self, cache: Parameter) -> Parameter:
         """The cache as the kernels read it: on 310P's built-ins, cast to NZ on the device once."""

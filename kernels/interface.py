@@ -48,7 +48,8 @@ class KernelSet(Protocol):
         """x [N, in] @ w^T (+ bias) for a weight from prepare_weight: the lm_head, the vision encoder."""
         ...
 
-    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_elements: int) -> tuple[int, ...]:
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_elements: int) -> tuple[int, ...]:
         """One layer's K (or V) cache shape as this backend's kernels read it: [num_slots, KV, head_elements] here,
         the Ascend built-ins' [num_blocks, block_size, KV, d] or its NZ form (kernels/ascend.py)."""
         ...

@@ -35,6 +35,7 @@ from mindspore import dtype as mstype
 from kernels import composites, reference
 from kernels.composites import pad_block_tables
 from kernels.device import CPU, Device
+from kernels.runtime import configured_device
 from kernels.interface import KernelSet
 from kernels.quantization import (Int8Rows, QuantizedWeight, check_quantization, column_offsets, dequantize,
                                  int8_rows)
@@ -90,7 +91,8 @@ class BaseKernels:
     compute_dtype: str
     quantization: str | None = None
 
-    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_elements: int) -> tuple[int, ...]:
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_elements: int) -> tuple[int, ...]:
         return num_blocks * block_size, num_kv_heads, head_elements
 
     def place_kv_cache(self, cache):
@@ -404,10 +406,10 @@ def _kernels(backend: str, config: str | None, compute_dtype: str, quantization:
 
 
 def get_kernels(backend: str = "auto", config: str | None = None, compute_dtype: str = "float32",
-                quantization: str | None = None, device: Device = CPU) -> KernelSet:
-    """The KernelSet of `backend` (COGVLM2_KERNELS overrides it) on `device` (kernels.device), with parameters from
-    `config` or this SKU's table, multiplying 16-bit weights in `compute_dtype` (the module's docstring) and, with
-    quantization "w8a16" or "w8a8", preparing every projection weight as int8 (kernels/quantization.py). One
-    instance per argument set."""
+                quantization: str | None = None, device: Device | None = None) -> KernelSet:
+    """The KernelSet of `backend` (COGVLM2_KERNELS overrides it) on `device` (kernels.device; default: the device
+    MindSpore was configured for, else the CPU), with parameters from `config` or this SKU's table, multiplying
+    16-bit weights in `compute_dtype` (the module's docstring) and, with quantization "w8a16" or "w8a8", preparing
+    every projection weight as int8 (kernels/quantization.py). One instance per argument set."""
     return _kernels(resolve_backend(backend), config, _checked_compute_dtype(compute_dtype),
-                    check_quantization(quantization), device)
+                    check_quantization(quantization), device or configured_device() or CPU)
