@@ -456,3 +456,29 @@ def test_engine_on_a_faked_910b_runs_bf16_through_the_builtin_set(fake_ascend, g
     assert {"MatMul", "ApplyRotaryPosEmb", "ReshapeAndCache", "PagedAttention", "FlashAttentionScore"} <= used
     vision_matmuls = [c for c in primitives.recorder.named("MatMul") if c.inputs["mat2"][2] != "BFloat16"]
     assert not vision_matmuls  # every weight, the vision encoder's included, is bf16 on the device
+
+
+# ---- MindSpore's settings per device
+def fake_mindspore(calls: list):
+    from types import SimpleNamespace
+    record = lambda name: lambda *args: calls.append((name, args))  # noqa: E731
+    return SimpleNamespace(set_device=record("set_device"), runtime=SimpleNamespace(launch_blocking=record("blocking")),
+                           device_context=SimpleNamespace(cpu=SimpleNamespace(op_tuning=SimpleNamespace(
+                               threads_num=record("threads")))))
+
+
+def test_cpu_measured_settings_stay_on_the_cpu(monkeypatch):
+    monkeypatch.setenv("COGVLM2_THREADS", "2")
+    cpu, npu = [], []
+    runtime._configure_cpu(fake_mindspore(cpu))
+    runtime._configure_ascend(fake_mindspore(npu), Device("ascend", 3, 5, "ascend-910b1"))
+    assert cpu == [("set_device", ("CPU",)), ("blocking", ()), ("threads", (2,))]
+    assert npu == [("set_device", ("Ascend", 3))]
+
+
+def test_a_process_cannot_switch_device(fake_ascend, monkeypatch):
+    fake_ascend()
+    monkeypatch.setattr(runtime, "_configured", CPU)
+    with pytest.raises(RuntimeError, match="already runs on CPU.*new process"):
+        runtime.configure_mindspore("ascend")
+    assert runtime.configure_mindspore() == CPU  # no device asked: the configured one
