@@ -162,8 +162,10 @@ def _visible_by_default() -> None:
 
 
 def device_from_env() -> str:
-    """The device name a worker was launched for (COGVLM2_DEVICE), 'auto' when unset."""
-    return os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
+    """The device name a worker was launched for (COGVLM2_DEVICE); 'cpu' when unset: the programs that configure
+    MindSpore without naming a device (the kernel tools, the simple one-request loop, benchmarks) are CPU programs,
+    and the engine always names its device."""
+    return os.environ.get(DEVICE_ENV, "cpu").strip().lower() or "cpu"
 
 
 def launch_env(device: str, size: int, env: dict[str, str]) -> dict[str, str]:

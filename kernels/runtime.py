@@ -15,8 +15,8 @@ _configured: Device | None = None
 
 
 def configure_mindspore(device: str | None = None) -> Device:
-    """Sets MindSpore up for `device` ('auto', 'cpu', 'ascend'; default: $COGVLM2_DEVICE, else 'auto') once per
-    process and returns the Device; a later call for another device is an error (MindSpore cannot switch)."""
+    """Sets MindSpore up for `device` ('auto', 'cpu', 'ascend'; default: kernels.device.device_from_env) once per
+    process and returns the Device; a later call naming another device is an error (MindSpore cannot switch)."""
     global _configured
     chosen = select_device(device or device_from_env())
     if _configured is not None:

@@ -482,3 +482,10 @@ def test_a_process_cannot_switch_device(fake_ascend, monkeypatch):
     with pytest.raises(RuntimeError, match="already runs on CPU.*new process"):
         runtime.configure_mindspore("ascend")
     assert runtime.configure_mindspore() == CPU  # no device asked: the configured one
+
+
+def test_programs_that_name_no_device_stay_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("COGVLM2_DEVICE", raising=False)
+    assert device_mod.device_from_env() == "cpu"
+    monkeypatch.setenv("COGVLM2_DEVICE", "ascend")  # a tensor-parallel worker launched for Ascend
+    assert device_mod.device_from_env() == "ascend"
