@@ -35,10 +35,10 @@ from mindspore import dtype as mstype
 from kernels import composites, reference
 from kernels.composites import pad_block_tables
 from kernels.device import CPU, Device
-from kernels.runtime import configured_device
 from kernels.interface import KernelSet
 from kernels.quantization import (Int8Rows, QuantizedWeight, check_quantization, column_offsets, dequantize,
                                  int8_rows)
+from kernels.runtime import configured_device
 from kernels.sku import (BACKENDS, GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, GEMM_OWN, GEMM_PREPACKED, KernelParams,
                          load_params)
 
