@@ -6,7 +6,9 @@
   residual adds, RoPE and sampling stay float32.
 - float16: the same with fp16 weights and KV (for SKUs without bf16; widened on a CPU).
 - auto: a MindFormers yaml's compute_dtype when it states one; else bfloat16 where the CPU has bf16 dot products
-  and the checkpoint is bf16; else float32.
+  and the checkpoint is bf16; else float32. On an Ascend NPU: bfloat16 on 910B, float16 on 310P (which has no
+  bf16; a yaml's bfloat16 becomes float16 there), whatever the checkpoint; the weights are cast to it at load and
+  the KV cache holds it (the Ascend kernels compute in bf16/fp16 only: kernels/ascend.py).
 Small tensors that are added rather than multiplied (norm weights, biases, position and cls embeddings, boi/eoi)
 are held in float32 whatever the dtype: they are ~0.1% of the model.
 """
@@ -18,6 +20,8 @@ import ml_dtypes
 import numpy as np
 
 from cogvlm2.config import CogVLM2Config
+from kernels.ascend import check_ascend_precision
+from kernels.device import Device, select_device
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
@@ -39,14 +43,32 @@ class Precision:
 
 
 def resolve_precision(dtype: str, kv_cache_dtype: str, config: CogVLM2Config, checkpoint_dtype: np.dtype,
-                      cpu_has_bf16_dot: bool) -> Precision:
+                      cpu_has_bf16_dot: bool, device: str | Device = "cpu") -> Precision:
+    """`device`: a kernels.device name ('auto', 'cpu', 'ascend') or the Device itself."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+    device = select_device(device) if isinstance(device, str) else device
+    if device.target == "ascend":
+        return _ascend_precision(dtype, kv_cache_dtype, config, device)
     compute = _auto(config, checkpoint_dtype, cpu_has_bf16_dot) if dtype == "auto" else dtype
     kv = compute if kv_cache_dtype == "auto" else kv_cache_dtype
     return Precision(compute, weight_storage(compute, checkpoint_dtype), kv)
+
+
+def _ascend_precision(dtype: str, kv_cache_dtype: str, config: CogVLM2Config, device: Device) -> Precision:
+    compute = dtype
+    if dtype == "auto":
+        compute = "bfloat16" if device.supports_bf16 else "float16"
+        if config.compute_dtype == "float16":
+            compute = "float16"
+    check_ascend_precision(compute, None, device.soc_family)
+    kv = compute if kv_cache_dtype == "auto" else kv_cache_dtype
+    if kv != compute:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} on Ascend: the cache holds the compute dtype "
+                         f"({compute}; kv_cache_dtype='auto')")
+    return Precision(compute, NUMPY_DTYPES[compute], kv)
 
 
 def _auto(config: CogVLM2Config, checkpoint_dtype: np.dtype, cpu_has_bf16_dot: bool) -> str:

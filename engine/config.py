@@ -10,6 +10,7 @@ from typing import Any
 from cogvlm2.image import DEFAULT_MAX_PIXELS
 from cogvlm2.precision import DTYPES, KV_CACHE_DTYPES
 from engine.sampler import LOGPROBS_MODES
+from kernels.device import DEVICES
 from kernels.quantization import QUANTIZATIONS
 from kernels.sku import BACKENDS as KERNEL_BACKENDS
 
@@ -80,7 +81,13 @@ class EngineArgs:
     enforce_eager: bool = _arg(False, "accepted for vLLM compatibility: the engine always runs eagerly (its kernels "
                                       "dispatch in ~3 us; MindSpore graphs measured slower here)")
     kernels: str = _arg("auto", "hot-op implementations: CPU kernels (auto falls back to the references if not "
-                                "built), or the reference composites", choices=KERNEL_BACKENDS)
+                                "built), the reference composites, or on Ascend MindSpore's built-in kernels or the "
+                                "project's Ascend C ops (auto: per op, as the SKU's kernel table says)",
+                        choices=KERNEL_BACKENDS)
+    device: str = _arg("auto", "where the model runs: auto (an Ascend NPU when MindSpore reports one, else the CPU), "
+                               "cpu, or ascend (an error naming what is missing when there is no NPU); under "
+                               "tensor parallelism each worker takes the device of its local rank",
+                       choices=DEVICES)
     tensor_parallel_size: int = _arg(1, "shard the model over N devices, one msrun worker each "
                                         "(docs/tensor_parallel.md)")
     mm_encoder_tp_mode: str = _arg("weights", "vision encoder under tensor parallelism: 'weights' shards it by "
@@ -99,6 +106,7 @@ class EngineArgs:
         _require(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 2),
                  f"max_model_len must be >= 2, got {self.max_model_len}")
         _require(self.kernels in KERNEL_BACKENDS, f"kernels must be one of {KERNEL_BACKENDS}, got {self.kernels!r}")
+        _require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(_is_int(self.max_logprobs) and self.max_logprobs >= -1,
                  f"max_logprobs must be an int >= -1, got {self.max_logprobs!r}")

@@ -37,6 +37,7 @@ from engine.model_runner import RunnerConfig, RunnerInfo
 from engine.timing import PhaseTimer
 from engine.worker_protocol import (ENV_ADDRESS, ENV_AUTHKEY, Failed, Hello, Joined, Ready, Setup, Shutdown, Step,
                                     StepDone)
+from kernels.device import launch_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.2
@@ -80,8 +81,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_env(address: str, authkey: bytes, size: int) -> dict[str, str]:
+def _worker_env(address: str, authkey: bytes, size: int, device: str) -> dict[str, str]:
     env = dict(os.environ)
+    env.update(launch_env(device, size, env))  # each worker takes its local rank's device; HCCL's settings on Ascend
     # msrun starts `python` from PATH: make it this interpreter, able to import this checkout
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -216,7 +218,7 @@ class TensorParallelExecutor:
         with open(log_dir / "msrun.log", "wb") as log:
             process = subprocess.Popen(msrun_command(msrun, size, _free_port(), log_dir), stdout=log,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=_worker_env(address, authkey, size), cwd=REPO_ROOT,
+                                       env=_worker_env(address, authkey, size, config.device), cwd=REPO_ROOT,
                                        start_new_session=True)
         self.group = WorkerGroup(process, log_dir)
         # shuts the workers down when this executor is garbage collected or the interpreter exits

@@ -80,7 +80,7 @@ class LLMEngine:
         # a quantized checkpoint serves with its method unless another int8 method is asked for (same weights)
         self.quantization = check_quantization(self.args.quantization or self.config.quantization)
         self.precision = resolve_precision(self.args.dtype, self.args.kv_cache_dtype, self.config,
-                                           checkpoint_dtype(self.config), detect_sku_info().has_bf16_dot)
+                                           checkpoint_dtype(self.config), detect_sku_info().has_bf16_dot, self.args.device)
         self.max_model_len = self.args.max_model_len or self.config.max_position_embeddings
         if self.max_model_len > self.config.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
@@ -98,7 +98,7 @@ class LLMEngine:
         self.images = ImagePlanner(self.args.encoder_cache_size)
         self.executor = make_executor(RunnerConfig(
             source, self.args.block_size, num_blocks, self.args.kernels, self.args.tensor_parallel_size,
-            mm_encoder_tp_mode=self.args.mm_encoder_tp_mode, precision=self.precision,
+            mm_encoder_tp_mode=self.args.mm_encoder_tp_mode, precision=self.precision, device=self.args.device,
             quantization=self.quantization, with_vision=image_limit(self.args) > 0), self.timer)
         self.grammars = GrammarCompiler(self.tokenizer.encoding, self.config.vocab_size, self.config.eos_token_ids)
         self.sampler = Sampler(self.config.eos_token_ids, self.grammars, self.args.logprobs_mode)

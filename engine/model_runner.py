@@ -14,8 +14,10 @@ from cogvlm2.model import CogVLM2Model, TokenBatch
 from cogvlm2.model_source import ModelSource
 from cogvlm2.parallel import kv_heads_per_rank, load_shard
 from cogvlm2.precision import KV_NUMPY_DTYPES, NUMPY_DTYPES, Precision
+from cogvlm2.runtime import configure_mindspore
 from engine.batch import StepInputs, StepRequest
 from engine.timing import PhaseTimer
+from kernels.device import Device
 from kernels.interface import KernelSet
 from kernels.reference import cache_head_elements
 from kernels.registry import get_kernels, pad_block_tables
@@ -60,16 +62,17 @@ class KVCacheSpec:
 
 
 class PagedKVCache:
-    """Per layer, K and V of `num_blocks * block_size` slots, allocated once."""
+    """Per layer, K and V of `num_blocks * block_size` slots, allocated once in the layout the kernels read."""
 
-    def __init__(self, spec: KVCacheSpec):
+    def __init__(self, spec: KVCacheSpec, kernels: KernelSet):
         self.spec = spec
-        shape = (spec.num_blocks * spec.block_size, spec.num_kv_heads, cache_head_elements(spec.head_dim, spec.dtype))
+        shape = kernels.kv_cache_shape(spec.num_blocks, spec.block_size, spec.num_kv_heads,
+                                       cache_head_elements(spec.head_dim, spec.dtype))
         dtype = KV_NUMPY_DTYPES[spec.dtype]
-        self.keys = [Parameter(Tensor.from_numpy(np.zeros(shape, dtype)), name=f"k_cache_{i}", requires_grad=False)
-                     for i in range(spec.num_layers)]
-        self.values = [Parameter(Tensor.from_numpy(np.zeros(shape, dtype)), name=f"v_cache_{i}",
-                                 requires_grad=False) for i in range(spec.num_layers)]
+        new = lambda name: kernels.place_kv_cache(  # noqa: E731
+            Parameter(Tensor.from_numpy(np.zeros(shape, dtype)), name=name, requires_grad=False))
+        self.keys = [new(f"k_cache_{i}") for i in range(spec.num_layers)]
+        self.values = [new(f"v_cache_{i}") for i in range(spec.num_layers)]
 
 
 class PagedAttention:
@@ -102,27 +105,31 @@ class RunnerConfig:
     precision: Precision = Precision("float32", NUMPY_DTYPES["float32"], "float32")
     quantization: str | None = None
     with_vision: bool = True  # False: text-only serving (limit_mm_per_prompt image=0), no vision tower loaded
+    device: str = "auto"      # kernels.device.DEVICES
 
 
 @dataclass
 class RunnerInfo:
     """What the driver reports about the model side (stats, tests)."""
     kernels: str
-    kv_cache_shape: tuple[int, ...]  # one layer's K (or V) cache: [slots, KV heads held here, head_dim]
+    kv_cache_shape: tuple[int, ...]  # one layer's K (or V) cache: [slots, KV heads held here, head_dim] on CPU
+    device: str = "CPU"              # where the model runs (kernels.device.Device.describe)
 
 
 class ModelRunner:
     def __init__(self, config: RunnerConfig, timer: PhaseTimer | None = None):
         self.config = config
         self.timer = timer or PhaseTimer()
-        self.model = _load_model(config)
+        self.device = configure_mindspore(config.device)
+        self.model = _load_model(config, self.device)
         self.kv_cache = PagedKVCache(KVCacheSpec.for_model(config.source.config, config.tensor_parallel_size,
-                                                           config.block_size, config.num_blocks, config.precision))
+                                                           config.block_size, config.num_blocks, config.precision),
+                                     self.model.kernels)
         self.encoder_cache: dict[str, Tensor] = {}  # vision features by image hash, as the driver's plan says
 
     @property
     def info(self) -> RunnerInfo:
-        return RunnerInfo(self.model.kernels.backend, tuple(self.kv_cache.keys[0].shape))
+        return RunnerInfo(self.model.kernels.backend, tuple(self.kv_cache.keys[0].shape), self.device.describe())
 
     def run_step(self, step: StepRequest) -> np.ndarray:
         """Logits [the rows StepInputs.logits_positions asks for, vocab (this rank's slice)] in batch order."""
@@ -164,9 +171,9 @@ class ModelRunner:
         return self.model.forward(batch, attention).asnumpy()
 
 
-def _load_model(config: RunnerConfig) -> CogVLM2Model:
+def _load_model(config: RunnerConfig, device: Device) -> CogVLM2Model:
     compute = config.precision.compute
-    kernels = get_kernels(config.kernels, compute_dtype=compute, quantization=config.quantization)
+    kernels = get_kernels(config.kernels, compute_dtype=compute, quantization=config.quantization, device=device)
     storage = None if compute == "float32" else NUMPY_DTYPES[compute]  # float32 math keeps 16-bit weights as stored
     if config.tensor_parallel_size == 1:
         return CogVLM2Model.from_source(config.source, kernels, storage, config.with_vision)

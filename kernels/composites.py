@@ -76,3 +76,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def pad_block_tables(block_tables: list[list[int]]) -> np.ndarray:
+    """Per-sequence block lists -> [B, max_blocks] int32 (padded with 0; padding is never read)."""
+    width = max((len(t) for t in block_tables), default=0) or 1
+    table = np.zeros((len(block_tables), width), np.int32)
+    for b, blocks in enumerate(block_tables):
+        table[b, :len(blocks)] = blocks
+    return table

@@ -48,6 +48,16 @@ class KernelSet(Protocol):
         """x [N, in] @ w^T (+ bias) for a weight from prepare_weight: the lm_head, the vision encoder."""
         ...
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_elements: int) -> tuple[int, ...]:
+        """One layer's K (or V) cache shape as this backend's kernels read it: [num_slots, KV, head_elements] here,
+        the Ascend built-ins' [num_blocks, block_size, KV, d] or its NZ form (kernels/ascend.py)."""
+        ...
+
+    def place_kv_cache(self, cache):
+        """The allocated cache Parameter as the kernels read it (310P's built-ins: cast to FRACTAL_NZ)."""
+        ...
+
     def prepare_weight(self, weight: np.ndarray, quantize: bool = True) -> Tensor:
         """A projection weight [out, in] in the layout this backend's expert_linear and linear read (done once, at
         load time); with the set's quantization (kernels/quantization.py) an int8 QuantizedWeight, unless

@@ -3,7 +3,9 @@ kernels.interface.KernelSet (rope, write_kv, paged_attention, expert_linear, rms
 prepare_weight) whichever backend serves it.
 
 Backends: "cpu" (the AOT kernels of kernels/cpu), "reference" (the MindSpore composites of kernels/reference.py),
-"auto" (cpu if its library loads, else reference with a warning). COGVLM2_KERNELS=cpu|reference forces one.
+"ascend-builtin" / "ascend-custom" (kernels/ascend.py: MindSpore's built-in Ascend kernels, the project's Ascend C
+ops), "auto" (on a CPU: cpu if its library loads, else reference with a warning; on an Ascend device: per op what
+the table's ascend_backends says). COGVLM2_KERNELS forces one.
 Tuned parameters (threads, tiles) come from kernels.sku.load_params: this SKU's table, else the built-in defaults.
 
 Projection weights keep their storage dtype (float32, bfloat16 or float16: prepare_weight takes the checkpoint's
@@ -31,9 +33,12 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 
 from kernels import composites, reference
+from kernels.composites import pad_block_tables
+from kernels.device import CPU, Device
 from kernels.interface import KernelSet
 from kernels.quantization import (Int8Rows, QuantizedWeight, check_quantization, column_offsets, dequantize,
                                  int8_rows)
+from kernels.runtime import configured_device
 from kernels.sku import (BACKENDS, GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, GEMM_OWN, GEMM_PREPACKED, KernelParams,
                          load_params)
 
@@ -78,15 +83,6 @@ def _i32(x: Any) -> Tensor:
     return Tensor.from_numpy(np.ascontiguousarray(np.asarray(x), np.int32))
 
 
-def pad_block_tables(block_tables: list[list[int]]) -> np.ndarray:
-    """Per-sequence block lists -> [B, max_blocks] int32 (padded with 0; padding is never read)."""
-    width = max((len(t) for t in block_tables), default=0) or 1
-    table = np.zeros((len(block_tables), width), np.int32)
-    for b, blocks in enumerate(block_tables):
-        table[b, :len(blocks)] = blocks
-    return table
-
-
 class BaseKernels:
     """What the backends share: the compute dtype, the quantization, checkpoint-layout weights and MindSpore's
     MatMul for linear."""
@@ -94,6 +90,13 @@ class BaseKernels:
     params: KernelParams
     compute_dtype: str
     quantization: str | None = None
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_elements: int) -> tuple[int, ...]:
+        return num_blocks * block_size, num_kv_heads, head_elements
+
+    def place_kv_cache(self, cache):
+        return cache
 
     def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         if self._int8_dot(w):
@@ -349,7 +352,7 @@ def with_panel_ops(params: KernelParams) -> KernelParams:
     for op in dict.fromkeys(PANEL_OPS.values()):
         ops[op] = {cls: {"tile_rows": 0, **params.ops["expert_linear"][cls], **params.ops.get(op, {}).get(cls, {})}
                    for cls in ("decode", "prefill")}
-    return KernelParams(params.sku, params.source, ops)
+    return KernelParams(params.sku, params.source, ops, params.ascend_backends)
 
 
 def _checked_compute_dtype(compute_dtype: str) -> str:
@@ -358,9 +361,41 @@ def _checked_compute_dtype(compute_dtype: str) -> str:
     return compute_dtype
 
 
+def _ascend_kernels(backend: str, params: KernelParams, compute_dtype: str, quantization: str | None,
+                    device: Device) -> KernelSet:
+    from kernels.ascend import AscendKernels  # noqa: PLC0415  (an NPU's kernel set: only there)
+    from kernels.ascend_build import installed_package  # noqa: PLC0415
+    choices = dict(params.ascend_backends)
+    if backend != "auto":
+        choices = dict.fromkeys(choices, backend[len("ascend-"):])
+    if "custom" in choices.values() and installed_package() is None:
+        missing = ("the project's Ascend C ops are not installed: run `python -m kernels.ascend_build "
+                   "--install-path DIR` and add DIR/vendors/cogvlm2 to ASCEND_CUSTOM_OPP_PATH")
+        if backend == "ascend-custom":
+            raise RuntimeError(f"kernels='ascend-custom': {missing}")
+        warnings.warn(f"cogvlm2 kernels: {params.source} chooses custom ops, but {missing}; using MindSpore's "
+                      "built-in kernels", RuntimeWarning, stacklevel=4)
+        choices = dict.fromkeys(choices, "builtin")
+    return AscendKernels(params, compute_dtype, choices, device.soc_family, quantization)
+
+
+def _check_device(backend: str, device: Device) -> None:
+    on_ascend = device.target == "ascend"
+    if backend.startswith("ascend-") and not on_ascend:
+        raise ValueError(f"kernels={backend!r} runs on an Ascend NPU, but this process runs on {device.describe()} "
+                         "(device='ascend')")
+    if backend == "cpu" and on_ascend:
+        raise ValueError("kernels='cpu' are the host CPU's kernels; on an Ascend device use 'auto', "
+                         "'ascend-builtin', 'ascend-custom' or 'reference'")
+
+
 @lru_cache(maxsize=None)
-def _kernels(backend: str, config: str | None, compute_dtype: str, quantization: str | None) -> KernelSet:
+def _kernels(backend: str, config: str | None, compute_dtype: str, quantization: str | None,
+             device: Device) -> KernelSet:
+    _check_device(backend, device)
     params = load_params(path=config)
+    if device.target == "ascend" and backend != "reference":
+        return _ascend_kernels(backend, params, compute_dtype, quantization, device)
     if backend == "reference":
         return ReferenceKernels(params, compute_dtype, quantization)
     if backend == "cpu":
@@ -374,9 +409,10 @@ def _kernels(backend: str, config: str | None, compute_dtype: str, quantization:
 
 
 def get_kernels(backend: str = "auto", config: str | None = None, compute_dtype: str = "float32",
-                quantization: str | None = None) -> KernelSet:
-    """The KernelSet of `backend` (COGVLM2_KERNELS overrides it), with parameters from `config` or this SKU's table,
-    multiplying 16-bit weights in `compute_dtype` (the module's docstring) and, with quantization "w8a16" or
-    "w8a8", preparing every projection weight as int8 (kernels/quantization.py). One instance per argument set."""
+                quantization: str | None = None, device: Device | None = None) -> KernelSet:
+    """The KernelSet of `backend` (COGVLM2_KERNELS overrides it) on `device` (kernels.device; default: the device
+    MindSpore was configured for, else the CPU), with parameters from `config` or this SKU's table, multiplying
+    16-bit weights in `compute_dtype` (the module's docstring) and, with quantization "w8a16" or "w8a8", preparing
+    every projection weight as int8 (kernels/quantization.py). One instance per argument set."""
     return _kernels(resolve_backend(backend), config, _checked_compute_dtype(compute_dtype),
-                    check_quantization(quantization))
+                    check_quantization(quantization), device or configured_device() or CPU)

@@ -27,8 +27,13 @@ from pathlib import Path
 
 import yaml
 
-# Kernel backends a KernelSet comes from (kernels.registry): "auto" is cpu where its library loads, else reference.
-BACKENDS = ("auto", "cpu", "reference")
+# Kernel backends a KernelSet comes from (kernels.registry): "auto" is, on a CPU, cpu where its library loads, else
+# reference; on an Ascend device, per op what the table's `ascend_backends` says (kernels/ascend.py).
+BACKENDS = ("auto", "cpu", "reference", "ascend-builtin", "ascend-custom")
+# The ops an Ascend table chooses an implementation for, and the choices: MindSpore's built-in kernels or the
+# project's Ascend C ops (kernels/ascend/, built by kernels.ascend_build).
+ASCEND_CHOICE_OPS = ("rope", "paged_attention")
+ASCEND_CHOICES = ("builtin", "custom")
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "kernels"
 SKU_ENV = "COGVLM2_SKU"
@@ -57,7 +62,8 @@ DEFAULT_PARAMS: dict[str, dict[str, dict[str, int]]] = {
 }
 
 # Built-in table: what the engine uses when no tuned table exists (a table's entries are merged over it).
-DEFAULT_KERNEL_TABLE: dict = {"version": 1, "sku": None, "ops": DEFAULT_PARAMS}
+DEFAULT_KERNEL_TABLE: dict = {"version": 1, "sku": None, "ops": DEFAULT_PARAMS,
+                              "ascend_backends": {op: "builtin" for op in ASCEND_CHOICE_OPS}}
 
 # ISA features worth reporting (the /proc/cpuinfo spelling; ARM's "asimd" is reported as "neon").
 KNOWN_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -329,9 +335,21 @@ class KernelParams:
     sku: str
     source: str  # the yaml file they came from, or "defaults"
     ops: dict[str, dict[str, dict[str, int]]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_PARAMS))
+    ascend_backends: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_KERNEL_TABLE["ascend_backends"]))
 
     def get(self, op: str, cls: str) -> dict[str, int]:
         return self.ops[op][cls]
+
+
+def check_ascend_backends(choices: dict, source: str) -> dict[str, str]:
+    """A table's ascend_backends: a choice in ASCEND_CHOICES for each op of ASCEND_CHOICE_OPS."""
+    if not isinstance(choices, dict) or set(choices) - set(ASCEND_CHOICE_OPS):
+        raise ValueError(f"{source}: ascend_backends must map ops of {ASCEND_CHOICE_OPS} to one of "
+                         f"{ASCEND_CHOICES}, got {choices!r}")
+    for op, choice in choices.items():
+        if choice not in ASCEND_CHOICES:
+            raise ValueError(f"{source}: ascend_backends.{op} must be one of {ASCEND_CHOICES}, got {choice!r}")
+    return {op: choices.get(op, "builtin") for op in ASCEND_CHOICE_OPS}
 
 
 def load_params(sku: str | None = None, path: Path | str | None = None,
@@ -340,4 +358,5 @@ def load_params(sku: str | None = None, path: Path | str | None = None,
     table = load_kernel_table(sku, configs_dir, path)
     ops = {op: {cls: {name: int(value) for name, value in values.items()} for cls, values in classes.items()}
            for op, classes in table["ops"].items()}
-    return KernelParams(table["sku"], table["source"] or "defaults", ops)
+    source = table["source"] or "defaults"
+    return KernelParams(table["sku"], source, ops, check_ascend_backends(table["ascend_backends"], source))

@@ -20,6 +20,7 @@ from mindspore import Parameter, Tensor, ops  # noqa: E402
 
 from cogvlm2.rope import BF16, default_inv_freq, rope_table  # noqa: E402
 from kernels import registry, sku  # noqa: E402
+from kernels.ascend import AscendKernels  # noqa: E402
 from kernels.interface import KernelSet  # noqa: E402
 from kernels.reference import make_paged_batch  # noqa: E402
 from kernels.registry import CpuKernels, ReferenceKernels, get_kernels, pad_block_tables  # noqa: E402
@@ -1047,7 +1048,7 @@ def test_registry_backends(monkeypatch):
 
 
 KERNEL_SET_OPS = ("rope", "write_kv", "paged_attention", "expert_linear", "rms_norm", "swiglu", "linear",
-                  "prepare_weight")
+                  "kv_cache_shape", "place_kv_cache", "prepare_weight")
 
 
 def test_kernel_set_protocol_names_the_model_s_ops():
@@ -1055,7 +1056,7 @@ def test_kernel_set_protocol_names_the_model_s_ops():
     assert ops_named == set(KERNEL_SET_OPS)
 
 
-@pytest.mark.parametrize("backend", [ReferenceKernels, CpuKernels])
+@pytest.mark.parametrize("backend", [ReferenceKernels, CpuKernels, AscendKernels])
 def test_backends_satisfy_the_kernel_set_protocol(backend):
     """Each op with the protocol's parameters (names, order, defaults), so a call written against it works."""
     for name in KERNEL_SET_OPS:

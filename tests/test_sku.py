@@ -232,13 +232,15 @@ def test_table_lookup_order(tmp_path):
 def test_default_params_cover_every_op_and_class():
     assert set(sku.DEFAULT_PARAMS) == {"rope", "rms_norm", "swiglu", "paged_attention", "expert_linear"}
     assert all(set(classes) == {"decode", "prefill"} for classes in sku.DEFAULT_PARAMS.values())
-    assert sku.DEFAULT_KERNEL_TABLE == {"version": 1, "sku": None, "ops": sku.DEFAULT_PARAMS}
+    assert sku.DEFAULT_KERNEL_TABLE == {"version": 1, "sku": None, "ops": sku.DEFAULT_PARAMS,
+                                        "ascend_backends": {"rope": "builtin", "paged_attention": "builtin"}}
 
 
 def test_load_kernel_table_defaults_and_merge(tmp_path):
     defaults = copy.deepcopy(sku.DEFAULT_KERNEL_TABLE)
     table = sku.load_kernel_table("cpu-amd-epyc-avx512", tmp_path)
-    assert table == {"version": 1, "sku": "cpu-amd-epyc-avx512", "ops": sku.DEFAULT_PARAMS, "source": None}
+    assert table == {"version": 1, "sku": "cpu-amd-epyc-avx512", "ops": sku.DEFAULT_PARAMS, "source": None,
+                     "ascend_backends": sku.DEFAULT_KERNEL_TABLE["ascend_backends"]}
     write_table(tmp_path, "cpu-avx512", {"paged_attention": {"decode": {"key_tile": 32}, "prefill": None},
                                          "rope": None, "new_op": {"decode": {"threads": 1}}})
     table = sku.load_kernel_table("cpu-amd-epyc-avx512", tmp_path)
