@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     engine = LLMEngine(args.model, dtype=args.dtype, quantization=args.quantization or None,
                        limit_mm_per_prompt=None if args.with_vision else {"image": 0}, max_num_seqs=16,
-                       max_num_batched_tokens=512, max_model_len=1024, kv_cache_memory_gb=1,
+                       max_num_batched_tokens=512, max_model_len=4096 if args.with_vision else 1024,
+                       kv_cache_memory_gb=1,
                        enable_prefix_caching=False)
     load_s = time.perf_counter() - start
     report = {"model": args.model, "dtype": args.dtype, "quantization": args.quantization,
@@ -104,8 +105,11 @@ def time_one_image(engine: LLMEngine) -> dict:
     start = time.perf_counter()
     engine.add_request("image", {"prompt": "What is in the image?", "image": image},
                        SamplingParams(temperature=0, max_tokens=1))
+    errors = []
     while engine.has_unfinished_requests():
-        engine.step()
+        errors += [out.error for out in engine.step() if out.error]
+    if errors:
+        raise RuntimeError(f"the image request failed: {errors[0]}")
     result = {"image_size": size, "first_token_s": round(time.perf_counter() - start, 1),
               "vision_encoder_s": round(engine.timer.seconds.get("vision", 0.0), 1),
               "peak_rss_gb": round(_peak_rss_bytes() / GB, 2)}
