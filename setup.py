@@ -6,9 +6,11 @@ from setuptools import Extension, find_packages, setup
 CPU_KERNELS = Extension(
     "kernels.cpu._cogvlm2_kernels",
     sources=["kernels/cpu/rope.cc", "kernels/cpu/kv_cache.cc", "kernels/cpu/paged_attention.cc",
-             "kernels/cpu/expert_linear.cc", "kernels/cpu/gemm.cc", "kernels/cpu/norm_act.cc"],
+             "kernels/cpu/expert_linear.cc", "kernels/cpu/gemm.cc", "kernels/cpu/gemm_amx.cc",
+             "kernels/cpu/norm_act.cc"],
     depends=["kernels/cpu/common.h", "kernels/cpu/kv_cache.h", "kernels/cpu/vec_math.h",
-             "kernels/cpu/attention_math.h", "kernels/cpu/gemm.h", "kernels/cpu/rope.h"],
+             "kernels/cpu/attention_math.h", "kernels/cpu/gemm.h", "kernels/cpu/gemm_amx.h",
+             "kernels/cpu/rope.h"],
     extra_compile_args=["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-pthread"],
     extra_link_args=["-pthread"],
     libraries=["dl"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +40,7 @@ from mindspore import Parameter, Tensor  # noqa: E402
 from kernels.composites import linear  # noqa: E402
 from kernels.interface import KernelSet  # noqa: E402
 from kernels.reference import make_paged_batch  # noqa: E402
-from kernels.registry import get_kernels, pad_block_tables  # noqa: E402
+from kernels.registry import AMX_ENV, CpuKernels, get_kernels, pad_block_tables  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -265,9 +266,26 @@ def panel_gemm_shape(m: Model) -> tuple[str, int, int]:
     return ("gate_up", 2 * m.mlp, m.hidden) if m is BENCH else ("down", m.hidden, m.mlp)
 
 
+AMX_VARIANTS = ("bf16 dot", "i8 vnni")  # the dot products that take AMX tiles for 16 tokens or more
+
+
+def without_amx(compute: str, quantization: str | None) -> KernelSet:
+    """The CPU kernels with the dot products kept on the AVX-512 tiles (COGVLM2_AMX=0): AMX's twin."""
+    before = os.environ.get(AMX_ENV)
+    os.environ[AMX_ENV] = "0"
+    try:
+        return CpuKernels(get_kernels("cpu").params, compute, quantization)
+    finally:
+        if before is None:
+            del os.environ[AMX_ENV]
+        else:
+            os.environ[AMX_ENV] = before
+
+
 def bench_panel_gemm(m: Model, tokens: int, repeat: int, rng: np.random.Generator) -> list[Result]:
     """Each variant against its float32 twin and its composite, and the twin against its composite, side by side;
-    w8a8's int8 dot also against the bf16 dot; targets at decode (>= 1.7x the twin) and at prefill (bf16 dot >=
+    w8a8's int8 dot also against the bf16 dot, and both dots (on AMX tiles where the CPU has them) against the
+    AVX-512 tiles alone; targets at decode (>= 1.7x the twin) and at prefill (bf16 dot >=
     1.6x)."""
     name, out, inner = panel_gemm_shape(m)
     w = rng.standard_normal((out, inner), dtype=np.float32)
@@ -288,6 +306,10 @@ def bench_panel_gemm(m: Model, tokens: int, repeat: int, rng: np.random.Generato
                               gflop=gflop))
         kernel2_ms, ref_ms = time_pair(kernel, lambda: ref.linear(x, wr), repeat)
         results.append(Result(f"gemm {variant}", m.name, shape, kernel2_ms, ref_ms, "composite", gflop=gflop))
+        if variant in AMX_VARIANTS and cpu.ops.has_amx and tokens >= 16:
+            avx512 = without_amx(compute, quantization)
+            amx_ms, avx512_ms = time_pair(kernel, lambda: avx512.linear(x, wp), repeat)
+            results.append(Result(f"gemm {variant}", m.name, shape, amx_ms, avx512_ms, "no-AMX tiles", gflop=gflop))
     int8_ms, bf16_ms = time_pair(kernels["i8 vnni"], kernels["bf16 dot"], repeat)
     results.append(Result("gemm i8 vnni", m.name, shape, int8_ms, bf16_ms, "bf16 dot panels", gflop=gflop))
     twin, ref = get_kernels("cpu"), get_kernels("reference")

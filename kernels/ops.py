@@ -158,6 +158,11 @@ class CpuOps:
         return bool(ctypes.CDLL(self.library.path).cogvlm2_has_bf16_dot())
 
     @property
+    def has_amx(self) -> bool:
+        """Whether the bf16- and int8-dot panel GEMMs take AMX tiles for 16 tokens or more here (kernels/cpu/gemm_amx.h)."""
+        return bool(ctypes.CDLL(self.library.path).cogvlm2_has_amx())
+
+    @property
     def has_int8_dot(self) -> bool:
         """Whether the int8-dot panel GEMM (w8a8) runs vpdpbusd here (else its fallback: the same results)."""
         return bool(ctypes.CDLL(self.library.path).cogvlm2_has_int8_dot())

@@ -19,6 +19,8 @@ Float32 weights are computed in fp32 under any compute dtype; fp16 weights under
 "float16", are an error. COGVLM2_BF16_FALLBACK=1 makes the CPU kernels take the portable fallback of vdpbf16ps.
 Under quantization="w8a8" the quantized projections' math is integer whatever the compute dtype (activations
 quantized per token, kernels/quantization.py); COGVLM2_VNNI_FALLBACK=1 makes them take the fallback of vpdpbusd.
+Both dot products take AMX tiles for blocks of 16 tokens where the CPU has them (kernels/cpu/gemm_amx.h);
+COGVLM2_AMX=0 keeps them on the AVX-512 tiles.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" p
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 BF16_FALLBACK_ENV = "COGVLM2_BF16_FALLBACK"
 VNNI_FALLBACK_ENV = "COGVLM2_VNNI_FALLBACK"
+AMX_ENV = "COGVLM2_AMX"  # "0": the bf16 and int8 dot products never take AMX tiles (the table's "amx": 0 per op)
 
 # The table op whose parameters a projection uses, by (weight dtype, compute dtype); a pair missing is a mismatch.
 # The 16-bit ops fall back to the float32 GEMM's entry (kernels.sku.DEFAULT_PARAMS) where a table lacks them.
@@ -222,6 +225,7 @@ class CpuKernels(BaseKernels):
         self.quantization = check_quantization(quantization)
         self.bf16_fallback = os.environ.get(BF16_FALLBACK_ENV, "0") not in ("", "0")
         self.vnni_fallback = os.environ.get(VNNI_FALLBACK_ENV, "0") not in ("", "0")
+        self.amx = os.environ.get(AMX_ENV, "1") not in ("", "0")
         self.ops = CpuOps()
         self._configs = {**self._precomputed_configs(), **self._decode_projection_configs()}
         self._dummy_float = Tensor(np.zeros(1, np.float32))
@@ -248,7 +252,7 @@ class CpuKernels(BaseKernels):
         gemm = self._gemm_kind(p["gemm"]) if op == "expert_linear" else GEMM_OWN  # 16-bit weights: panels only
         portable = self.vnni_fallback if op == INT8_DOT_OP else self.bf16_fallback
         return [num_language, addend, p["threads"], gemm, p["k_block"], p["n_block"],
-                int(op.endswith("bf16_dot")), int(portable), p["tile_rows"]]
+                int(op.endswith("bf16_dot")), int(portable), p["tile_rows"], int(self.amx and p["amx"] != 0)]
 
     def _gemm_kind(self, gemm: int) -> int:
         if (gemm == GEMM_OPENBLAS and self.ops.has_openblas) or (gemm == GEMM_ONEDNN and self.ops.has_onednn):
@@ -347,10 +351,12 @@ def resolve_backend(backend: str = "auto") -> str:
 
 def with_panel_ops(params: KernelParams) -> KernelParams:
     """params with an entry per panel op of PANEL_OPS and class: the table's over the float32 GEMM's, with tile_rows
-    (tokens per tile; 0: the kernel's default)."""
+    (tokens per tile; 0: the kernel's default) and amx (1: the bf16/int8 dot products take AMX tiles where the CPU
+    has them, for 16 tokens or more)."""
     ops = dict(params.ops)
     for op in dict.fromkeys(PANEL_OPS.values()):
-        ops[op] = {cls: {"tile_rows": 0, **params.ops["expert_linear"][cls], **params.ops.get(op, {}).get(cls, {})}
+        ops[op] = {cls: {"tile_rows": 0, "amx": 1, **params.ops["expert_linear"][cls],
+                         **params.ops.get(op, {}).get(cls, {})}
                    for cls in ("decode", "prefill")}
     return KernelParams(params.sku, params.source, ops, params.ascend_backends)
 

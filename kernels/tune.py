@@ -90,6 +90,11 @@ CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
     "expert_linear_i8_vnni": {cls: [{"threads": t, "k_block": 0, "tile_rows": r}
                                     for t, r in itertools.product((1, 2), (0, 4, 6, 10, 12))] for cls in SHAPES},
 }
+# The dot products that can take AMX tiles (for 16 tokens or more, where the CPU has them): each candidate with and
+# without.
+AMX_OPS = ("expert_linear_bf16_dot", "expert_linear_i8_vnni")
+for _op in AMX_OPS:
+    CANDIDATES[_op] = {cls: [{**c, "amx": a} for c in CANDIDATES[_op][cls] for a in (1, 0)] for cls in SHAPES}
 
 
 def shapes_of(op: str, cls: str) -> list[Shape]:

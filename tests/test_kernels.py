@@ -810,6 +810,35 @@ def test_bf16_dot_fallback_is_bit_identical(monkeypatch, k_block, tile_rows, n, 
 
 
 @needs_cpu
+@pytest.mark.parametrize("n,num_language", [(16, 16), (33, 17), (70, 0), (300, 131), (2048, 700)])
+@pytest.mark.parametrize("out,inner", [(32, 64), (160, 1024), (96, 2816)])  # k in whole AMX tiles (32 for bf16)
+def test_bf16_amx_tiles_match_the_reference(monkeypatch, n, num_language, out, inner):
+    """Blocks of 16 tokens on AMX tiles (tdpbf16ps) and the rest on vdpbf16ps: the reference composite (x rounded
+    to bf16, fp32 sums) to fp32 rounding, and the AVX-512 tiles alone within it (the sums' order differs)."""
+    if not CPU.ops.has_amx:
+        pytest.skip("this CPU has no AMX tiles")
+    rng = np.random.default_rng(n + out + inner)
+    x, wl, wv, bv = routed_inputs(rng, n, out, inner, BF16, True)
+    expected = run_routed(get_kernels("reference", compute_dtype="bfloat16"), x, num_language, wl, wv, bv)
+    monkeypatch.setenv(registry.AMX_ENV, "0")
+    avx512 = run_routed(panel_kernels(monkeypatch, "bfloat16", False), x, num_language, wl, wv, bv)
+    monkeypatch.setenv(registry.AMX_ENV, "1")
+    amx = panel_kernels(monkeypatch, "bfloat16", False)
+    got = run_routed(amx, x, num_language, wl, wv, bv)
+    assert_close(got, expected)
+    assert_close(got, avx512)
+    assert_close(run_routed(amx, x, 0, wl, wl, bv, linear=True),
+                 run_routed(get_kernels("reference", compute_dtype="bfloat16"), x, 0, wl, wl, bv, linear=True))
+
+
+@needs_cpu
+def test_has_amx_needs_the_cpu_flags():
+    flags = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").is_file() else ""
+    if CPU.ops.has_amx:  # else the CPU lacks them, or the kernel did not grant the tile state
+        assert all(f" {f}" in flags for f in ("amx_tile", "amx_bf16", "amx_int8"))
+
+
+@needs_cpu
 def test_bf16_dot_rounds_the_activations():
     """The bf16 dot differs from the widened math by the rounding of x alone: equal to fp32 math on bf16-exact x."""
     rng = np.random.default_rng(2)

@@ -121,6 +121,35 @@ def test_w8a8_panels_match_the_int8_dot_reference(monkeypatch, portable, n, num_
         np.testing.assert_array_equal(got, twin)
 
 
+@pytest.mark.parametrize("n,num_language", [(16, 16), (33, 17), (70, 0), (300, 131)])
+@pytest.mark.parametrize("inner", [64, 1024])  # whole AMX tiles of k (64 for int8)
+def test_w8a8_amx_tiles_give_the_vpdpbusd_bits(monkeypatch, n, num_language, inner):
+    """Blocks of 16 tokens on AMX tiles (tdpbusd) and the rest on vpdpbusd: the same exact integer sums, hence the
+    same bits as the AVX-512 tiles alone, routed, with the vision bias and with a residual."""
+    from kernels.registry import AMX_ENV, CpuKernels
+    from kernels.sku import load_params
+    rng = np.random.default_rng(n + inner)
+    wl, wv = (rng.standard_normal((96, inner)).astype(np.float32) for _ in range(2))
+    x = Tensor(rng.standard_normal((n, inner)).astype(np.float32))
+    bias, residual = Tensor(rng.standard_normal(96).astype(np.float32)), \
+        Tensor(rng.standard_normal((n, 96)).astype(np.float32))
+    outputs = {}
+    for amx in ("1", "0"):
+        monkeypatch.setenv(AMX_ENV, amx)
+        cpu = CpuKernels(load_params(), quantization="w8a8")
+        if amx == "1" and not cpu.ops.has_amx:
+            pytest.skip("this CPU has no AMX tiles")
+        pl, pv = cpu.prepare_weight(wl), cpu.prepare_weight(wv)
+        outputs[amx] = [cpu.expert_linear(x, num_language, pl, pv, bias).asnumpy(),
+                        cpu.expert_linear(x, num_language, pl, pv, None, residual=residual).asnumpy()]
+    ref = get_kernels("reference", quantization="w8a8")
+    rl, rv = ref.prepare_weight(wl), ref.prepare_weight(wv)
+    np.testing.assert_allclose(outputs["1"][0], ref.expert_linear(x, num_language, rl, rv, bias).asnumpy(),
+                               rtol=1e-6, atol=1e-5)
+    for got, twin in zip(outputs["1"], outputs["0"]):
+        np.testing.assert_array_equal(got, twin)
+
+
 @pytest.mark.parametrize("inner", [1, 7, 8, 77])
 def test_k_quads_round_trip(inner):
     from kernels.ops import pack_k_quads, unpack_weight

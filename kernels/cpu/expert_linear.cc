@@ -13,6 +13,7 @@
 
 #include "common.h"
 #include "gemm.h"
+#include "gemm_amx.h"
 
 namespace cogvlm2 {
 namespace {
@@ -69,7 +70,7 @@ void* open_library(const char* path) { return dlopen(path, RTLD_NOW | RTLD_LOCAL
 enum Addend : int32_t { kNoAddend = 0, kVisionBias = 1, kResidual = 2 };
 
 // The config tensor: [num_language, addend, threads, gemm, k_block, n_block] and, where present (else 0),
-// [bf16_dot, portable, tile_rows] for panels (gemm.h PanelGemm).
+// [bf16_dot, portable, tile_rows, amx] for panels (gemm.h PanelGemm).
 struct Config {
   int64_t language;
   Addend addend;
@@ -78,11 +79,13 @@ struct Config {
   int64_t k_block, n_block;
   bool bf16_dot, portable;
   int tile_rows;
+  bool amx;
 };
 
 Config read_config(const int32_t* c, int64_t count) {
   auto at = [&](int64_t i) { return i < count ? c[i] : 0; };
-  return {c[0], static_cast<Addend>(c[1]), std::max(1, c[2]), static_cast<GemmKind>(c[3]), c[4], c[5], at(6) != 0, at(7) != 0, at(8)};
+  return {c[0], static_cast<Addend>(c[1]), std::max(1, c[2]), static_cast<GemmKind>(c[3]), c[4], c[5], at(6) != 0, at(7) != 0, at(8),
+          at(9) != 0};
 }
 
 struct Weights {
@@ -139,7 +142,7 @@ void project_experts(const Config& cfg, const Weights& w, int64_t n, int64_t in,
   const PanelMath math = w.dtype == PanelDtype::kI8Quads ? PanelMath::kInt8Dot
                          : cfg.bf16_dot                  ? PanelMath::kBf16Dot
                                                          : PanelMath::kFloat32;
-  const PanelGemm g{w.dtype, math, cfg.portable, cfg.k_block, cfg.tile_rows};
+  const PanelGemm g{w.dtype, math, cfg.portable, cfg.k_block, cfg.tile_rows, cfg.amx};
   thread_local ActivationStorage storage;  // kept between calls: the rounded activations of the largest call
   const Activations xs = w.panels ? prepare_activations(g, x, n, in, storage, workers) : Activations{x, in, 4};
   auto project = [&](int64_t rows, int64_t row0, const void* wt, const float* scale, const int32_t* offsets,
@@ -200,6 +203,9 @@ extern "C" int cogvlm2_load_onednn(const char* path) {
 
 // 1 when the panel GEMM's bf16 dot runs vdpbf16ps on this CPU, 0 when it takes the fallback.
 extern "C" int cogvlm2_has_bf16_dot() { return cogvlm2::cpu_has_bf16_dot() ? 1 : 0; }
+
+// 1 when the panel GEMM's bf16 and int8 dot products can run on AMX tiles here (gemm_amx.h).
+extern "C" int cogvlm2_has_amx() { return cogvlm2::cpu_has_amx() ? 1 : 0; }
 
 namespace cogvlm2 {
 namespace {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm_amx.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -715,8 +716,33 @@ Activations prepare_activations(const PanelGemm& g, const float* x, int64_t m, i
   return {storage.widened.data(), ld, 4};
 }
 
+namespace {
+
+// The leading whole blocks of kAmxRows tokens on AMX tiles, where g asks for them, the CPU has them and k is a
+// whole number of tiles; returns how many rows that took (the rest go to the AVX-512 tiles).
+int64_t amx_rows(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
+                 const void* wp, float* y, bool accumulate, const float* scales, const int32_t* offsets) {
+  const bool bf16 = g.dtype == PanelDtype::kBf16 && uses_vdpbf16ps(g), int8 = uses_vpdpbusd(g);
+  const int64_t tile_k = bf16 ? kAmxBf16K : kAmxInt8K, rows = m / kAmxRows * kAmxRows;
+  if (!g.amx || !(bf16 || int8) || k % tile_k != 0 || rows == 0 || !cpu_has_amx()) return 0;
+  if (bf16)
+    amx_bf16_panels(rows, n, p0, p1, k, static_cast<const uint16_t*>(x.data), x.ld, static_cast<const uint16_t*>(wp),
+                    y, accumulate);
+  else
+    amx_int8_panels(rows, n, p0, p1, k, static_cast<const uint8_t*>(x.data), x.ld, static_cast<const int8_t*>(wp), y,
+                    accumulate, scales, offsets, x.row_scales);
+  return rows;
+}
+
+}  // namespace
+
 void gemm_panels(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
                  const void* wp, float* y, bool accumulate, const float* scales, const int32_t* offsets) {
+  if (const int64_t done = amx_rows(g, m, n, p0, p1, k, x, wp, y, accumulate, scales, offsets); done > 0) {
+    if (done < m) gemm_panels(g, m - done, n, p0, p1, k, x.rows_from(done), wp, y + done * n, accumulate, scales,
+                              offsets);
+    return;
+  }
   const TileScales s{scales, offsets, x.row_scales};
   switch (g.dtype) {
     case PanelDtype::kI8Quads:

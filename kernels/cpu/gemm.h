@@ -55,6 +55,7 @@ struct PanelGemm {
   bool portable = false;  // kBf16Dot, kInt8Dot: the fallback even where vdpbf16ps / vpdpbusd exists
   int64_t k_block = 0;    // k per pass over the panels (even for kBf16; kInt8Dot: always all of k); <= 0: the default
   int tile_rows = 0;      // tokens per tile, 1..kMaxTileRows; <= 0: the default
+  bool amx = false;       // kBf16Dot, kInt8Dot (not portable): AMX tiles where the CPU has them (gemm_amx.h)
 };
 
 // The activations as a panel GEMM reads them: x itself (kFloat32); x rounded to bf16 for kBf16Dot, as bf16

@@ -1,0 +1,189 @@
+#include "gemm_amx.h"
+
+#include <algorithm>
+
+#include "gemm.h"
+
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define COGVLM2_HAS_AMX_CODE 1
+#endif
+
+namespace cogvlm2 {
+
+#ifdef COGVLM2_HAS_AMX_CODE
+
+#define COGVLM2_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw")))
+
+namespace {
+
+constexpr long kArchReqXcompPerm = 0x1023;  // linux/arch/x86/include/uapi/asm/prctl.h
+constexpr long kXfeatureTileData = 18;
+constexpr int64_t kPanelRowBytes = kPackedPanel * 4;  // one k pair (bf16) or quad (int8) of a panel's 32 columns
+constexpr int64_t kTileBytes = 64;                    // bytes per tile row
+// Activation rows per chunk: as many as keep the chunk's rows (at most this many bytes) in L2 while every panel
+// of the thread passes over them.
+constexpr int64_t kChunkBytes = 512 << 10;
+
+// The tile registers: 0-3 the sums of row block b and column half h (tile 2 b + h), 4-5 the two row blocks'
+// activations, 6-7 the two column halves' weights; all 16 rows x 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+COGVLM2_AMX_TARGET void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = kTileBytes;
+    config.rows[t] = kAmxRows;
+  }
+  _tile_loadconfig(&config);
+}
+
+// The tile intrinsics take their register numbers as literals (they are pasted into the instruction).
+#define COGVLM2_TILE_DOT(kInt8, c, a, b) \
+  do {                                   \
+    if constexpr (kInt8) {               \
+      _tile_dpbusd(c, a, b);             \
+    } else {                             \
+      _tile_dpbf16ps(c, a, b);           \
+    }                                    \
+  } while (0)
+
+// kBlocks (1 or 2) blocks of 16 rows of x times one panel over `steps` tiles of k, into sums [32][32] (fp32 for
+// bf16, int32 for int8).
+template <bool kInt8, int kBlocks>
+COGVLM2_AMX_TARGET void panel_sums(const uint8_t* x, int64_t ldx, const uint8_t* panel, int64_t steps, void* sums) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (kBlocks == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint8_t* w = panel + s * kAmxRows * kPanelRowBytes;
+    const uint8_t* a = x + s * kTileBytes;
+    _tile_loadd(6, w, kPanelRowBytes);
+    _tile_loadd(7, w + kTileBytes, kPanelRowBytes);
+    _tile_loadd(4, a, ldx);
+    COGVLM2_TILE_DOT(kInt8, 0, 4, 6);
+    COGVLM2_TILE_DOT(kInt8, 1, 4, 7);
+    if constexpr (kBlocks == 2) {
+      _tile_loadd(5, a + kAmxRows * ldx, ldx);
+      COGVLM2_TILE_DOT(kInt8, 2, 5, 6);
+      COGVLM2_TILE_DOT(kInt8, 3, 5, 7);
+    }
+  }
+  char* out = static_cast<char*>(sums);
+  constexpr int64_t kRowBytes = kPackedPanel * 4;
+  _tile_stored(0, out, kRowBytes);
+  _tile_stored(1, out + kTileBytes, kRowBytes);
+  if constexpr (kBlocks == 2) {
+    _tile_stored(2, out + kAmxRows * kRowBytes, kRowBytes);
+    _tile_stored(3, out + kAmxRows * kRowBytes + kTileBytes, kRowBytes);
+  }
+}
+
+// What one row's 32 sums become in y (the first `cols` of them): as they are for bf16; for int8 the offsets
+// subtracted and the row's and columns' scales applied.
+struct Epilogue {
+  const float* col_scales = nullptr;
+  const int32_t* offsets = nullptr;
+  const float* row_scales = nullptr;
+};
+
+template <bool kInt8>
+COGVLM2_AMX_TARGET void store_rows(const void* sums, int64_t rows, float* y, int64_t ldy, int64_t cols, bool add,
+                                   const Epilogue& e, int64_t row0, int64_t c0) {
+  const __mmask16 m0 = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
+  const __mmask16 m1 = static_cast<__mmask16>(cols >= 32 ? 0xFFFF : cols > 16 ? (1u << (cols - 16)) - 1 : 0);
+  const __mmask16 masks[2] = {m0, m1};
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = y + r * ldy;
+    for (int h = 0; h < 2; ++h) {
+      const char* at = static_cast<const char*>(sums) + (r * kPackedPanel + 16 * h) * 4;
+      __m512 v;
+      if constexpr (kInt8) {
+        const __m512i offset = _mm512_maskz_loadu_epi32(masks[h], e.offsets + c0 + 16 * h);
+        const __m512i sum = _mm512_sub_epi32(_mm512_loadu_si512(at), offset);
+        const __m512 scale = _mm512_maskz_loadu_ps(masks[h], e.col_scales + c0 + 16 * h);
+        v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(e.row_scales[row0 + r])), scale);
+      } else {
+        v = _mm512_loadu_ps(reinterpret_cast<const float*>(at));
+      }
+      if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[h], out + 16 * h));
+      _mm512_mask_storeu_ps(out + 16 * h, masks[h], v);
+    }
+  }
+}
+
+template <bool kInt8>
+void amx_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const uint8_t* x, int64_t ldx,
+                const uint8_t* wp, float* y, bool accumulate, const Epilogue& e) {
+  const int64_t k_per_row = kInt8 ? 4 : 2, elem = kInt8 ? 1 : 2;
+  const int64_t steps = k / (kInt8 ? kAmxInt8K : kAmxBf16K), panel_bytes = k / k_per_row * kPanelRowBytes;
+  const int64_t chunk = std::max<int64_t>(2 * kAmxRows, kChunkBytes / (k * elem) / (2 * kAmxRows) * 2 * kAmxRows);
+  alignas(64) int32_t sums[2 * kAmxRows * kPackedPanel];
+  configure_tiles();
+  for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+    const int64_t r1 = std::min(m, r0 + chunk);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c0 = p * kPackedPanel, cols = std::min(kPackedPanel, n - c0);
+      const uint8_t* panel = wp + p * panel_bytes;
+      for (int64_t row = r0; row < r1; row += 2 * kAmxRows) {
+        const uint8_t* a = x + row * ldx;
+        const int64_t rows = std::min(2 * kAmxRows, r1 - row);
+        if (rows == 2 * kAmxRows) panel_sums<kInt8, 2>(a, ldx, panel, steps, sums);
+        else panel_sums<kInt8, 1>(a, ldx, panel, steps, sums);
+        store_rows<kInt8>(sums, rows, y + row * n + c0, n, cols, accumulate, e, row, c0);
+      }
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace
+
+bool cpu_has_amx() {
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool bf16 = (d >> 22) & 1u, tile = (d >> 24) & 1u, int8 = (d >> 25) & 1u;
+    return bf16 && tile && int8 && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureTileData) == 0;
+  }();
+  return has;
+}
+
+void amx_bf16_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const uint16_t* x, int64_t ldx,
+                     const uint16_t* wp, float* y, bool accumulate) {
+  amx_panels<false>(m, n, p0, p1, k, reinterpret_cast<const uint8_t*>(x), ldx * 2,
+                    reinterpret_cast<const uint8_t*>(wp), y, accumulate, {});
+}
+
+void amx_int8_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const uint8_t* x, int64_t ldx,
+                     const int8_t* wp, float* y, bool accumulate, const float* col_scales, const int32_t* offsets,
+                     const float* row_scales) {
+  amx_panels<true>(m, n, p0, p1, k, x, ldx, reinterpret_cast<const uint8_t*>(wp), y, accumulate,
+                   {col_scales, offsets, row_scales});
+}
+
+#else
+
+bool cpu_has_amx() { return false; }
+
+void amx_bf16_panels(int64_t, int64_t, int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*,
+                     bool) {}
+
+void amx_int8_panels(int64_t, int64_t, int64_t, int64_t, int64_t, const uint8_t*, int64_t, const int8_t*, float*,
+                     bool, const float*, const int32_t*, const float*) {}
+
+#endif
+
+}  // namespace cogvlm2
