@@ -19,8 +19,10 @@ from conftest import TINY
 from engine.async_llm import AsyncLLM
 from engine.entrypoints.api_server import build_app
 from engine.entrypoints.settings import ServerSettings
+from engine.llm_engine import LLMEngine
 from engine.metrics import (FINISH_REASONS, MetricsSettings, ServingMetrics, StatsLogger, add_metrics_cli_args,
                             metrics_settings)
+from engine.sampling_params import SamplingParams
 
 # vLLM's v1 metric families as its PrometheusStatLogger (vllm/v1/metrics/loggers.py) registers them: name, type (as
 # prometheus-client's parser reports it: counters without their `_total`), and the labels besides `model_name`
@@ -222,3 +224,15 @@ def test_metrics_prefix_and_stats_flags(llm):
     for bad in ({"prefix": "my-prefix"}, {"log_stats_interval": 0}, {"log_stats_level": "loud"}):
         with pytest.raises(ValueError):
             MetricsSettings(**bad)
+
+
+def test_a_chunked_prefill_looks_its_image_up_once():
+    engine = LLMEngine("demo", max_num_batched_tokens=8, enable_chunked_prefill=True, enable_prefix_caching=False)
+    image = {"prompt": "How many shapes are there?", "image": str(TINY / "demo_0.png")}
+    for request_id in ("a", "b"):
+        engine.add_request(request_id, image, SamplingParams(max_tokens=1))
+        while engine.has_unfinished_requests():
+            engine.step()
+    stats = engine.stats()
+    assert stats["num_prefill_chunks"] >= 4  # each image spans chunks
+    assert (stats["encoder_cache_queries"], stats["encoder_cache_hits"], stats["num_images_encoded"]) == (2, 1, 1)
