@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -49,12 +50,9 @@ def rss_mb(pid: int) -> float:
 
 
 def metrics(url: str) -> dict[str, float]:
-    values = {}
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    """The unlabelled series of /metrics (every one carries model_name and engine) by name."""
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)
+    return {s.name: s.value for f in families for s in f.samples if set(s.labels) <= {"model_name", "engine"}}
 
 
 def leaked_blocks(url: str, timeout: float = 30) -> int:
@@ -62,8 +60,8 @@ def leaked_blocks(url: str, timeout: float = 30) -> int:
     deadline = time.monotonic() + timeout
     while True:
         m = metrics(url)
-        held = m["cogvlm2_kv_cache_total_blocks"] - m["cogvlm2_kv_cache_free_blocks"]
-        idle = m["cogvlm2_num_requests_running"] == 0 and m["cogvlm2_num_requests_waiting"] == 0
+        held = m["vllm:cogvlm2_kv_cache_blocks"] - m["vllm:cogvlm2_kv_cache_free_blocks"]
+        idle = m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
         if (held == 0 and idle) or time.monotonic() > deadline:
             return int(held)
         time.sleep(0.2)

@@ -97,6 +97,11 @@ def prompt_predicting_positions(chunk: ScheduledChunk) -> range:
     return range(chunk.start, max(min(chunk.end, chunk.seq.num_prompt_tokens - 1), chunk.start))
 
 
+def starts_image_lookup(chunk: ScheduledChunk, image: ImageSlice) -> bool:
+    """The chunk holds the first image rows its prefill computes: those after the prompt's prefix-cached tokens."""
+    return image.start == max(chunk.seq.num_cached_prompt_tokens - chunk.seq.image_span[0], 0)
+
+
 def image_slice(chunk: ScheduledChunk, offset: int) -> ImageSlice | None:
     """The chunk's image rows (if its tokens overlap the image span), placed from batch position `offset`."""
     span = chunk.seq.image_span
@@ -115,14 +120,22 @@ class ImagePlanner:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.held: OrderedDict[str, None] = OrderedDict()
+        # Lookups, one per image per prefill (its later chunks continue it), and the lookups that found the
+        # features held or already being encoded this step: the misses are the encodes.
+        self.num_queries = 0
+        self.num_hits = 0
 
     def plan(self, chunks: list[ScheduledChunk]) -> tuple[dict[str, np.ndarray], list[str]]:
         """(pixel values of the images to encode this step, image hashes to evict after it)."""
         new: dict[str, np.ndarray] = {}
         for chunk in chunks:
             image_hash = chunk.seq.image_hash
-            if not image_hash or image_slice(chunk, 0) is None:
+            image = image_slice(chunk, 0)
+            if not image_hash or image is None:
                 continue
+            if starts_image_lookup(chunk, image):
+                self.num_queries += 1
+                self.num_hits += image_hash in self.held or image_hash in new
             if image_hash in self.held:
                 self.held.move_to_end(image_hash)
             elif image_hash not in new:

@@ -15,6 +15,7 @@ from typing import Any
 from cogvlm2.errors import CogVLM2Error, InputError
 from engine.config import add_cli_args, engine_kwargs
 from engine.entrypoints.settings import DEFAULT_MAX_BODY_BYTES
+from engine.metrics import add_metrics_cli_args
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                  "ignore_eos", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty",
@@ -178,6 +179,7 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=float, default=None, help="seconds; longer requests are aborted")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--disable-access-log", action="store_true")
+    add_metrics_cli_args(p)
     p.set_defaults(func=_run_serve)
 
 

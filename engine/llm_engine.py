@@ -360,6 +360,7 @@ class LLMEngine:
             self.scheduler.finish(seq, "stop")
             return [], state.detokenizer.flush()
         seq.output_token_ids.append(token)
+        seq.last_token_time = now
         update = state.detokenizer.add_token(token)
         text = update.new_text
         if update.stopped:
@@ -400,7 +401,7 @@ class LLMEngine:
         completion = CompletionOutput(state.index, text, token_ids, seq.finish_reason, logprobs, state.stop_reason,
                                       cumulative)
         metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time,
-                                 seq.finished_time)
+                                 seq.finished_time, seq.last_token_time)
         return RequestOutput(state.request_id, state.prompt, seq.prompt_token_ids, [completion],
                              self._request_finished(state), metrics, seq.error, seq.num_cached_prompt_tokens,
                              self._take_prompt_logprobs(state))
@@ -446,6 +447,8 @@ class LLMEngine:
             "num_prefill_chunks": sch.num_prefill_chunks, "num_steps": sch.num_steps,
             "num_running": sch.num_running, "num_waiting": sch.num_waiting,
             "num_images_encoded": self.executor.num_images_encoded, "block_size": self.args.block_size,
+            "encoder_cache_queries": self.images.num_queries, "encoder_cache_hits": self.images.num_hits,
+            "enable_prefix_caching": self.args.enable_prefix_caching,
             "max_model_len": self.max_model_len, "kernels": self.executor.info.kernels,
         }
 

@@ -46,10 +46,13 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
+    """time.monotonic() of a request's events. first_token_time is the first sampling (even of an EOS that ends
+    the request at once); last_token_time the sampling of the output's latest token."""
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    last_token_time: float | None = None
 
 
 @dataclass

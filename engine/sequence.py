@@ -39,6 +39,7 @@ class Sequence:
     error: str | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None  # when the latest output token was sampled
     finished_time: float | None = None
     # Content hashes of the full blocks of all_token_ids, filled lazily by the block manager. They depend only
     # on the tokens, so they survive preemption.

@@ -22,7 +22,7 @@ from engine.async_llm import AsyncLLM, EngineDeadError
 from engine.entrypoints.protocol import ApiError
 from engine.entrypoints.serving import OpenAIServing
 from engine.entrypoints.settings import ServerSettings
-from engine.metrics import ServingMetrics
+from engine.metrics import ServingMetrics, StatsLogger, metrics_settings
 
 logger = logging.getLogger(__name__)
 MAX_REQUEST_ID_CHARS = 128
@@ -85,13 +85,17 @@ class RequestIdMiddleware:
 
 
 def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
-    metrics = ServingMetrics(llm.stats)
+    metrics = ServingMetrics(llm.stats, settings.model_name, llm.max_model_len, settings.metrics.prefix)
     llm.add_step_listener(metrics.observe_step)
+    stats_logger = StatsLogger(metrics, settings.metrics.log_stats_interval, settings.metrics.log_stats_level)
     state = OpenAIServing(llm, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        stats_log = asyncio.create_task(stats_logger.run()) if settings.metrics.log_stats else None
         yield
+        if stats_log is not None:
+            stats_log.cancel()
         await asyncio.to_thread(llm.shutdown)  # joins the engine thread: off the loop
 
     app = FastAPI(title="CogVLM2 OpenAI-compatible server", lifespan=lifespan)
@@ -166,6 +170,16 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 # ---- the command -------------------------------------------------------------------------------------------------
+def _log_engine_to_stderr(level: str) -> None:
+    """uvicorn configures only its own loggers: the engine's (the stats line among them) get a handler here."""
+    engine_logger = logging.getLogger("engine")
+    if not engine_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
+        engine_logger.addHandler(handler)
+    engine_logger.setLevel(level.upper())
+
+
 class _Uvicorn(uvicorn.Server):
     """Stops the engine at the first shutdown signal: in-flight requests then end at once (503, or an error event
     in a stream) instead of holding the shutdown until uvicorn's graceful timeout."""
@@ -193,6 +207,8 @@ def run_server(args: argparse.Namespace, engine_args: dict[str, Any]) -> int:
         metrics_require_key=args.metrics_require_key, allowed_origins=args.allowed_origins,
         allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
         allow_credentials=args.allow_credentials)
+    settings.metrics = metrics_settings(args)
+    _log_engine_to_stderr(args.log_level)
     llm = AsyncLLM(args.model, **engine_args)
     settings.image_size = llm.config.vision.image_size
     print(f"serving {settings.model_name!r} on http://{args.host}:{args.port} "

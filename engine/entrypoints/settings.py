@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cogvlm2.image import DEFAULT_MAX_PIXELS
+from engine.metrics import MetricsSettings
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2 ** 20
 API_KEY_ENV = "VLLM_API_KEY"  # vLLM's variable: the key when --api-key is not given
@@ -26,6 +27,7 @@ class ServerSettings:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def __post_init__(self) -> None:
         self.api_key = self.api_key or os.environ.get(API_KEY_ENV) or None
