@@ -266,7 +266,7 @@ def panel_gemm_shape(m: Model) -> tuple[str, int, int]:
     return ("gate_up", 2 * m.mlp, m.hidden) if m is BENCH else ("down", m.hidden, m.mlp)
 
 
-AMX_VARIANTS = ("bf16 dot", "i8 vnni")  # the dot products that take AMX tiles for 16 tokens or more
+AMX_VARIANTS = ("bf16 dot", "i8 bf16 dot", "i8 vnni")  # the dot products that take AMX tiles for 16 tokens or more
 
 
 def without_amx(compute: str, quantization: str | None) -> KernelSet:

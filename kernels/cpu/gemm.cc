@@ -722,16 +722,24 @@ namespace {
 // whole number of tiles; returns how many rows that took (the rest go to the AVX-512 tiles).
 int64_t amx_rows(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
                  const void* wp, float* y, bool accumulate, const float* scales, const int32_t* offsets) {
-  const bool bf16 = g.dtype == PanelDtype::kBf16 && uses_vdpbf16ps(g), int8 = uses_vpdpbusd(g);
+#ifndef __AVX512F__
+  return 0;  // AMX comes with AVX-512; a build without it keeps to the portable tiles
+#else
+  const bool bf16 = uses_vdpbf16ps(g) && (g.dtype == PanelDtype::kBf16 || g.dtype == PanelDtype::kI8);
+  const bool int8 = uses_vpdpbusd(g);
   const int64_t tile_k = bf16 ? kAmxBf16K : kAmxInt8K, rows = m / kAmxRows * kAmxRows;
   if (!g.amx || !(bf16 || int8) || k % tile_k != 0 || rows == 0 || !cpu_has_amx()) return 0;
-  if (bf16)
-    amx_bf16_panels(rows, n, p0, p1, k, static_cast<const uint16_t*>(x.data), x.ld, static_cast<const uint16_t*>(wp),
-                    y, accumulate);
+  const auto* bf16_x = static_cast<const uint16_t*>(x.data);
+  if (bf16 && g.dtype == PanelDtype::kBf16)
+    amx_bf16_panels(rows, n, p0, p1, k, bf16_x, x.ld, static_cast<const uint16_t*>(wp), y, accumulate);
+  else if (bf16)
+    amx_i8_bf16_panels(rows, n, p0, p1, k, bf16_x, x.ld, static_cast<const int8_t*>(wp), y, accumulate, scales,
+                       &i8_slice_to_bf16_pairs_native);
   else
     amx_int8_panels(rows, n, p0, p1, k, static_cast<const uint8_t*>(x.data), x.ld, static_cast<const int8_t*>(wp), y,
                     accumulate, scales, offsets, x.row_scales);
   return rows;
+#endif
 }
 
 }  // namespace

@@ -91,8 +91,8 @@ COGVLM2_AMX_TARGET void panel_sums(const uint8_t* x, int64_t ldx, const uint8_t*
   }
 }
 
-// What one row's 32 sums become in y (the first `cols` of them): as they are for bf16; for int8 the offsets
-// subtracted and the row's and columns' scales applied.
+// What one row's 32 sums become in y (the first `cols` of them): for bf16 as they are, or times the columns'
+// scales (w8a16's int8 panels); for int8 the offsets subtracted and the row's and columns' scales applied.
 struct Epilogue {
   const float* col_scales = nullptr;
   const int32_t* offsets = nullptr;
@@ -117,6 +117,7 @@ COGVLM2_AMX_TARGET void store_rows(const void* sums, int64_t rows, float* y, int
         v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(e.row_scales[row0 + r])), scale);
       } else {
         v = _mm512_loadu_ps(reinterpret_cast<const float*>(at));
+        if (e.col_scales) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(masks[h], e.col_scales + c0 + 16 * h));
       }
       if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[h], out + 16 * h));
       _mm512_mask_storeu_ps(out + 16 * h, masks[h], v);
@@ -124,19 +125,21 @@ COGVLM2_AMX_TARGET void store_rows(const void* sums, int64_t rows, float* y, int
   }
 }
 
-template <bool kInt8>
+// panel_at(p): panel p in the tiles' layout (the stored panel, or a conversion of it: then all rows pass over it
+// at once, so that each panel is converted once, at the cost of streaming x from L3 per panel).
+template <bool kInt8, class PanelAt>
 void amx_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const uint8_t* x, int64_t ldx,
-                const uint8_t* wp, float* y, bool accumulate, const Epilogue& e) {
-  const int64_t k_per_row = kInt8 ? 4 : 2, elem = kInt8 ? 1 : 2;
-  const int64_t steps = k / (kInt8 ? kAmxInt8K : kAmxBf16K), panel_bytes = k / k_per_row * kPanelRowBytes;
-  const int64_t chunk = std::max<int64_t>(2 * kAmxRows, kChunkBytes / (k * elem) / (2 * kAmxRows) * 2 * kAmxRows);
+                PanelAt panel_at, float* y, bool accumulate, const Epilogue& e, bool converted = false) {
+  const int64_t elem = kInt8 ? 1 : 2, steps = k / (kInt8 ? kAmxInt8K : kAmxBf16K);
+  const int64_t fit = std::max<int64_t>(2 * kAmxRows, kChunkBytes / (k * elem) / (2 * kAmxRows) * 2 * kAmxRows);
+  const int64_t chunk = converted ? m : fit;
   alignas(64) int32_t sums[2 * kAmxRows * kPackedPanel];
   configure_tiles();
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     const int64_t r1 = std::min(m, r0 + chunk);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c0 = p * kPackedPanel, cols = std::min(kPackedPanel, n - c0);
-      const uint8_t* panel = wp + p * panel_bytes;
+      const uint8_t* panel = panel_at(p);
       for (int64_t row = r0; row < r1; row += 2 * kAmxRows) {
         const uint8_t* a = x + row * ldx;
         const int64_t rows = std::min(2 * kAmxRows, r1 - row);
@@ -161,16 +164,30 @@ bool cpu_has_amx() {
   return has;
 }
 
+// Panels stored in the tiles' layout: k / group rows of 128 bytes each (group: k per pair or quad).
+auto stored_panels(const void* wp, int64_t k, int64_t group) {
+  const int64_t panel_bytes = k / group * kPanelRowBytes;
+  return [=](int64_t p) { return static_cast<const uint8_t*>(wp) + p * panel_bytes; };
+}
+
 void amx_bf16_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const uint16_t* x, int64_t ldx,
                      const uint16_t* wp, float* y, bool accumulate) {
-  amx_panels<false>(m, n, p0, p1, k, reinterpret_cast<const uint8_t*>(x), ldx * 2,
-                    reinterpret_cast<const uint8_t*>(wp), y, accumulate, {});
+  amx_panels<false>(m, n, p0, p1, k, reinterpret_cast<const uint8_t*>(x), ldx * 2, stored_panels(wp, k, 2), y,
+                    accumulate, {});
+}
+
+void amx_i8_bf16_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const uint16_t* x, int64_t ldx,
+                        const int8_t* wp, float* y, bool accumulate, const float* col_scales,
+                        I8ToBf16Pairs to_pairs) {
+  auto converted = [=](int64_t p) { return reinterpret_cast<const uint8_t*>(to_pairs(wp + p * k * kPackedPanel, k)); };
+  amx_panels<false>(m, n, p0, p1, k, reinterpret_cast<const uint8_t*>(x), ldx * 2, converted, y, accumulate,
+                    {col_scales, nullptr, nullptr}, true);
 }
 
 void amx_int8_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const uint8_t* x, int64_t ldx,
                      const int8_t* wp, float* y, bool accumulate, const float* col_scales, const int32_t* offsets,
                      const float* row_scales) {
-  amx_panels<true>(m, n, p0, p1, k, x, ldx, reinterpret_cast<const uint8_t*>(wp), y, accumulate,
+  amx_panels<true>(m, n, p0, p1, k, x, ldx, stored_panels(wp, k, 4), y, accumulate,
                    {col_scales, offsets, row_scales});
 }
 
@@ -183,6 +200,9 @@ void amx_bf16_panels(int64_t, int64_t, int64_t, int64_t, int64_t, const uint16_t
 
 void amx_int8_panels(int64_t, int64_t, int64_t, int64_t, int64_t, const uint8_t*, int64_t, const int8_t*, float*,
                      bool, const float*, const int32_t*, const float*) {}
+
+void amx_i8_bf16_panels(int64_t, int64_t, int64_t, int64_t, int64_t, const uint16_t*, int64_t, const int8_t*, float*,
+                        bool, const float*, I8ToBf16Pairs) {}
 
 #endif
 

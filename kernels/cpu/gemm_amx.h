@@ -26,6 +26,14 @@ constexpr int64_t kAmxRows = 16;
 void amx_bf16_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const uint16_t* x, int64_t ldx,
                      const uint16_t* wp, float* y, bool accumulate);
 
+// The same over kI8 panels (w8a16's int8, k-major) under bf16 products: each panel's k turned into bf16 k pairs
+// (exact) by `to_pairs` (it returns a buffer valid until its next call), once per panel and chunk of rows, and
+// each column's sums multiplied by its scale as they are stored.
+using I8ToBf16Pairs = const uint16_t* (*)(const int8_t* panel, int64_t k);
+void amx_i8_bf16_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const uint16_t* x, int64_t ldx,
+                        const int8_t* wp, float* y, bool accumulate, const float* col_scales,
+                        I8ToBf16Pairs to_pairs);
+
 // The same for kInt8Dot: unsigned activations (q + 128, gemm.h) times kI8Quads panels, int32 sums over all of k
 // (exact, so the same integers as vpdpbusd), then y = float(sum - offset[c]) * row_scales[r] * col_scales[c] (+ y);
 // k a multiple of kAmxInt8K.
