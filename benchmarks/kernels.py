@@ -127,6 +127,21 @@ def bench_layer_steps(cpu: KernelSet, ref: KernelSet, m: Model, case: str, n: in
     return results
 
 
+# The vision MLP's fc1 activations: the bench preset's image (16 x 16 patches + cls) x 2048, and 2048 of the
+# 19B's 1344x1344 image tokens x 15,360 (the encoder's chunk: cogvlm2/vision.py MLP_ACTIVATIONS_BUDGET).
+GELU_CASES = (("bench", "image 257 tokens x 2048", 257, 2048), ("19b", "2048 image tokens x 15360", 2048, 15360))
+
+
+def bench_gelu(cpu: KernelSet, ref: KernelSet, repeat: int, rng: np.random.Generator) -> list[Result]:
+    """The vision encoder's exact GELU: one kernel pass against MindSpore's erf composite."""
+    results = []
+    for model, case, tokens, width in GELU_CASES:
+        x = _normal(rng, tokens, width)
+        kernel_ms, ref_ms = time_pair(lambda: cpu.gelu(x), lambda: ref.gelu(x), repeat)
+        results.append(Result("gelu", model, case, kernel_ms, ref_ms, target=">= 2x"))
+    return results
+
+
 def _caches(values: list[np.ndarray], dtype=np.float32) -> list[Parameter]:
     return [Parameter(Tensor.from_numpy(np.ascontiguousarray(v.astype(dtype))), name=f"cache{i}",
                       requires_grad=False) for i, v in enumerate(values)]
@@ -345,6 +360,8 @@ def run(repeat: int, only: set[str] | None) -> list[Result]:
             for tokens in (decode, prefill):
                 results += [r for r in bench_layer_steps(cpu, ref, m, f"{tokens} tokens", tokens, repeat, rng)
                             if want(r.op)]
+        if want("gelu") and m is BENCH:
+            results += bench_gelu(cpu, ref, repeat, rng)
         if want("write_kv"):
             results += bench_write_kv(cpu, ref, m, f"decode {decode} tokens", decode, repeat, rng)
             results += bench_write_kv(cpu, ref, m, f"prefill {prefill} tokens", prefill, repeat, rng)

@@ -11,7 +11,7 @@ from mindspore import Tensor, ops
 from kernels.composites import (apply_rope, expert_linear, linear, rms_norm, softmax_attention, split_qkv, swiglu,
                                 to_tensor)
 
-__all__ = ["apply_rope", "expert_linear", "fp32_tensor", "gelu_exact", "layer_norm", "linear", "rms_norm", "softmax_attention",
+__all__ = ["apply_rope", "expert_linear", "fp32_tensor", "layer_norm", "linear", "rms_norm", "softmax_attention",
            "split_qkv", "swiglu", "to_tensor"]
 
 
@@ -23,7 +23,3 @@ def fp32_tensor(array: np.ndarray) -> Tensor:
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)(x, weight, bias)[0]
-
-
-def gelu_exact(x: Tensor) -> Tensor:
-    return ops.gelu(x, approximate="none")

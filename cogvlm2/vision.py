@@ -9,7 +9,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from cogvlm2.config import CogVLM2Config
-from cogvlm2.layers import fp32_tensor, gelu_exact, layer_norm, softmax_attention, swiglu
+from cogvlm2.layers import fp32_tensor, layer_norm, softmax_attention, swiglu
 from cogvlm2.weights import tensor_shape
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class VisionEncoder:
         half = v.grid_size // 2
         x = x.reshape(b, half, 2, half, 2, v.hidden_size).transpose(0, 1, 3, 5, 2, 4)
         x = self.kernels.linear(x.reshape(b * half * half, v.hidden_size * 4), self.conv_w, self.conv_b)
-        y = gelu_exact(layer_norm(self.kernels.linear(x, self.proj_w), self.norm_w, self.norm_b, 1e-5))
+        y = self.kernels.gelu(layer_norm(self.kernels.linear(x, self.proj_w), self.norm_w, self.norm_b, 1e-5))
         y = self.kernels.linear(swiglu(self.kernels.linear(y, self.gate_up_w)), self.down_w).reshape(b, -1, h)
         edge = lambda e: ops.broadcast_to(e.reshape(1, 1, h), (b, 1, h))  # noqa: E731
         return ops.concat((edge(self.boi), y, edge(self.eoi)), 1)
@@ -133,9 +133,24 @@ class VisionEncoder:
         attn = _chunked_attention(qkv[0], qkv[1], qkv[2], hd ** -0.5)
         attn = attn.reshape(b, heads, t, hd).transpose(0, 2, 1, 3).reshape(n, heads * hd)
         x = x + layer_norm(self.reduce(linear(attn, w.dense_w, w.dense_b)), w.ln_in_w, w.ln_in_b, v.layer_norm_eps)
-        mlp = self.reduce(linear(gelu_exact(linear(x, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b))
+        mlp = self.reduce(self._mlp(x, w))
         return x + layer_norm(mlp, w.ln_post_w, w.ln_post_b, v.layer_norm_eps)
 
+    def _mlp(self, x: Tensor, w: VisionLayerWeights) -> Tensor:
+        """fc2(gelu(fc1(x))) over chunks of tokens whose fc1 activations fit MLP_ACTIVATIONS_BUDGET (row-wise math:
+        the same values as one call)."""
+        n, per_call = x.shape[0], max(1, MLP_ACTIVATIONS_BUDGET // (w.fc1_b.shape[0] * 4))
+        if n <= per_call:
+            return self._mlp_rows(x, w)
+        return ops.concat([self._mlp_rows(x[i:i + per_call], w) for i in range(0, n, per_call)], 0)
+
+    def _mlp_rows(self, x: Tensor, w: VisionLayerWeights) -> Tensor:
+        return self.kernels.linear(self.kernels.gelu(self.kernels.linear(x, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
+
+
+# The most bytes of fp32 fc1 activations one vision MLP call holds: a 1344x1344 image's 9,217 tokens x 15,360 would
+# be 566 MB per copy.
+MLP_ACTIVATIONS_BUDGET = 128 * 2 ** 20
 
 # The most bytes of fp32 scores one attention call materialises: a 1344x1344 image (9,217 tokens, 16 heads) would
 # otherwise hold 5.4 GB of scores and as much of probabilities at once.

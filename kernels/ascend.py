@@ -216,6 +216,9 @@ class AscendKernels:
     def swiglu(self, gate_up):
         return composites.swiglu(gate_up)
 
+    def gelu(self, x):
+        return composites.gelu(x)
+
     # ---- rope
     def _table(self, table: Tensor) -> Tensor:
         """The whole table in the compute dtype (the custom op indexes it), cast once per table (the entry holds the

@@ -71,6 +71,11 @@ def swiglu(gate_up: Tensor) -> Tensor:
     return ops.silu(gate_up[:, :half]) * gate_up[:, half:]
 
 
+def gelu(x: Tensor) -> Tensor:
+    """The exact GELU, x / 2 * (1 + erf(x / sqrt 2))."""
+    return ops.gelu(x, approximate="none")
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """NeoX rotate-half; x [N, heads, d], cos/sin [N, d]."""
     half = x.shape[-1] // 2

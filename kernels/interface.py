@@ -44,6 +44,10 @@ class KernelSet(Protocol):
         """silu(gate) * up of the stacked [N, 2 F] gate/up projection (gate first) -> [N, F]."""
         ...
 
+    def gelu(self, x: Tensor) -> Tensor:
+        """The exact GELU of x [N, F] fp32 (the vision encoder's MLP and adapter) -> [N, F]."""
+        ...
+
     def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         """x [N, in] @ w^T (+ bias) for a weight from prepare_weight: the lm_head, the vision encoder."""
         ...

@@ -141,6 +141,7 @@ class CpuOps:
         self._expert_linear_int8_dot = _custom("ExpertLinearInt8Dot", _expert_linear_shape, lambda x, *rest: x)
         self._rms_norm = _custom("RmsNorm", _first_shape, lambda x, *rest: x)
         self._swiglu = _custom("SwiGLU", _swiglu_shape, lambda x, *rest: x)
+        self._gelu = _custom("Gelu", _first_shape, lambda x, *rest: x)
         # the pyboost twin for eager in-place calls (kernels/pyboost.py), or None: then the AOT ops serve them too
         self.eager = pyboost.load(self.library.path) if os.environ.get("COGVLM2_EAGER_OPS", "1") != "0" else None
 
@@ -199,6 +200,10 @@ class CpuOps:
     def swiglu(self, gate_up: Tensor, config: Tensor) -> Tensor:
         """gate_up [N, 2F] fp32 (gate first), config [threads] -> silu(gate) * up [N, F]."""
         return self._run("SwiGLU", self._swiglu, (gate_up.shape[0], gate_up.shape[1] // 2), gate_up, config)
+
+    def gelu(self, x: Tensor, config: Tensor) -> Tensor:
+        """x [N, F] fp32, config [threads] -> the exact GELU [N, F]."""
+        return self._run("Gelu", self._gelu, tuple(x.shape), x, config)
 
     def write_kv(self, cache: Tensor, slot_mapping: Tensor, values: Tensor) -> Tensor:
         """values [N, KV, d] fp32 into cache [slots, KV, d] (float32, bfloat16 or float16: rounded to nearest even)

@@ -1,5 +1,5 @@
 """One registry for the engine's hot ops: `get_kernels(backend, compute_dtype=...)` returns a
-kernels.interface.KernelSet (rope, write_kv, paged_attention, expert_linear, rms_norm, swiglu, linear,
+kernels.interface.KernelSet (rope, write_kv, paged_attention, expert_linear, rms_norm, swiglu, gelu, linear,
 prepare_weight) whichever backend serves it.
 
 Backends: "cpu" (the AOT kernels of kernels/cpu), "reference" (the MindSpore composites of kernels/reference.py),
@@ -47,7 +47,7 @@ from kernels.sku import (BACKENDS, GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, G
 # expert_linear's addend (kernels/cpu/expert_linear.cc): none, the vision expert's bias, a residual for every row
 ADDEND_NONE, ADDEND_BIAS, ADDEND_RESIDUAL = 0, 1, 2
 ADDENDS = (ADDEND_NONE, ADDEND_BIAS, ADDEND_RESIDUAL)
-THREADS_ONLY_OPS = ("rope", "rms_norm", "swiglu")  # ops whose config is [threads]
+THREADS_ONLY_OPS = ("rope", "rms_norm", "swiglu", "gelu")  # ops whose config is [threads]
 DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" parameters, larger ones "prefill"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 BF16_FALLBACK_ENV = "COGVLM2_BF16_FALLBACK"
@@ -197,6 +197,9 @@ class ReferenceKernels(BaseKernels):
     def swiglu(self, gate_up):
         return composites.swiglu(gate_up)
 
+    def gelu(self, x):
+        return composites.gelu(x)
+
     def _metadata(self, slot_mapping, seq_index, token_position, block_tables, context_lens, block_size,
                   num_heads, num_kv_heads) -> reference.PagedAttentionMetadata:
         """Built once per step: every layer of a forward passes the same arrays (compared by content)."""
@@ -339,6 +342,9 @@ class CpuKernels(BaseKernels):
 
     def swiglu(self, gate_up):
         return self.ops.swiglu(gate_up, self._config("swiglu", gate_up.shape[0]))
+
+    def gelu(self, x):
+        return self.ops.gelu(x, self._config("gelu", x.shape[0]))
 
 
 def resolve_backend(backend: str = "auto") -> str:

@@ -53,6 +53,7 @@ DEFAULT_PARAMS: dict[str, dict[str, dict[str, int]]] = {
     "rope": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
     "rms_norm": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
     "swiglu": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
+    "gelu": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
     "paged_attention": {
         "decode": {"threads": 2, "query_tile": 1, "key_tile": 64, "parallel_min_work": 1 << 20},
         "prefill": {"threads": 2, "query_tile": 8, "key_tile": 64, "parallel_min_work": 1 << 20},

@@ -26,7 +26,7 @@ import numpy as np
 
 PANEL_OPS = ("expert_linear", "expert_linear_bf16", "expert_linear_bf16_dot", "expert_linear_f16", "expert_linear_i8",
              "expert_linear_i8_bf16_dot", "expert_linear_i8_vnni")
-ROW_OPS = ("rms_norm", "swiglu")  # one pass over rows of activations: only threads to choose
+ROW_OPS = ("rms_norm", "swiglu", "gelu")  # one pass over rows of activations: only threads to choose
 OPS = ("rope",) + ROW_OPS + ("paged_attention",) + PANEL_OPS
 PAGED_CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -167,6 +167,9 @@ class Workload:
             return
         if op == "swiglu":
             self.calls = [(normal(n, 2 * s.mlp),)]
+            return
+        if op == "gelu":  # the vision MLP's fc1 output (the decoder's MLP width stands in for it)
+            self.calls = [(normal(n, s.mlp),)]
             return
         import ml_dtypes
         dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[cache_dtype]

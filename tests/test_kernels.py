@@ -941,6 +941,18 @@ def test_swiglu_matches_reference(n, f):
 
 
 @needs_cpu
+@pytest.mark.parametrize("n,f", [(1, 5), (7, 1792), (300, 1537)])
+def test_gelu_matches_reference(n, f):
+    """The exact GELU against MindSpore's (erf form): both tails, zero, and a tail of the row off the vector width."""
+    rng = np.random.default_rng(n + f)
+    x = normal(rng, n, f) * 4
+    x[0, :5] = [0.0, -0.0, 12.0, -12.0, 1e-30][:min(5, f)]
+    got = CPU.gelu(Tensor(x)).asnumpy()
+    assert got.shape == (n, f)
+    np.testing.assert_allclose(got, REF.gelu(Tensor(x)).asnumpy(), rtol=1e-5, atol=5e-7)
+
+
+@needs_cpu
 @pytest.mark.parametrize("n,num_language", [(1, 1), (9, 4), (70, 0), (300, 131)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("k_block", [0, 64])
@@ -1076,7 +1088,7 @@ def test_registry_backends(monkeypatch):
         get_kernels()
 
 
-KERNEL_SET_OPS = ("rope", "write_kv", "paged_attention", "expert_linear", "rms_norm", "swiglu", "linear",
+KERNEL_SET_OPS = ("rope", "write_kv", "paged_attention", "expert_linear", "rms_norm", "swiglu", "gelu", "linear",
                   "kv_cache_shape", "place_kv_cache", "prepare_weight")
 
 

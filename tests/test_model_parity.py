@@ -54,6 +54,19 @@ def test_vision_attention_in_head_groups_is_the_same_math(demo_pipeline, golden_
     np.testing.assert_allclose(grouped, whole, rtol=0, atol=1e-6)
 
 
+def test_vision_mlp_in_token_chunks_is_the_same_math(demo_pipeline, golden_cases, processed, monkeypatch):
+    """A budget of 7 tokens' fc1 activations per call (a 1344x1344 image's 9,217 tokens are cut so) gives the same
+    features as one call over all tokens, to fp32 rounding (a BLAS's GEMM blocks by the row count)."""
+    import cogvlm2.vision as vision
+    case = next(c for c in golden_cases if c["image"])
+    pixels = processed[case["name"]].pixel_values[None]
+    model = demo_pipeline.generator.model
+    whole = model.encode_images(pixels).asnumpy()
+    monkeypatch.setattr(vision, "MLP_ACTIVATIONS_BUDGET", 7 * model.config.vision.intermediate_size * 4)
+    chunked = model.encode_images(pixels).asnumpy()
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5)
+
+
 def test_prefill_logits_and_probe_logprobs(demo_pipeline, golden_cases, golden_arrays, processed):
     for case in golden_cases:
         name = case["name"]

@@ -230,7 +230,7 @@ def test_table_lookup_order(tmp_path):
 
 
 def test_default_params_cover_every_op_and_class():
-    assert set(sku.DEFAULT_PARAMS) == {"rope", "rms_norm", "swiglu", "paged_attention", "expert_linear"}
+    assert set(sku.DEFAULT_PARAMS) == {"rope", "rms_norm", "swiglu", "gelu", "paged_attention", "expert_linear"}
     assert all(set(classes) == {"decode", "prefill"} for classes in sku.DEFAULT_PARAMS.values())
     assert sku.DEFAULT_KERNEL_TABLE == {"version": 1, "sku": None, "ops": sku.DEFAULT_PARAMS,
                                         "ascend_backends": {"rope": "builtin", "paged_attention": "builtin"}}
