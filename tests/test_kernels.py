@@ -810,11 +810,11 @@ def test_bf16_dot_fallback_is_bit_identical(monkeypatch, k_block, tile_rows, n, 
 
 
 @needs_cpu
-@pytest.mark.parametrize("n,num_language", [(16, 16), (33, 17), (70, 0), (300, 131), (2048, 700)])
+@pytest.mark.parametrize("n,num_language", [(8, 3), (16, 16), (33, 17), (70, 0), (300, 131), (2048, 700)])
 @pytest.mark.parametrize("out,inner", [(32, 64), (160, 1024), (96, 2816)])  # k in whole AMX tiles (32 for bf16)
 def test_bf16_amx_tiles_match_the_reference(monkeypatch, n, num_language, out, inner):
-    """Blocks of 16 tokens on AMX tiles (tdpbf16ps) and the rest on vdpbf16ps: the reference composite (x rounded
-    to bf16, fp32 sums) to fp32 rounding, and the AVX-512 tiles alone within it (the sums' order differs)."""
+    """All tokens on AMX tiles (tdpbf16ps; from 8 tokens, the last block zero-padded): the reference composite (x
+    rounded to bf16, fp32 sums) to fp32 rounding, and the AVX-512 tiles within it (the sums' order differs)."""
     if not CPU.ops.has_amx:
         pytest.skip("this CPU has no AMX tiles")
     rng = np.random.default_rng(n + out + inner)

@@ -124,8 +124,8 @@ def test_w8a8_panels_match_the_int8_dot_reference(monkeypatch, portable, n, num_
 @pytest.mark.parametrize("n,num_language", [(16, 16), (33, 17), (70, 0), (300, 131)])
 @pytest.mark.parametrize("inner", [64, 1024])  # whole AMX tiles of k (64 for int8)
 def test_w8a8_amx_tiles_give_the_vpdpbusd_bits(monkeypatch, n, num_language, inner):
-    """Blocks of 16 tokens on AMX tiles (tdpbusd) and the rest on vpdpbusd: the same exact integer sums, hence the
-    same bits as the AVX-512 tiles alone, routed, with the vision bias and with a residual."""
+    """All tokens on AMX tiles (tdpbusd; from 16 tokens, the last block zero-padded): the same exact integer sums,
+    hence the same bits as the AVX-512 tiles, routed, with the vision bias and with a residual."""
     from kernels.registry import AMX_ENV, CpuKernels
     from kernels.sku import load_params
     rng = np.random.default_rng(n + inner)

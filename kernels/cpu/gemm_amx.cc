@@ -1,6 +1,8 @@
 #include "gemm_amx.h"
 
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 #include "gemm.h"
 
@@ -134,18 +136,27 @@ void amx_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const u
   const int64_t fit = std::max<int64_t>(2 * kAmxRows, kChunkBytes / (k * elem) / (2 * kAmxRows) * 2 * kAmxRows);
   const int64_t chunk = converted ? m : fit;
   alignas(64) int32_t sums[2 * kAmxRows * kPackedPanel];
+  // The rows after the last whole block, zero-padded to one block (their padding rows' sums are never stored).
+  const int64_t whole = m / kAmxRows * kAmxRows, tail = m - whole;
+  thread_local std::vector<uint8_t> padded;
+  if (tail > 0) {
+    padded.assign(kAmxRows * ldx, 0);
+    std::memcpy(padded.data(), x + whole * ldx, tail * ldx);
+  }
   configure_tiles();
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     const int64_t r1 = std::min(m, r0 + chunk);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c0 = p * kPackedPanel, cols = std::min(kPackedPanel, n - c0);
       const uint8_t* panel = panel_at(p);
-      for (int64_t row = r0; row < r1; row += 2 * kAmxRows) {
-        const uint8_t* a = x + row * ldx;
+      for (int64_t row = r0; row < r1;) {
         const int64_t rows = std::min(2 * kAmxRows, r1 - row);
-        if (rows == 2 * kAmxRows) panel_sums<kInt8, 2>(a, ldx, panel, steps, sums);
-        else panel_sums<kInt8, 1>(a, ldx, panel, steps, sums);
-        store_rows<kInt8>(sums, rows, y + row * n + c0, n, cols, accumulate, e, row, c0);
+        if (rows == 2 * kAmxRows) panel_sums<kInt8, 2>(x + row * ldx, ldx, panel, steps, sums);
+        else if (rows >= kAmxRows) panel_sums<kInt8, 1>(x + row * ldx, ldx, panel, steps, sums);
+        else panel_sums<kInt8, 1>(padded.data(), ldx, panel, steps, sums);
+        const int64_t done = rows >= 2 * kAmxRows ? rows : std::min(rows, kAmxRows);
+        store_rows<kInt8>(sums, done, y + row * n + c0, n, cols, accumulate, e, row, c0);
+        row += done;
       }
     }
   }

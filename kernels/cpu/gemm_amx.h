@@ -14,14 +14,14 @@ namespace cogvlm2 {
 bool cpu_has_amx();
 
 // The k an AMX call takes per tile: 32 for bf16, 64 for int8. The callers use AMX only where k is a whole multiple
-// of it (every projection of the real model) and for whole blocks of kAmxRows tokens; the rest takes the AVX-512
-// tiles.
+// of it (every projection of the real model); tokens go in blocks of kAmxRows, the last one zero-padded (at
+// decode's few tokens the weights' bytes set the time, and a tile instruction costs no more for padding rows).
 constexpr int64_t kAmxBf16K = 32;
 constexpr int64_t kAmxInt8K = 64;
 constexpr int64_t kAmxRows = 16;
 
 // Panels [p0, p1) of y[m, n] = x @ w^T (+ y when accumulate) over bf16 activations x [m, ldx] (ldx >= k) and kBf16
-// panels; m a multiple of kAmxRows, k of kAmxBf16K. fp32 accumulation over all of k inside the tiles (each product
+// panels; any m >= 1, k a multiple of kAmxBf16K. fp32 accumulation over all of k inside the tiles (each product
 // exact, the sums rounded to nearest even: not the bits of vdpbf16ps, whose order within a k pair differs).
 void amx_bf16_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const uint16_t* x, int64_t ldx,
                      const uint16_t* wp, float* y, bool accumulate);
