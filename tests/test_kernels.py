@@ -810,10 +810,10 @@ def test_bf16_dot_fallback_is_bit_identical(monkeypatch, k_block, tile_rows, n, 
 
 
 @needs_cpu
-@pytest.mark.parametrize("n,num_language", [(8, 3), (16, 16), (33, 17), (70, 0), (300, 131), (2048, 700)])
+@pytest.mark.parametrize("n,num_language", [(1, 1), (8, 3), (16, 16), (33, 17), (70, 0), (300, 131), (2048, 700)])
 @pytest.mark.parametrize("out,inner", [(32, 64), (160, 1024), (96, 2816)])  # k in whole AMX tiles (32 for bf16)
 def test_bf16_amx_tiles_match_the_reference(monkeypatch, n, num_language, out, inner):
-    """All tokens on AMX tiles (tdpbf16ps; from 8 tokens, the last block zero-padded): the reference composite (x
+    """All tokens on AMX tiles (tdpbf16ps, the last block zero-padded): the reference composite (x
     rounded to bf16, fp32 sums) to fp32 rounding, and the AVX-512 tiles within it (the sums' order differs)."""
     if not CPU.ops.has_amx:
         pytest.skip("this CPU has no AMX tiles")
@@ -829,6 +829,22 @@ def test_bf16_amx_tiles_match_the_reference(monkeypatch, n, num_language, out, i
     assert_close(got, avx512)
     assert_close(run_routed(amx, x, 0, wl, wl, bv, linear=True),
                  run_routed(get_kernels("reference", compute_dtype="bfloat16"), x, 0, wl, wl, bv, linear=True))
+
+
+@needs_cpu
+@pytest.mark.parametrize("compute,quantization", [("bfloat16", None), ("bfloat16", "w8a16"), ("float32", "w8a8")])
+def test_a_token_s_projection_does_not_depend_on_its_batch(compute, quantization):
+    """The same bits for a row computed alone, with 7 others, with 47 others, or at any position of a long call:
+    batch composition, chunked prefill and cached prefixes never change a token's result (on AMX too)."""
+    rng = np.random.default_rng(3)
+    x = normal(rng, 70, 1024)
+    w = (normal(rng, 96, 1024) * 0.05).astype(BF16 if quantization is None else np.float32)
+    kernels = get_kernels("cpu", compute_dtype=compute, quantization=quantization)
+    wp = kernels.prepare_weight(w)
+    whole = kernels.linear(Tensor(x), wp).asnumpy()
+    for start, count in ((5, 1), (0, 8), (17, 48), (61, 9)):
+        part = kernels.linear(Tensor(x[start:start + count]), wp).asnumpy()
+        np.testing.assert_array_equal(part, whole[start:start + count])
 
 
 @needs_cpu

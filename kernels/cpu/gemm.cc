@@ -718,11 +718,14 @@ Activations prepare_activations(const PanelGemm& g, const float* x, int64_t m, i
 
 namespace {
 
-// The fewest tokens that AMX tiles take (the last block zero-padded), measured on a Sapphire Rapids-class Xeon
-// (bench preset, decode steps): bf16 panels gain from 8 tokens (x8 step 32.2 against 36.9 ms) and lose at 1 (28.9
-// against 23.8); the int8 dot and the converted int8 panels only gain from whole blocks of 16.
-constexpr int64_t kAmxMinRowsBf16 = 8;
-constexpr int64_t kAmxMinRowsOther = kAmxRows;
+// The fewest tokens that AMX tiles take (the last block zero-padded). bf16 sums on AMX differ from vdpbf16ps's in
+// their rounding, so bf16 takes AMX at any row count: a token's result never depends on how many share its call
+// (batch composition, chunking, a cached prefix), at a cost where the weights' bytes bound the step (bench decode
+// at one sequence: 27.6 against 23.8 ms on vdpbf16ps; at 8: 31.3 against 36.9). The int8 dot's sums are exact
+// integers either way, so it takes AMX only where that is faster, from whole blocks of 16 (measured: slower at 1
+// and 8).
+constexpr int64_t kAmxMinRowsBf16 = 1;
+constexpr int64_t kAmxMinRowsInt8Dot = kAmxRows;
 
 // All rows on AMX tiles, where g asks for them, the CPU has them, k is a whole number of tiles and there are
 // enough rows; returns how many rows that took (0: the AVX-512 tiles take them).
@@ -734,7 +737,7 @@ int64_t amx_rows(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p
   const bool bf16 = uses_vdpbf16ps(g) && (g.dtype == PanelDtype::kBf16 || g.dtype == PanelDtype::kI8);
   const bool int8 = uses_vpdpbusd(g);
   const int64_t tile_k = bf16 ? kAmxBf16K : kAmxInt8K, rows = m;
-  const int64_t min_rows = bf16 && g.dtype == PanelDtype::kBf16 ? kAmxMinRowsBf16 : kAmxMinRowsOther;
+  const int64_t min_rows = bf16 ? kAmxMinRowsBf16 : kAmxMinRowsInt8Dot;
   if (!g.amx || !(bf16 || int8) || k % tile_k != 0 || rows < min_rows || !cpu_has_amx()) return 0;
   const auto* bf16_x = static_cast<const uint16_t*>(x.data);
   if (bf16 && g.dtype == PanelDtype::kBf16)

@@ -26,6 +26,7 @@ constexpr long kArchReqXcompPerm = 0x1023;  // linux/arch/x86/include/uapi/asm/p
 constexpr long kXfeatureTileData = 18;
 constexpr int64_t kPanelRowBytes = kPackedPanel * 4;  // one k pair (bf16) or quad (int8) of a panel's 32 columns
 constexpr int64_t kTileBytes = 64;                    // bytes per tile row
+constexpr int64_t kPrefetchSteps = 4;                 // k steps ahead that a panel's weights are asked for
 // Activation rows per chunk: as many as keep the chunk's rows (at most this many bytes) in L2 while every panel
 // of the thread passes over them.
 constexpr int64_t kChunkBytes = 512 << 10;
@@ -69,9 +70,13 @@ COGVLM2_AMX_TARGET void panel_sums(const uint8_t* x, int64_t ldx, const uint8_t*
     _tile_zero(2);
     _tile_zero(3);
   }
+  constexpr int64_t kStepBytes = kAmxRows * kPanelRowBytes;  // a step's two weight tiles: 32 cache lines
   for (int64_t s = 0; s < steps; ++s) {
-    const uint8_t* w = panel + s * kAmxRows * kPanelRowBytes;
+    const uint8_t* w = panel + s * kStepBytes;
     const uint8_t* a = x + s * kTileBytes;
+    // Tile loads stall on memory where decode's few rows give them nothing to overlap with: ask for the weights
+    // kPrefetchSteps ahead (past the panel's end this reads the next panel, which is read next anyway).
+    for (int64_t line = 0; line < kStepBytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchSteps * kStepBytes + line, _MM_HINT_T0);
     _tile_loadd(6, w, kPanelRowBytes);
     _tile_loadd(7, w + kTileBytes, kPanelRowBytes);
     _tile_loadd(4, a, ldx);
