@@ -3,6 +3,7 @@
     cogvlm2 generate --model DIR_OR_PRESET --prompt TEXT [--image PATH] [--json] ...   (runs on the engine)
     cogvlm2 generate --prompts-file FILE.jsonl                                           (many requests together)
     cogvlm2 --config YAML --run_mode predict --predict_data IMAGE TEXT --modal_type image text --load_checkpoint CKPT
+    cogvlm2 serve MODEL [--config args.yaml] [--model-config model.yaml] ...            (vLLM's `vllm serve`)
     cogvlm2 convert ... / cogvlm2 make-random ...
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from cogvlm2.errors import CogVLM2Error, InputError
@@ -33,14 +35,16 @@ def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", dest="request_seed", type=int, default=None, help="seed of the requests here")
+    p.add_argument("--request-seed", type=int, default=None, help="seed of the requests here (--seed is the "
+                                                                  "engine's, which unseeded requests draw from)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object per request")
     p.add_argument("--prompts-file", default=None, help="JSONL: one request per line, keys prompt, image, "
                                                         "history, template and sampling fields")
     p.add_argument("--simple", action="store_true", help="use the simple one-request path (the oracle)")
     # MindFormers' run_mindformer.py flags.
-    p.add_argument("--config", default=None, help="MindFormers-style yaml (model sizes)")
+    p.add_argument("--config", default=None, help="MindFormers-style yaml (model sizes): --model-config's "
+                                                  "run_mindformer.py spelling")
     p.add_argument("--run_mode", default="predict", choices=["predict"])
     p.add_argument("--predict_data", nargs="+", default=None, help="IMAGE TEXT, in --modal_type order")
     p.add_argument("--modal_type", nargs="+", default=None, help="e.g. image text")
@@ -60,6 +64,10 @@ def _parse_history(raw: str | None) -> list | None:
 def _apply_mindformers_flags(args: argparse.Namespace) -> None:
     if args.load_checkpoint:
         args.model = args.load_checkpoint
+    if args.config:
+        if args.config_yaml and Path(args.config_yaml) != Path(args.config):
+            raise InputError(f"--config {args.config} and --model-config {args.config_yaml} disagree: give one")
+        args.config_yaml = args.config
     if args.predict_data is None:
         return
     modal = args.modal_type or (["image", "text"] if len(args.predict_data) == 2 else ["text"])
@@ -133,7 +141,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from engine.llm import LLM
     prompts, params = zip(*(_split_request(r) for r in requests))
     try:
-        llm = LLM(args.model, config_yaml=args.config, **engine_kwargs(args))
+        llm = LLM(args.model, **engine_kwargs(args))
         try:
             outputs = llm.generate(list(prompts), list(params), use_tqdm=len(requests) > 1 and sys.stderr.isatty())
         finally:
@@ -150,7 +158,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _run_simple(args: argparse.Namespace, requests: list[dict[str, Any]]) -> int:
     from cogvlm2.generate import SimplePipeline
-    pipeline = SimplePipeline(args.model, tokenizer=args.tokenizer, config_yaml=args.config)
+    pipeline = SimplePipeline(args.model, tokenizer=args.tokenizer, config_yaml=args.config_yaml)
     for request in requests:
         prompt, sampling = _split_request(request)
         out = pipeline.generate(prompt["prompt"], image=prompt.get("image"), history=prompt.get("history"),
@@ -163,8 +171,12 @@ def _run_simple(args: argparse.Namespace, requests: list[dict[str, Any]]) -> int
 
 def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (see engine/entrypoints/)")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint folder, .ckpt file or preset (or --model; default: demo)")
     add_cli_args(p)
-    p.add_argument("--host", default="127.0.0.1")
+    add_config_file_arg(p)
+    p.add_argument("--host", default=None, help="address to listen on (default: all interfaces, as vLLM; "
+                                                "127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: the "
                                                    "VLLM_API_KEY environment variable; unset: no key)")
@@ -183,9 +195,85 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_serve)
 
 
+def serve_model(args: argparse.Namespace) -> str | None:
+    """`serve MODEL` or `serve --model MODEL` (both: they must agree)."""
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise InputError(f"the MODEL argument {args.model_tag!r} and --model {args.model!r} disagree: give one")
+    return args.model_tag or args.model
+
+
 def _run_serve(args: argparse.Namespace) -> int:
+    args.model = serve_model(args)
     from engine.entrypoints.api_server import run_server  # lazy: only `serve` pays for FastAPI and uvicorn
     return run_server(args, engine_kwargs(args))
+
+
+# ---- --config args.yaml: a file of arguments, applied as defaults that the command line overrides ----------------
+CONFIG_FILE_DEST = "args_config"
+
+
+def add_config_file_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", dest=CONFIG_FILE_DEST, default=None, metavar="YAML",
+                        help="YAML file of these arguments (keys: flag names, with - or _), applied before the "
+                             "command line, whose flags win")
+
+
+def _config_file_tokens(parser: argparse.ArgumentParser, path: str, skip: set[str]) -> list[str]:
+    """The YAML's arguments as command-line tokens of `parser`'s flags, one `--flag=value` token each (a token that
+    cannot swallow a positional that follows it)."""
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"--config {path}: {e}") from e
+    if not isinstance(values, dict):
+        raise InputError(f"--config {path}: expected a mapping of argument names to values")
+    tokens: list[str] = []
+    for key, value in values.items():
+        flag = "--" + str(key).replace("_", "-")
+        action = parser._option_string_actions.get(flag)
+        if action is None:
+            raise InputError(f"--config {path}: unknown argument {key!r} (not a flag of this command)")
+        if action.dest == CONFIG_FILE_DEST:
+            raise InputError(f"--config {path}: a config file cannot name another one ({key!r})")
+        if action.dest in skip or value is None:
+            continue
+        tokens += _tokens_for(action, flag, value, f"--config {path}: {key!r}")
+    return tokens
+
+
+def _tokens_for(action: argparse.Action, flag: str, value: Any, where: str) -> list[str]:
+    if action.nargs == 0:  # a switch: store_true / store_false / --x and --no-x
+        if not isinstance(value, bool):
+            raise InputError(f"{where} is a switch: give true or false, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):  # option_strings: --x, --no-x
+            positive, negative = action.option_strings[0], "--no-" + action.option_strings[0][2:]
+            return [positive if value == (flag == positive) else negative]
+        return [flag] if value else []
+    text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return [f"{flag}={text}"]
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, names: list[str]) -> argparse.ArgumentParser:
+    for name in names:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = subparsers.choices[name]
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """argv parsed; with `--config args.yaml`, parsed again with the file's arguments put before the command
+    line's (argparse keeps the last value given, so the command line wins)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    path = getattr(args, CONFIG_FILE_DEST, None)
+    if not path:
+        return args
+    names = [args.command] + ([args.bench_command] if args.command == "bench" else [])
+    skip = {"model"} if getattr(args, "model_tag", None) else set()  # the MODEL argument overrides the file's
+    tokens = _config_file_tokens(_subcommand_parser(parser, names), path, skip)
+    return parser.parse_args(names + tokens + argv[len(names):])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
         argv = ["generate"] + argv  # MindFormers style: `cogvlm2 --config ... --run_mode predict ...`
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_args(argv)
         return int(args.func(args) or 0)
     except (CogVLM2Error, ValueError, FileNotFoundError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
