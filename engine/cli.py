@@ -4,6 +4,7 @@
     cogvlm2 generate --prompts-file FILE.jsonl                                           (many requests together)
     cogvlm2 --config YAML --run_mode predict --predict_data IMAGE TEXT --modal_type image text --load_checkpoint CKPT
     cogvlm2 serve MODEL [--config args.yaml] [--model-config model.yaml] ...            (vLLM's `vllm serve`)
+    cogvlm2 bench throughput | latency | serve ...                                       (vLLM's `vllm bench`)
     cogvlm2 convert ... / cogvlm2 make-random ...
 """
 from __future__ import annotations
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate_parser(subparsers)
     _add_serve_parser(subparsers)
+    from engine.bench import add_bench_parser
+    add_bench_parser(subparsers)
     from cogvlm2.convert import add_convert_parser, add_make_random_parser
     add_convert_parser(subparsers)
     add_make_random_parser(subparsers)
