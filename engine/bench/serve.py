@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -30,6 +30,9 @@ from tqdm import tqdm
 
 from engine.bench.datasets import DEFAULT_NUM_PROMPTS, ImageInput, SampleRequest, add_dataset_args, sample_requests
 from engine.bench.results import distribution, parse_percentiles, percentile_label, write_json
+
+if TYPE_CHECKING:
+    import httpx
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 BACKENDS = {"openai": COMPLETIONS, "openai-chat": CHAT}
@@ -131,7 +134,7 @@ def _chunk_text(choice: dict[str, Any], chat: bool) -> str:
     return text or ""
 
 
-async def send_request(client, target: Target, payload: dict[str, Any]) -> RequestResult:
+async def send_request(client: httpx.AsyncClient, target: Target, payload: dict[str, Any]) -> RequestResult:
     """Streams one request; a non-200 answer, an error event or a stream that ends without its finish_reason and
     [DONE] is a failure."""
     import httpx
