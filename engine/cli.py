@@ -17,6 +17,7 @@ from typing import Any
 
 from cogvlm2.errors import CogVLM2Error, InputError
 from engine.config import add_cli_args, engine_kwargs
+from engine.config_file import CONFIG_FILE_DEST, add_config_file_arg, config_file_tokens
 from engine.entrypoints.settings import DEFAULT_MAX_BODY_BYTES
 from engine.metrics import add_metrics_cli_args
 
@@ -209,53 +210,6 @@ def _run_serve(args: argparse.Namespace) -> int:
     return run_server(args, engine_kwargs(args))
 
 
-# ---- --config args.yaml: a file of arguments, applied as defaults that the command line overrides ----------------
-CONFIG_FILE_DEST = "args_config"
-
-
-def add_config_file_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", dest=CONFIG_FILE_DEST, default=None, metavar="YAML",
-                        help="YAML file of these arguments (keys: flag names, with - or _), applied before the "
-                             "command line, whose flags win")
-
-
-def _config_file_tokens(parser: argparse.ArgumentParser, path: str, skip: set[str]) -> list[str]:
-    """The YAML's arguments as command-line tokens of `parser`'s flags, one `--flag=value` token each (a token that
-    cannot swallow a positional that follows it)."""
-    import yaml
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(f"--config {path}: {e}") from e
-    if not isinstance(values, dict):
-        raise InputError(f"--config {path}: expected a mapping of argument names to values")
-    tokens: list[str] = []
-    for key, value in values.items():
-        flag = "--" + str(key).replace("_", "-")
-        action = parser._option_string_actions.get(flag)
-        if action is None:
-            raise InputError(f"--config {path}: unknown argument {key!r} (not a flag of this command)")
-        if action.dest == CONFIG_FILE_DEST:
-            raise InputError(f"--config {path}: a config file cannot name another one ({key!r})")
-        if action.dest in skip or value is None:
-            continue
-        tokens += _tokens_for(action, flag, value, f"--config {path}: {key!r}")
-    return tokens
-
-
-def _tokens_for(action: argparse.Action, flag: str, value: Any, where: str) -> list[str]:
-    if action.nargs == 0:  # a switch: store_true / store_false / --x and --no-x
-        if not isinstance(value, bool):
-            raise InputError(f"{where} is a switch: give true or false, got {value!r}")
-        if isinstance(action, argparse.BooleanOptionalAction):  # option_strings: --x, --no-x
-            positive, negative = action.option_strings[0], "--no-" + action.option_strings[0][2:]
-            return [positive if value == (flag == positive) else negative]
-        return [flag] if value else []
-    text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-    return [f"{flag}={text}"]
-
-
 def _subcommand_parser(parser: argparse.ArgumentParser, names: list[str]) -> argparse.ArgumentParser:
     for name in names:
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -273,7 +227,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         return args
     names = [args.command] + ([args.bench_command] if args.command == "bench" else [])
     skip = {"model"} if getattr(args, "model_tag", None) else set()  # the MODEL argument overrides the file's
-    tokens = _config_file_tokens(_subcommand_parser(parser, names), path, skip)
+    tokens = config_file_tokens(_subcommand_parser(parser, names), path, skip)
     return parser.parse_args(names + tokens + argv[len(names):])
 
 

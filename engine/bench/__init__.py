@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from engine.bench import latency, serve, throughput
+from engine.config_file import add_config_file_arg
 
 COMMANDS = {
     "throughput": (throughput.add_throughput_args, throughput.main,
@@ -17,7 +18,6 @@ COMMANDS = {
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    from engine.cli import add_config_file_arg
     bench = subparsers.add_parser("bench", help="benchmarks with vLLM's flags: throughput, latency, serve")
     commands = bench.add_subparsers(dest="bench_command", required=True)
     for name, (add_args, run, help_text) in COMMANDS.items():
