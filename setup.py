@@ -42,6 +42,7 @@ setup(
     ],
     extras_require={
         "serve": ["fastapi", "uvicorn", "prometheus-client"],
+        "bench": ["httpx"],  # `cogvlm2 bench serve`'s client
         "test": ["pytest", "pytest-benchmark", "hypothesis", "openai", "httpx", "fastapi", "uvicorn", "prometheus-client"],
     },
     entry_points={"console_scripts": ["cogvlm2=engine.cli:main"]},

@@ -6,142 +6,55 @@
 Prints request throughput, output tokens/s, time to first token and inter-token latency percentiles (p50, p90,
 p99) and failures. TTFT is measured at the client: request sent -> first chunk with content. Inter-token latency
 is the gap between consecutive content chunks (the server sends one chunk per engine step, so per token unless the
-client falls behind). Output tokens come from the stream's usage chunk.
+client falls behind). Output tokens come from the stream's usage chunk. The requests, their sending and timing
+are `cogvlm2 bench serve --dataset-name demo --endpoint /v1/chat/completions --max-concurrency N`'s
+(engine/bench/), with this script's defaults: half the requests with an image, exactly --max-tokens tokens.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
-import random
 import shlex
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = sorted((REPO / "cogvlm2" / "demo_model").glob("demo_*.png"))
-QUESTIONS = ["Describe the image.", "How many shapes are there?", "What colour is the background?",
-             "What shapes are in the image?", "Is there a square?"]
-TEXT_PROMPTS = ["Tell me a short story about a circle.", "What is a triangle?", "Name three colours.",
-                "Explain what a square is.", "Write one sentence about shapes."]
+sys.path.insert(0, str(REPO))
+
+from engine.bench.datasets import demo_requests  # noqa: E402
+from engine.bench.results import distribution  # noqa: E402
+from engine.bench.serve import CHAT, RequestResult, Target, request_payload, run_requests, served_model  # noqa: E402
+
 PERCENTILES = (50, 90, 99)
 
 
-@dataclass
-class RequestResult:
-    ok: bool
-    has_image: bool
-    latency: float
-    ttft: float | None = None
-    itls: list[float] = field(default_factory=list)
-    output_tokens: int = 0
-    error: str | None = None
-
-
 # ---- workload ----------------------------------------------------------------------------------------------------
-def image_data_urls() -> list[str]:
-    return [f"data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" for p in IMAGES]
-
-
-def build_payloads(num_requests: int, image_ratio: float, model: str, max_tokens: int, ignore_eos: bool,
+def build_payloads(num_requests: int, image_ratio: float, target: Target, max_tokens: int, ignore_eos: bool,
                    temperature: float, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    num_images = round(num_requests * image_ratio)
-    with_image = [True] * num_images + [False] * (num_requests - num_images)
-    rng.shuffle(with_image)
-    urls = image_data_urls()
-    payloads = []
-    for i, has_image in enumerate(with_image):
-        if has_image:
-            content: Any = [{"type": "text", "text": rng.choice(QUESTIONS)},
-                            {"type": "image_url", "image_url": {"url": urls[i % len(urls)]}}]
-        else:
-            content = rng.choice(TEXT_PROMPTS)
-        payloads.append({"model": model, "messages": [{"role": "user", "content": content}],
-                         "max_tokens": max_tokens, "temperature": temperature, "seed": seed + i,
-                         "ignore_eos": ignore_eos, "stream": True, "stream_options": {"include_usage": True}})
-    return payloads
-
-
-# ---- one request -------------------------------------------------------------------------------------------------
-async def run_request(client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> RequestResult:
-    has_image = isinstance(payload["messages"][-1]["content"], list)
-    start = time.perf_counter()
-    token_times: list[float] = []
-    usage_tokens, finished, done = None, False, False
-    try:
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=payload) as response:
-            if response.status_code != 200:
-                body = (await response.aread()).decode(errors="replace")
-                return RequestResult(False, has_image, time.perf_counter() - start,
-                                     error=f"HTTP {response.status_code}: {body[:200]}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
-                    done = True
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"].get("message"))
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"]["completion_tokens"]
-                for choice in chunk.get("choices", []):
-                    if choice["delta"].get("content"):
-                        token_times.append(time.perf_counter())
-                    finished = finished or choice.get("finish_reason") is not None
-    except (httpx.HTTPError, RuntimeError, json.JSONDecodeError) as e:
-        return RequestResult(False, has_image, time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
-    latency = time.perf_counter() - start
-    if not (done and finished):
-        return RequestResult(False, has_image, latency, error="stream ended without finish_reason and [DONE]")
-    ttft = token_times[0] - start if token_times else None
-    return RequestResult(True, has_image, latency, ttft, list(np.diff(token_times)),
-                         usage_tokens if usage_tokens is not None else len(token_times))
-
-
-async def run_benchmark(url: str, payloads: list[dict[str, Any]], concurrency: int, api_key: str | None,
-                        timeout: float) -> tuple[list[RequestResult], float]:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    pending: asyncio.Queue = asyncio.Queue()
-    for payload in payloads:
-        pending.put_nowait(payload)
-    results: list[RequestResult] = []
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        while not pending.empty():
-            results.append(await run_request(client, url, pending.get_nowait()))
-
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        duration = time.perf_counter() - start
-    return results, duration
+    return [request_payload(request, target, seed + i, temperature, ignore_eos)
+            for i, request in enumerate(demo_requests(num_requests, image_ratio, max_tokens, seed))]
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {f"p{p}": None for p in PERCENTILES}
-    return {f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES}
+    return {f"p{p}": v for p, v in distribution(values, PERCENTILES).percentiles.items()}
 
 
 def summarise(results: list[RequestResult], duration: float, args: argparse.Namespace) -> dict[str, Any]:
-    ok = [r for r in results if r.ok]
+    ok = [r for r in results if r.success]
     output_tokens = sum(r.output_tokens for r in ok)
     return {
         "num_requests": len(results), "concurrency": args.concurrency, "image_ratio": args.image_ratio,
@@ -149,7 +62,7 @@ def summarise(results: list[RequestResult], duration: float, args: argparse.Name
         "duration_s": duration, "request_throughput": len(ok) / duration,
         "output_tokens": output_tokens, "output_token_throughput": output_tokens / duration,
         "ttft_s": percentiles([r.ttft for r in ok if r.ttft is not None]),
-        "itl_s": percentiles([gap for r in ok for gap in r.itls]),
+        "itl_s": percentiles([gap for r in ok for gap in r.itl]),
         "e2e_latency_s": percentiles([r.latency for r in ok]),
         "errors": sorted({r.error for r in results if r.error})[:10],
     }
@@ -218,11 +131,6 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float, log_path: 
     raise TimeoutError(f"the server at {url} was not healthy after {timeout} s")
 
 
-def served_model(url: str, api_key: str | None) -> str:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
-
-
 # ---- main --------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -249,10 +157,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def benchmark(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    model = args.model or served_model(url, args.api_key)
-    payloads = build_payloads(args.num_requests, args.image_ratio, model, args.max_tokens, args.ignore_eos,
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    target = Target(url + CHAT, args.model or served_model(url, headers), True, headers, args.timeout)
+    payloads = build_payloads(args.num_requests, args.image_ratio, target, args.max_tokens, args.ignore_eos,
                               args.temperature, args.seed)
-    results, duration = asyncio.run(run_benchmark(url, payloads, args.concurrency, args.api_key, args.timeout))
+    results, duration = asyncio.run(run_requests(target, payloads, max_concurrency=args.concurrency,
+                                                 progress=sys.stderr.isatty()))
     return summarise(results, duration, args)
 
 

@@ -4,7 +4,9 @@
 
 The default workload is fixed and seeded: 64 requests, half with a synthetic picture, 20-80 prompt words,
 16-128 output tokens (ignore_eos, so lengths are exact). Baselines in the same run: the same requests one at a
-time, and static batches of 8 that wait for their longest member (as MindFormers serves).
+time, and static batches of 8 that wait for their longest member (as MindFormers serves). The engine's row is
+what `cogvlm2 bench throughput --model bench --dataset-name random-mm --random-mm-image-ratio 0.5
+--no-enable-prefix-caching` measures: the same workload (engine/bench/datasets.py) and timing.
 """
 from __future__ import annotations
 
@@ -15,19 +17,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.dtype_runs import engine_model, entries  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.bench.datasets import random_requests  # noqa: E402
+from engine.bench.results import distribution  # noqa: E402
+from engine.bench.throughput import engine_inputs, timed_generate  # noqa: E402
 from engine.outputs import RequestOutput  # noqa: E402
 from engine.model_runner import DEFAULT_KV_CACHE_GB  # noqa: E402
-
-WORDS = ("shape circle square triangle colour red green blue yellow purple white black grey background image "
-         "describe picture how many there is are what which where left right top bottom small large the a of "
-         "and in on with").split()
 
 
 @dataclass
@@ -36,30 +34,11 @@ class Workload:
     params: list[SamplingParams]
 
 
-def synthetic_image(rng: np.random.Generator, size: int = 224) -> np.ndarray:
-    img = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 256, 3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(1, 4))):
-        x, y = (int(v) for v in rng.integers(0, size * 3 // 4, 2))
-        r = int(rng.integers(size // 10, size // 4))
-        draw.ellipse([x, y, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    return np.asarray(img)
-
-
 def make_workload(num_prompts: int, image_ratio: float, min_words: int, max_words: int, min_out: int,
                   max_out: int, seed: int) -> Workload:
-    rng = np.random.default_rng(seed)
-    prompts, params = [], []
-    for i in range(num_prompts):
-        text = " ".join(rng.choice(WORDS, int(rng.integers(min_words, max_words + 1))))
-        prompt = {"prompt": text}
-        if i < round(num_prompts * image_ratio):
-            prompt["image"] = synthetic_image(rng)
-        prompts.append(prompt)
-        params.append(SamplingParams(temperature=0, ignore_eos=True,
-                                     max_tokens=int(rng.integers(min_out, max_out + 1))))
-    order = rng.permutation(num_prompts)  # images spread through the queue
-    return Workload([prompts[i] for i in order], [params[i] for i in order])
+    """`cogvlm2 bench throughput --dataset-name random-mm`'s workload (engine/bench/datasets.py)."""
+    requests = random_requests(num_prompts, (min_words, max_words), (min_out, max_out), image_ratio, seed)
+    return Workload(*engine_inputs(requests))
 
 
 @dataclass
@@ -75,11 +54,8 @@ class RunStats:
 
 
 def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0}
-    arr = np.asarray(values) * 1000
-    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
-            "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
+    stats = distribution(values, (50, 90, 99), scale=1000)
+    return {**{f"p{p}": v for p, v in stats.percentiles.items()}, "mean": stats.mean}
 
 
 def summarise(name: str, outputs: list[RequestOutput], seconds: float) -> RunStats:
@@ -96,9 +72,8 @@ def summarise(name: str, outputs: list[RequestOutput], seconds: float) -> RunSta
 
 
 def run_engine(llm: LLM, workload: Workload, name: str = "engine (continuous batching)") -> RunStats:
-    start = time.perf_counter()
-    outputs = llm.generate(workload.prompts, workload.params, use_tqdm=True)
-    stats = summarise(name, outputs, time.perf_counter() - start)
+    outputs, seconds = timed_generate(llm, workload.prompts, workload.params)
+    stats = summarise(name, outputs, seconds)
     num_images = sum(1 for p in workload.prompts if isinstance(p, dict) and p.get("image") is not None)
     stats.gemm_gflop = gemm_gflop(llm.engine.config, outputs, num_images)
     return stats

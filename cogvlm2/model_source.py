@@ -61,4 +61,5 @@ def _ckpt_config(path: Path, config_yaml: str | os.PathLike | None) -> CogVLM2Co
     beside = path.parent / "config.json"
     if beside.is_file():
         return CogVLM2Config.from_json_file(beside)
-    raise ConfigError(f"no config for checkpoint {path}: pass --config YAML or put a config.json beside it")
+    raise ConfigError(f"no config for checkpoint {path}: pass --model-config YAML (generate: --config) or put a "
+                      "config.json beside it")

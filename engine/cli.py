@@ -3,6 +3,8 @@
     cogvlm2 generate --model DIR_OR_PRESET --prompt TEXT [--image PATH] [--json] ...   (runs on the engine)
     cogvlm2 generate --prompts-file FILE.jsonl                                           (many requests together)
     cogvlm2 --config YAML --run_mode predict --predict_data IMAGE TEXT --modal_type image text --load_checkpoint CKPT
+    cogvlm2 serve MODEL [--config args.yaml] [--model-config model.yaml] ...            (vLLM's `vllm serve`)
+    cogvlm2 bench throughput | latency | serve ...                                       (vLLM's `vllm bench`)
     cogvlm2 convert ... / cogvlm2 make-random ...
 """
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from cogvlm2.errors import CogVLM2Error, InputError
 from engine.config import add_cli_args, engine_kwargs
+from engine.config_file import CONFIG_FILE_DEST, add_config_file_arg, config_file_tokens
 from engine.entrypoints.settings import DEFAULT_MAX_BODY_BYTES
 from engine.metrics import add_metrics_cli_args
 
@@ -33,14 +37,16 @@ def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", dest="request_seed", type=int, default=None, help="seed of the requests here")
+    p.add_argument("--request-seed", type=int, default=None, help="seed of the requests here (--seed is the "
+                                                                  "engine's, which unseeded requests draw from)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object per request")
     p.add_argument("--prompts-file", default=None, help="JSONL: one request per line, keys prompt, image, "
                                                         "history, template and sampling fields")
     p.add_argument("--simple", action="store_true", help="use the simple one-request path (the oracle)")
     # MindFormers' run_mindformer.py flags.
-    p.add_argument("--config", default=None, help="MindFormers-style yaml (model sizes)")
+    p.add_argument("--config", default=None, help="MindFormers-style yaml (model sizes): --model-config's "
+                                                  "run_mindformer.py spelling")
     p.add_argument("--run_mode", default="predict", choices=["predict"])
     p.add_argument("--predict_data", nargs="+", default=None, help="IMAGE TEXT, in --modal_type order")
     p.add_argument("--modal_type", nargs="+", default=None, help="e.g. image text")
@@ -60,6 +66,10 @@ def _parse_history(raw: str | None) -> list | None:
 def _apply_mindformers_flags(args: argparse.Namespace) -> None:
     if args.load_checkpoint:
         args.model = args.load_checkpoint
+    if args.config:
+        if args.config_yaml and Path(args.config_yaml) != Path(args.config):
+            raise InputError(f"--config {args.config} and --model-config {args.config_yaml} disagree: give one")
+        args.config_yaml = args.config
     if args.predict_data is None:
         return
     modal = args.modal_type or (["image", "text"] if len(args.predict_data) == 2 else ["text"])
@@ -133,7 +143,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from engine.llm import LLM
     prompts, params = zip(*(_split_request(r) for r in requests))
     try:
-        llm = LLM(args.model, config_yaml=args.config, **engine_kwargs(args))
+        llm = LLM(args.model, **engine_kwargs(args))
         try:
             outputs = llm.generate(list(prompts), list(params), use_tqdm=len(requests) > 1 and sys.stderr.isatty())
         finally:
@@ -150,7 +160,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _run_simple(args: argparse.Namespace, requests: list[dict[str, Any]]) -> int:
     from cogvlm2.generate import SimplePipeline
-    pipeline = SimplePipeline(args.model, tokenizer=args.tokenizer, config_yaml=args.config)
+    pipeline = SimplePipeline(args.model, tokenizer=args.tokenizer, config_yaml=args.config_yaml)
     for request in requests:
         prompt, sampling = _split_request(request)
         out = pipeline.generate(prompt["prompt"], image=prompt.get("image"), history=prompt.get("history"),
@@ -163,8 +173,12 @@ def _run_simple(args: argparse.Namespace, requests: list[dict[str, Any]]) -> int
 
 def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (see engine/entrypoints/)")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint folder, .ckpt file or preset (or --model; default: demo)")
     add_cli_args(p)
-    p.add_argument("--host", default="127.0.0.1")
+    add_config_file_arg(p)
+    p.add_argument("--host", default=None, help="address to listen on (default: all interfaces, as vLLM; "
+                                                "127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: the "
                                                    "VLLM_API_KEY environment variable; unset: no key)")
@@ -183,9 +197,38 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_serve)
 
 
+def serve_model(args: argparse.Namespace) -> str | None:
+    """`serve MODEL` or `serve --model MODEL` (both: they must agree)."""
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise InputError(f"the MODEL argument {args.model_tag!r} and --model {args.model!r} disagree: give one")
+    return args.model_tag or args.model
+
+
 def _run_serve(args: argparse.Namespace) -> int:
+    args.model = serve_model(args)
     from engine.entrypoints.api_server import run_server  # lazy: only `serve` pays for FastAPI and uvicorn
     return run_server(args, engine_kwargs(args))
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, names: list[str]) -> argparse.ArgumentParser:
+    for name in names:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = subparsers.choices[name]
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """argv parsed; with `--config args.yaml`, parsed again with the file's arguments put before the command
+    line's (argparse keeps the last value given, so the command line wins)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    path = getattr(args, CONFIG_FILE_DEST, None)
+    if not path:
+        return args
+    names = [args.command] + ([args.bench_command] if args.command == "bench" else [])
+    skip = {"model"} if getattr(args, "model_tag", None) else set()  # the MODEL argument overrides the file's
+    tokens = config_file_tokens(_subcommand_parser(parser, names), path, skip)
+    return parser.parse_args(names + tokens + argv[len(names):])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate_parser(subparsers)
     _add_serve_parser(subparsers)
+    from engine.bench import add_bench_parser
+    add_bench_parser(subparsers)
     from cogvlm2.convert import add_convert_parser, add_make_random_parser
     add_convert_parser(subparsers)
     add_make_random_parser(subparsers)
@@ -207,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
         argv = ["generate"] + argv  # MindFormers style: `cogvlm2 --config ... --run_mode predict ...`
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_args(argv)
         return int(args.func(args) or 0)
     except (CogVLM2Error, ValueError, FileNotFoundError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

@@ -17,9 +17,11 @@ from kernels.sku import BACKENDS as KERNEL_BACKENDS
 MM_ENCODER_TP_MODES = ("weights", "data")
 
 
-def _arg(default: Any, help: str, flag: str | None = None, cli: bool = True, **kwargs: Any) -> Any:
-    """A field whose metadata carries its CLI help (and flag name, when not derived from the field's name)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "cli": cli, **kwargs})
+def _arg(default: Any, help: str, flag: str | None = None, cli: bool = True, aliases: tuple[str, ...] = (),
+         **kwargs: Any) -> Any:
+    """A field whose metadata carries its CLI help (and flag name, when not derived from the field's name; aliases:
+    older spellings still accepted)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "cli": cli, "aliases": aliases, **kwargs})
 
 
 MAX_IMAGES_PER_PROMPT = 1  # CogVLM2 takes one image per conversation
@@ -50,7 +52,9 @@ class EngineArgs:
     model: str | None = _arg(None, "checkpoint folder, .ckpt file or preset (default: demo)")
     tokenizer: str | None = _arg(None, "tokenizer.model or tokenizer.json (default: the model's, else Llama-3's "
                                        "from llama-models)")
-    config_yaml: str | None = _arg(None, "MindFormers-style model yaml", cli=False)  # generate's --config
+    config_yaml: str | None = _arg(None, "MindFormers model yaml (model sizes), e.g. to serve a .ckpt without a "
+                                         "config.json beside it (generate also takes it as --config)",
+                                   flag="--model-config")
     block_size: int = _arg(16, "tokens per KV-cache block")
     num_kv_blocks: int | None = _arg(None, "KV-cache blocks (default: from --kv-cache-memory-gb)")
     kv_cache_memory_gb: float | None = _arg(None, "KV-cache budget per device in GiB (default 1)")
@@ -59,7 +63,8 @@ class EngineArgs:
     max_model_len: int | None = _arg(None, "context length (default: the model's max_position_embeddings)")
     enable_prefix_caching: bool = _arg(True, "reuse the KV blocks of identical prompt prefixes")
     enable_chunked_prefill: bool = _arg(True, "split long prefills over several steps")
-    seed: int = _arg(0, "seed of requests that set none", flag="--engine-seed")
+    seed: int = _arg(0, "engine seed: requests that set no seed draw from it (vLLM's --seed)",
+                     aliases=("--engine-seed",))
     max_logprobs: int = _arg(20, "most logprobs / prompt_logprobs per position a request may ask for (-1: the "
                                  "whole vocabulary)")
     logprobs_mode: str = _arg("raw_logprobs", "what logprobs report: the model's (raw_) or the sampled "
@@ -158,7 +163,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = f.metadata.get("parse") or _value_type(f)
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(flag_of(f), **kwargs)
+        parser.add_argument(flag_of(f), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def _value_type(f: dataclasses.Field) -> type:

@@ -26,6 +26,7 @@ from engine.metrics import ServingMetrics, StatsLogger, metrics_settings
 
 logger = logging.getLogger(__name__)
 MAX_REQUEST_ID_CHARS = 128
+ALL_INTERFACES = "0.0.0.0"
 
 
 def package_version() -> str:
@@ -211,9 +212,13 @@ def run_server(args: argparse.Namespace, engine_args: dict[str, Any]) -> int:
     _log_engine_to_stderr(args.log_level)
     llm = AsyncLLM(args.model, **engine_args)
     settings.image_size = llm.config.vision.image_size
-    print(f"serving {settings.model_name!r} on http://{args.host}:{args.port} "
+    host = args.host or ALL_INTERFACES  # vLLM's default: no --host listens on every interface
+    print(f"serving {settings.model_name!r} on http://{host}:{args.port} "
           f"({llm.stats()['num_total_blocks']} KV blocks, max_model_len {llm.max_model_len})", file=sys.stderr)
-    config = uvicorn.Config(build_app(llm, settings), host=args.host, port=args.port, log_level=args.log_level,
+    if args.host is None and not settings.api_key:
+        print(f"warning: listening on all interfaces without an API key: anyone who can reach port {args.port} can "
+              f"use the model (--host 127.0.0.1 for this machine only, or --api-key)", file=sys.stderr)
+    config = uvicorn.Config(build_app(llm, settings), host=host, port=args.port, log_level=args.log_level,
                             access_log=not args.disable_access_log, timeout_graceful_shutdown=5)
     _Uvicorn(config, llm).run()
     return 0
