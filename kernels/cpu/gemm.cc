@@ -727,28 +727,27 @@ namespace {
 constexpr int64_t kAmxMinRowsBf16 = 1;
 constexpr int64_t kAmxMinRowsInt8Dot = kAmxRows;
 
-// All rows on AMX tiles, where g asks for them, the CPU has them, k is a whole number of tiles and there are
-// enough rows; returns how many rows that took (0: the AVX-512 tiles take them).
-int64_t amx_rows(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
-                 const void* wp, float* y, bool accumulate, const float* scales, const int32_t* offsets) {
+// The whole call on AMX tiles, where g asks for them, the CPU has them, k is a whole number of tiles and there are
+// enough rows; false: nothing done (the AVX-512 tiles take the call).
+bool run_on_amx(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
+                const void* wp, float* y, bool accumulate, const float* scales, const int32_t* offsets) {
 #ifndef __AVX512F__
-  return 0;  // AMX comes with AVX-512; a build without it keeps to the portable tiles
+  return false;  // AMX comes with AVX-512; a build without it keeps to the portable tiles
 #else
   const bool bf16 = uses_vdpbf16ps(g) && (g.dtype == PanelDtype::kBf16 || g.dtype == PanelDtype::kI8);
   const bool int8 = uses_vpdpbusd(g);
-  const int64_t tile_k = bf16 ? kAmxBf16K : kAmxInt8K, rows = m;
-  const int64_t min_rows = bf16 ? kAmxMinRowsBf16 : kAmxMinRowsInt8Dot;
-  if (!g.amx || !(bf16 || int8) || k % tile_k != 0 || rows < min_rows || !cpu_has_amx()) return 0;
+  const int64_t tile_k = bf16 ? kAmxBf16K : kAmxInt8K, min_rows = bf16 ? kAmxMinRowsBf16 : kAmxMinRowsInt8Dot;
+  if (!g.amx || !(bf16 || int8) || k % tile_k != 0 || m < min_rows || !cpu_has_amx()) return false;
   const auto* bf16_x = static_cast<const uint16_t*>(x.data);
   if (bf16 && g.dtype == PanelDtype::kBf16)
-    amx_bf16_panels(rows, n, p0, p1, k, bf16_x, x.ld, static_cast<const uint16_t*>(wp), y, accumulate);
+    amx_bf16_panels(m, n, p0, p1, k, bf16_x, x.ld, static_cast<const uint16_t*>(wp), y, accumulate);
   else if (bf16)
-    amx_i8_bf16_panels(rows, n, p0, p1, k, bf16_x, x.ld, static_cast<const int8_t*>(wp), y, accumulate, scales,
+    amx_i8_bf16_panels(m, n, p0, p1, k, bf16_x, x.ld, static_cast<const int8_t*>(wp), y, accumulate, scales,
                        &i8_slice_to_bf16_pairs_native);
   else
-    amx_int8_panels(rows, n, p0, p1, k, static_cast<const uint8_t*>(x.data), x.ld, static_cast<const int8_t*>(wp), y,
+    amx_int8_panels(m, n, p0, p1, k, static_cast<const uint8_t*>(x.data), x.ld, static_cast<const int8_t*>(wp), y,
                     accumulate, scales, offsets, x.row_scales);
-  return rows;
+  return true;
 #endif
 }
 
@@ -756,11 +755,7 @@ int64_t amx_rows(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p
 
 void gemm_panels(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const Activations& x,
                  const void* wp, float* y, bool accumulate, const float* scales, const int32_t* offsets) {
-  if (const int64_t done = amx_rows(g, m, n, p0, p1, k, x, wp, y, accumulate, scales, offsets); done > 0) {
-    if (done < m) gemm_panels(g, m - done, n, p0, p1, k, x.rows_from(done), wp, y + done * n, accumulate, scales,
-                              offsets);
-    return;
-  }
+  if (run_on_amx(g, m, n, p0, p1, k, x, wp, y, accumulate, scales, offsets)) return;
   const TileScales s{scales, offsets, x.row_scales};
   switch (g.dtype) {
     case PanelDtype::kI8Quads:

@@ -76,7 +76,8 @@ COGVLM2_AMX_TARGET void panel_sums(const uint8_t* x, int64_t ldx, const uint8_t*
     const uint8_t* a = x + s * kTileBytes;
     // Tile loads stall on memory where decode's few rows give them nothing to overlap with: ask for the weights
     // kPrefetchSteps ahead (past the panel's end this reads the next panel, which is read next anyway).
-    for (int64_t line = 0; line < kStepBytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchSteps * kStepBytes + line, _MM_HINT_T0);
+    const char* ahead = reinterpret_cast<const char*>(w) + kPrefetchSteps * kStepBytes;
+    for (int64_t line = 0; line < kStepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
     _tile_loadd(6, w, kPanelRowBytes);
     _tile_loadd(7, w + kTileBytes, kPanelRowBytes);
     _tile_loadd(4, a, ldx);
@@ -159,13 +160,19 @@ void amx_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const u
         if (rows == 2 * kAmxRows) panel_sums<kInt8, 2>(x + row * ldx, ldx, panel, steps, sums);
         else if (rows >= kAmxRows) panel_sums<kInt8, 1>(x + row * ldx, ldx, panel, steps, sums);
         else panel_sums<kInt8, 1>(padded.data(), ldx, panel, steps, sums);
-        const int64_t done = rows >= 2 * kAmxRows ? rows : std::min(rows, kAmxRows);
+        const int64_t done = rows == 2 * kAmxRows ? rows : std::min(rows, kAmxRows);
         store_rows<kInt8>(sums, done, y + row * n + c0, n, cols, accumulate, e, row, c0);
         row += done;
       }
     }
   }
   _tile_release();
+}
+
+// Panels stored in the tiles' layout: k / group rows of 128 bytes each (group: k per pair or quad).
+auto stored_panels(const void* wp, int64_t k, int64_t group) {
+  const int64_t panel_bytes = k / group * kPanelRowBytes;
+  return [=](int64_t p) { return static_cast<const uint8_t*>(wp) + p * panel_bytes; };
 }
 
 }  // namespace
@@ -178,12 +185,6 @@ bool cpu_has_amx() {
     return bf16 && tile && int8 && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureTileData) == 0;
   }();
   return has;
-}
-
-// Panels stored in the tiles' layout: k / group rows of 128 bytes each (group: k per pair or quad).
-auto stored_panels(const void* wp, int64_t k, int64_t group) {
-  const int64_t panel_bytes = k / group * kPanelRowBytes;
-  return [=](int64_t p) { return static_cast<const uint8_t*>(wp) + p * panel_bytes; };
 }
 
 void amx_bf16_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const uint16_t* x, int64_t ldx,
