@@ -250,7 +250,7 @@ class CpuKernels(BaseKernels):
         if op == "paged_attention":
             block_size, apply_rope, bf16_math = values
             return [block_size, p["threads"], p["query_tile"], p["key_tile"], p["parallel_min_work"], apply_rope,
-                    bf16_math]
+                    bf16_math, int(self.amx and p["amx"] != 0)]
         num_language, addend = values  # an expert_linear op of PANEL_OPS
         gemm = self._gemm_kind(p["gemm"]) if op == "expert_linear" else GEMM_OWN  # 16-bit weights: panels only
         portable = self.vnni_fallback if op == INT8_DOT_OP else self.bf16_fallback

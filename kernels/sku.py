@@ -55,8 +55,8 @@ DEFAULT_PARAMS: dict[str, dict[str, dict[str, int]]] = {
     "swiglu": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
     "gelu": {"decode": {"threads": 1}, "prefill": {"threads": 2}},
     "paged_attention": {
-        "decode": {"threads": 2, "query_tile": 1, "key_tile": 64, "parallel_min_work": 1 << 20},
-        "prefill": {"threads": 2, "query_tile": 8, "key_tile": 64, "parallel_min_work": 1 << 20},
+        "decode": {"threads": 2, "query_tile": 1, "key_tile": 64, "parallel_min_work": 1 << 20, "amx": 1},
+        "prefill": {"threads": 2, "query_tile": 16, "key_tile": 128, "parallel_min_work": 1 << 20, "amx": 1},
     },
     "expert_linear": {"decode": {"threads": 2, "gemm": GEMM_PREPACKED, "k_block": 0, "n_block": 0},
                       "prefill": {"threads": 2, "gemm": GEMM_PREPACKED, "k_block": 0, "n_block": 0}},

@@ -73,10 +73,11 @@ PANEL_CANDIDATES = [{"threads": t, "k_block": k, "tile_rows": r}
 
 CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
     **{op: {cls: [{"threads": t} for t in (1, 2)] for cls in SHAPES} for op in ("rope",) + ROW_OPS},
+    # amx only acts on bf16 math (compute dtype bfloat16), which these float32-math columns do not run: kept on.
     "paged_attention": {
-        "decode": [{"threads": t, "query_tile": 1, "key_tile": k, "parallel_min_work": w}
+        "decode": [{"threads": t, "query_tile": 1, "key_tile": k, "parallel_min_work": w, "amx": 1}
                    for t, k, w in itertools.product((1, 2), (32, 64, 128), (1 << 16, 1 << 20))],
-        "prefill": [{"threads": t, "query_tile": q, "key_tile": k, "parallel_min_work": 1 << 20}
+        "prefill": [{"threads": t, "query_tile": q, "key_tile": k, "parallel_min_work": 1 << 20, "amx": 1}
                     for t, q, k in itertools.product((1, 2), (4, 8, 16, 32), (32, 64, 128))],
     },
     "expert_linear": {cls: [{"threads": t, "gemm": 0, "k_block": k, "n_block": n}

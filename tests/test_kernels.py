@@ -285,11 +285,13 @@ def test_paged_attention_cache_dtypes_head_shapes(dtype, heads_per_kv, head_dim)
     check_cache_dtype(dtype, batch, heads_per_kv * 2, 2, head_dim, fused=True, rope=True, seed=heads_per_kv)
 
 
-def bf16_attention(kernels_cls, dtype: str, batch, heads: int, kv: int, d: int, seed: int, query_tile: int = 16):
+def bf16_attention(kernels_cls, dtype: str, batch, heads: int, kv: int, d: int, seed: int, query_tile: int = 16,
+                   key_tile: int = 32):
     """paged_attention with compute dtype bfloat16 (bf16 math over a bf16 cache): the output and the caches."""
     params = load_params(path="/nonexistent")
     for cls in ("decode", "prefill"):
-        params.ops["paged_attention"][cls].update(query_tile=query_tile, key_tile=32, threads=2, parallel_min_work=0)
+        params.ops["paged_attention"][cls].update(query_tile=query_tile, key_tile=key_tile, threads=2,
+                                                  parallel_min_work=0)
     kernels = kernels_cls(params, "bfloat16")
     rng = np.random.default_rng(seed)
     qkv = normal(rng, len(batch.seq_index), heads + 2 * kv, d)
@@ -334,6 +336,29 @@ def test_bf16_attention_rounds_what_it_says():
     assert off("kernel-f32", "composite-f32") < 1e-5
     assert 1e-4 < off("kernel", "kernel-f32") < 4e-3 and 1e-4 < off("composite", "composite-f32") < 4e-3
     assert off("kernel", "composite") < 4e-3
+
+
+@needs_cpu
+@pytest.mark.parametrize("kind", ["chunk-mid-block", "mixed-shuffled"])
+@pytest.mark.parametrize("heads_per_kv,head_dim", [(4, 64), (4, 128), (12, 64)])
+@pytest.mark.parametrize("block_size,key_tile", [(16, 32), (16, 40), (128, 64)])
+def test_bf16_attention_on_amx_tiles_matches_the_vdpbf16ps_form(monkeypatch, kind, heads_per_kv, head_dim,
+                                                                 block_size, key_tile):
+    """The query tiles' bf16 products on AMX tiles (keys straight from the cache where 16 are consecutive slots,
+    else copied: a key tile of 40 breaks the runs; V transposed per key tile) against the vdpbf16ps form: the same
+    softmax and rounding of P, fp32 sums in another order: not the same bits, and where a score moved by its fp32
+    rounding took P to the other bf16 neighbour, an output moves by a fraction of that P's rounding."""
+    if not CPU.ops.has_amx:
+        pytest.skip("this CPU has no AMX tiles")
+    lens, new, shuffle = CACHE_BATCHES[kind]
+    batch = make_paged_batch(lens, new, block_size, np.random.default_rng(block_size), shuffle=shuffle)
+    args = ("bfloat16", batch, heads_per_kv * 2, 2, head_dim, heads_per_kv + head_dim)
+    outputs = {}
+    for amx in ("0", "1"):
+        monkeypatch.setenv(registry.AMX_ENV, amx)
+        outputs[amx] = bf16_attention(CpuKernels, *args, key_tile=key_tile)[0]
+    assert not np.array_equal(outputs["1"], outputs["0"])
+    assert_close(outputs["1"], outputs["0"], rtol=1e-3)
 
 
 def rounding_cases() -> np.ndarray:
@@ -457,7 +482,8 @@ def portable_library(tmp_path_factory) -> ctypes.CDLL:
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the portable build is checked on x86-64")
     out = tmp_path_factory.mktemp("portable") / "portable_attention.so"
-    sources = [str(KERNEL_SOURCES / name) for name in ("rope.cc", "kv_cache.cc", "paged_attention.cc")]
+    sources = [str(KERNEL_SOURCES / name)
+               for name in ("rope.cc", "kv_cache.cc", "paged_attention.cc", "attention_amx.cc", "gemm_amx.cc")]
     build = subprocess.run([cxx, "-O2", "-std=c++17", "-march=x86-64", "-fopenmp-simd", "-pthread", "-shared",
                             "-fPIC", *sources, "-o", str(out)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
@@ -1207,7 +1233,7 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "CANDIDATES", {
         **{op: {c: [{"threads": 1}, {"threads": 2}] for c in ("decode", "prefill")} for op in ("rope",) + tune.ROW_OPS},
         "paged_attention": {c: [dict(sku.DEFAULT_PARAMS["paged_attention"][c]),
-                                {"threads": 1, "query_tile": 2, "key_tile": 16, "parallel_min_work": 0}]
+                                {"threads": 1, "query_tile": 2, "key_tile": 16, "parallel_min_work": 0, "amx": 1}]
                             for c in ("decode", "prefill")},
         "expert_linear": {c: [{"threads": 1, "gemm": g, "k_block": 0, "n_block": 0} for g in range(5)]
                           for c in ("decode", "prefill")},

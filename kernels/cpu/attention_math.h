@@ -46,6 +46,11 @@ void accumulate_pv_loops(float* out, int64_t d, const float* correction, const f
   }
 }
 
+// Few query rows (a decode token's heads of one KV head): one dot product per (key, row) from the K row loaded
+// once, instead of the transposed form's full 16-lane FMA per key element, which wastes most lanes when only a
+// handful are used (measured: 4 rows of 16, the bench decode shape, spend ~75% of the score FMAs on padding).
+constexpr int64_t kDotMaxRows = 8;
+
 // Scores use the queries transposed once per tile, qt[d][rows16], so each key scores 16 query rows per FMA and
 // the softmax runs across rows in vector registers: scores are laid out [key][rows16].
 
@@ -136,10 +141,6 @@ inline void score_rows(const float* qt, const float* const* key_rows, int64_t wi
   }
 }
 
-// Few query rows (a decode token's heads of one KV head): one dot product per (key, row) from the K row loaded
-// once, instead of the transposed form's full 16-lane FMA per key element, which wastes most lanes when only a
-// handful are used (measured: 4 rows of 16, the bench decode shape, spend ~75% of the score FMAs on padding).
-constexpr int64_t kDotMaxRows = 8;
 
 // The sums of four vectors, each added in _mm512_reduce_add_ps's order (so to the same values), in lanes 0, 4, 8
 // and 12: a transposed reduction, cheaper than four horizontal ones.

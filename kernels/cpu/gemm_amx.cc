@@ -41,14 +41,21 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-COGVLM2_AMX_TARGET void configure_tiles() {
+// In static storage: GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes, so it may drop the stores that
+// fill a configuration on the stack as dead (kernels/cpu/attention_amx.cc met it: a #GP on a zeroed config).
+constexpr TileConfig tile_config() {
   TileConfig config;
   for (int t = 0; t < 8; ++t) {
     config.colsb[t] = kTileBytes;
     config.rows[t] = kAmxRows;
   }
-  _tile_loadconfig(&config);
+  return config;
 }
+const TileConfig kTileConfig = tile_config();
+
+COGVLM2_AMX_TARGET void configure_tiles() { _tile_loadconfig(&kTileConfig); }
+
+COGVLM2_AMX_TARGET void release_tiles() { _tile_release(); }
 
 // The tile intrinsics take their register numbers as literals (they are pasted into the instruction).
 #define COGVLM2_TILE_DOT(kInt8, c, a, b) \
@@ -166,7 +173,7 @@ void amx_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const u
       }
     }
   }
-  _tile_release();
+  release_tiles();
 }
 
 // Panels stored in the tiles' layout: k / group rows of 128 bytes each (group: k per pair or quad).

@@ -16,9 +16,10 @@
 #include <cmath>
 #include <limits>
 
+#include "attention_amx.h"
+#include "attention_math.h"
 #include "kv_cache.h"
 #include "rope.h"
-#include "attention_math.h"
 
 namespace cogvlm2 {
 namespace {
@@ -31,6 +32,7 @@ struct Shapes {
 struct Config {
   int64_t block_size, threads, query_tile, key_tile, parallel_min_work;
   bool bf16_math;
+  bool amx;  // bf16 math over a bf16 cache: the query tiles' products on AMX tiles where the CPU has them
 };
 
 struct Tile {
@@ -171,6 +173,22 @@ void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const TileQuerie
   accumulate_pv(lanes.out, d, correction, scores, lanes.stride, value_rows, seen, lanes.count);
 }
 
+// update_lanes' bf16 dot products on AMX tiles (attention_amx.h): the same softmax step between them, and the
+// output transposed, lanes.out [d][stride].
+void update_lanes_amx(const Lanes& lanes, int64_t group, int64_t d, const TileQueries& tq, const int64_t* visible,
+                      const Bf16* const* key_rows, const Bf16* const* value_rows, int64_t width, float* scores,
+                      float* correction) {
+  amx_scores(tq.qt2, reinterpret_cast<const uint16_t* const*>(key_rows), width, d, lanes.stride, scores);
+  const int64_t seen = softmax_step(lanes, group, visible, width, scores, correction);
+  probability_pairs(scores, seen, lanes.stride, tq.pairs);
+  amx_accumulate_pv(lanes.out, d, correction, tq.pairs, lanes.stride,
+                    reinterpret_cast<const uint16_t* const*>(value_rows), seen);
+}
+
+template <typename T>
+void update_lanes_amx(const Lanes&, int64_t, int64_t, const TileQueries&, const int64_t*, const T* const*,
+                      const T* const*, int64_t, float*, float*) {}  // AMX runs over bf16 caches only
+
 // The online-softmax state of `lanes` lanes (sums, running max, out rows of d) and a key tile's buffers.
 template <typename T>
 void reset_scratch(Scratch<T>& w, int64_t lanes, int64_t d, int64_t key_tile, int64_t score_stride) {
@@ -184,9 +202,10 @@ void reset_scratch(Scratch<T>& w, int64_t lanes, int64_t d, int64_t key_tile, in
   w.value_rows.resize(key_tile);
 }
 
-void store_output(const float* acc, float sum, int64_t d, float* dst) {
+// dst[i] = acc[i * step] / sum: an output row from its lane's sums (step 1; the lane's stride in a transposed out).
+void store_output(const float* acc, float sum, int64_t d, float* dst, int64_t step = 1) {
   const float inv = 1.f / sum;
-  for (int64_t i = 0; i < d; ++i) dst[i] = acc[i] * inv;
+  for (int64_t i = 0; i < d; ++i) dst[i] = acc[i * step] * inv;
 }
 
 float query_scale(int64_t d) { return 1.f / std::sqrt(static_cast<float>(d)); }
@@ -251,9 +270,13 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
   const int64_t group = s.heads / s.kv, d = s.d, tokens = tile.end - tile.begin, count = tokens * group;
   const int64_t stride = (count + 15) / 16 * 16, kt = c.key_tile, head = head_elems<T>(d), row_stride = s.kv * head;
   const bool pairs = std::is_same_v<T, Bf16> && c.bf16_math && bf16_dot_applies(d) && cpu_has_bf16_dot();
+  // AMX takes what the vdpbf16ps forms would (update_lanes: more rows than the dot-product form's)
+  const bool amx = pairs && count > kDotMaxRows && c.amx && amx_attention_applies(d);
+  const int64_t score_rows = amx ? (kt + kAmxAttentionKeys - 1) / kAmxAttentionKeys * kAmxAttentionKeys : kt;
   load_queries(tile, s, c, q, order, stride, pairs, w);
-  reset_scratch(w, s.kv * stride, d, kt, stride);
-  if (pairs) w.pairs.resize((kt + 1) / 2 * stride);
+  reset_scratch(w, s.kv * stride, d, score_rows, stride);
+  if (pairs) w.pairs.resize((score_rows / 2 + 16) * stride);
+  if (amx) amx_attention_begin();
   std::vector<int64_t> visible(tokens);
   for (int64_t k0 = 0; k0 < tile.keys; k0 += kt) {
     const int64_t width = std::min(kt, tile.keys - k0);
@@ -274,14 +297,24 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
                         w.out.data() + g * stride * d};
       const TileQueries tq{w.q.data() + g * stride * d, w.qt.data() + g * d * stride,
                            pairs ? w.qt2.data() + g * d * stride : nullptr, w.pairs.data(), c.bf16_math};
-      update_lanes(lanes, group, d, tq, visible.data(), readable(w.key_rows.data(), width, 1, d, w.keys),
-                   readable(w.value_rows.data(), width, 1, d, w.values), width, w.scores.data(), w.correction.data());
+      if (amx)
+        update_lanes_amx(lanes, group, d, tq, visible.data(), w.key_rows.data(), w.value_rows.data(), width,
+                         w.scores.data(), w.correction.data());
+      else
+        update_lanes(lanes, group, d, tq, visible.data(), readable(w.key_rows.data(), width, 1, d, w.keys),
+                     readable(w.value_rows.data(), width, 1, d, w.values), width, w.scores.data(),
+                     w.correction.data());
     }
   }
+  if (amx) amx_attention_end();
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t head = 0; head < s.heads; ++head) {
-      const int64_t lane = (head / group) * stride + t * group + head % group;
-      store_output(w.out.data() + lane * d, w.row_sum[lane], d, out + (order[tile.begin + t] * s.heads + head) * d);
+      const int64_t g = head / group, lane = t * group + head % group;
+      float* dst = out + (order[tile.begin + t] * s.heads + head) * d;
+      if (amx)
+        store_output(w.out.data() + g * stride * d + lane, w.row_sum[g * stride + lane], d, dst, stride);
+      else
+        store_output(w.out.data() + (g * stride + lane) * d, w.row_sum[g * stride + lane], d, dst);
     }
 }
 
@@ -395,7 +428,8 @@ int read_call(const Args& a, Call& call) {
   call.s = Shapes{n, heads, kv, d, a.dim(3, 0), a.dim(8, 0), a.dim(8, 1), a.dim(0, 1) * d};
   const Shapes& s = call.s;
   const int32_t* cfg = a.data<int32_t>(13);
-  call.c = Config{cfg[0], std::max(1, cfg[1]), cfg[2], cfg[3], cfg[4], a.numel(13) >= 7 && cfg[6] != 0};
+  call.c = Config{cfg[0], std::max(1, cfg[1]), cfg[2], cfg[3], cfg[4], a.numel(13) >= 7 && cfg[6] != 0,
+                  a.numel(13) < 8 || cfg[7] != 0};
   call.apply_rope = cfg[5] != 0;
   const int64_t row = s.kv * s.d, cache_row = s.kv * head_elems(call.cache, s.d);
   if ((!call.fused && (a.numel(1) != s.n * row || a.numel(2) != s.n * row)) ||
@@ -491,8 +525,8 @@ void attend_all(const Args& a, const Call& call, const Inputs& in) {
 //         both bf16 or both f16; or both int8 [S,KV,d+4], kv_cache.h),
 //         slot_mapping [N], seq_index [N], token_position [N], block_tables [B,M], context_lens [B] (i32),
 //         rope_positions [N] (i32), cos [P,d], sin [P,d] (f32; any [1] tensors when rotary is off),
-//         config [block_size, threads, query_tile, key_tile, parallel_min_work, apply_rope, bf16_math (optional)]
-//         (i32)
+//         config [block_size, threads, query_tile, key_tile, parallel_min_work, apply_rope, bf16_math (optional),
+//         amx (optional, default 1)] (i32)
 //   or fused: q is the QKV projection [N, H+2KV, d] (q heads, then k, then v) and k_new, v_new are any [1]
 //         tensors, so the layer's projection hands over one tensor (no slicing copies).
 // output: [N, H*d] f32. k_new (rotated when apply_rope) and v_new are written into the caches first (in place,
