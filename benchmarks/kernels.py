@@ -190,16 +190,21 @@ def bench_paged_cache_dtypes(cpu: KernelSet, ref: KernelSet, m: Model, case: str
 
 def bench_bf16_attention(m: Model, case: str, lens: list[int], new: list[int], repeat: int,
                          rng: np.random.Generator) -> list[Result]:
-    """Compute dtype bfloat16 over a bf16 cache (bf16 math: vdpbf16ps on the query tiles) against float32 math over
-    the same cache (its twin), then against its composite (reference.uses_bf16_attention)."""
+    """Compute dtype bfloat16 over a bf16 cache (bf16 math: AMX tiles or vdpbf16ps on the query tiles) against
+    float32 math over the same cache (its twin), against itself without AMX where the CPU has it, then against its
+    composite (reference.uses_bf16_attention)."""
     (q, k, v), pair, meta = _paged_inputs(m, lens, new, rng, shuffle=True, dtypes=(HALF_CACHE_DTYPES["bf16"],))
     bf16, twin = get_kernels("cpu", compute_dtype="bfloat16"), get_kernels("cpu")
     ref = get_kernels("reference", compute_dtype="bfloat16")
     kernel = lambda: bf16.paged_attention(q, k, v, *pair, *meta)  # noqa: E731
     kernel_ms, twin_ms = time_pair(kernel, lambda: twin.paged_attention(q, k, v, *pair, *meta), repeat)
     _, ref_ms = time_pair(kernel, lambda: ref.paged_attention(q, k, v, *pair, *meta), repeat)
-    return [Result("paged_attn bf16 math", m.name, case, kernel_ms, twin_ms, reference="float32 math kernel"),
-            Result("paged_attn bf16 math", m.name, case, kernel_ms, ref_ms)]
+    results = [Result("paged_attn bf16 math", m.name, case, kernel_ms, twin_ms, reference="float32 math kernel")]
+    if bf16.ops.has_amx:
+        no_amx = without_amx("bfloat16", None)
+        amx_ms, avx512_ms = time_pair(kernel, lambda: no_amx.paged_attention(q, k, v, *pair, *meta), repeat)
+        results.append(Result("paged_attn bf16 math", m.name, case, amx_ms, avx512_ms, reference="no-AMX tiles"))
+    return results + [Result("paged_attn bf16 math", m.name, case, kernel_ms, ref_ms)]
 
 
 def bench_fused_rope_attention(cpu: KernelSet, ref: KernelSet, m: Model, case: str, lens: list[int],
