@@ -4,6 +4,7 @@
 #include <cstring>
 #include <vector>
 
+#include "attention_math.h"
 #include "gemm_amx.h"
 
 #if defined(__x86_64__) && defined(__linux__)
@@ -19,17 +20,7 @@ namespace cogvlm2 {
 
 namespace {
 
-constexpr int64_t kTileK = 32;       // bf16 elements per tile row (64 bytes)
-constexpr int64_t kTileRows = 16;    // rows per tile; also the fp32 columns of a result tile
 constexpr int64_t kMaxD = 256;
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
@@ -42,16 +33,12 @@ int64_t even_stride(const uint16_t* const* rows, int64_t count) {
   return step * static_cast<int64_t>(sizeof(uint16_t));
 }
 
-// Element e of the 32 in a pair-interleaved vector takes element kInterleave[e] of (16 of a, then 16 of b).
-alignas(64) constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                  8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-
 // vt [d][kp] dwords, (i, jp) = (v[2 jp][i], v[2 jp + 1][i]): each key pair's rows interleaved into 16 dwords per 16
 // of d, scattered down the columns of vt.
 COGVLM2_AMX_ATTENTION_TARGET void transpose_value_pairs(const uint16_t* const* v_rows, int64_t seen, int64_t d,
                                                          int64_t kp, uint32_t* vt) {
   alignas(64) static const uint16_t kZeros[kMaxD] = {};
-  const __m512i order = _mm512_load_si512(kInterleave);
+  const __m512i order = _mm512_load_si512(kBf16PairInterleave);
   const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(static_cast<int32_t>(kp)));
   for (int64_t jp = 0; 2 * jp < seen; ++jp) {
@@ -68,23 +55,7 @@ COGVLM2_AMX_ATTENTION_TARGET void transpose_value_pairs(const uint16_t* const* v
 
 }  // namespace
 
-bool amx_attention_applies(int64_t d) { return d % kTileK == 0 && d <= kMaxD && cpu_has_amx(); }
-
-// In static storage: GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes, so the stores that fill a
-// configuration on the stack were dropped as dead (seen here: ldtilecfg of a zeroed config, a #GP).
-constexpr TileConfig tile_config() {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.colsb[t] = 64;
-    config.rows[t] = kTileRows;
-  }
-  return config;
-}
-const TileConfig kTileConfig = tile_config();
-
-COGVLM2_AMX_ATTENTION_TARGET void amx_attention_begin() { _tile_loadconfig(&kTileConfig); }
-
-COGVLM2_AMX_ATTENTION_TARGET void amx_attention_end() { _tile_release(); }
+bool amx_attention_applies(int64_t d) { return d % kAmxBf16K == 0 && d <= kMaxD && cpu_has_amx(); }
 
 // Tiles: 0 the scores, 4 the keys, 6 and 7 the queries' high and low pairs.
 COGVLM2_AMX_ATTENTION_TARGET void amx_scores(const uint32_t* qt2, const uint16_t* const* key_rows, int64_t width,
@@ -101,9 +72,9 @@ COGVLM2_AMX_ATTENTION_TARGET void amx_scores(const uint32_t* qt2, const uint16_t
       a = packed.data();
       key_bytes = d * static_cast<int64_t>(sizeof(uint16_t));
     }
-    for (int64_t l0 = 0; l0 < stride; l0 += kTileRows) {
+    for (int64_t l0 = 0; l0 < stride; l0 += kAmxRows) {
       _tile_zero(0);
-      for (int64_t i0 = 0; i0 < d; i0 += kTileK) {
+      for (int64_t i0 = 0; i0 < d; i0 += kAmxBf16K) {
         _tile_loadd(4, a + i0, key_bytes);
         _tile_loadd(6, qt2 + (i0 / 2) * stride + l0, lane_bytes);
         _tile_dpbf16ps(0, 4, 6);
@@ -118,7 +89,7 @@ COGVLM2_AMX_ATTENTION_TARGET void amx_scores(const uint32_t* qt2, const uint16_t
 // Tiles: 0 the output rows, 4 V^T, 6 the probabilities' pairs.
 COGVLM2_AMX_ATTENTION_TARGET void amx_accumulate_pv(float* out_t, int64_t d, const float* correction, uint32_t* pairs,
                                                     int64_t stride, const uint16_t* const* v_rows, int64_t seen) {
-  const int64_t half = (seen + 1) / 2, kp = round_up(half, kTileRows), lane_bytes = stride * 4;
+  const int64_t half = (seen + 1) / 2, kp = round_up(half, kAmxRows), lane_bytes = stride * 4;
   std::fill(pairs + half * stride, pairs + kp * stride, 0u);
   thread_local std::vector<uint32_t> vt;
   vt.assign(d * kp, 0u);
@@ -128,11 +99,11 @@ COGVLM2_AMX_ATTENTION_TARGET void amx_accumulate_pv(float* out_t, int64_t d, con
       float* row = out_t + i * stride + l0;
       _mm512_storeu_ps(row, _mm512_mul_ps(_mm512_loadu_ps(row), _mm512_loadu_ps(correction + l0)));
     }
-  for (int64_t c0 = 0; c0 < d; c0 += kTileRows)
-    for (int64_t l0 = 0; l0 < stride; l0 += kTileRows) {
+  for (int64_t c0 = 0; c0 < d; c0 += kAmxRows)
+    for (int64_t l0 = 0; l0 < stride; l0 += kAmxRows) {
       float* c = out_t + c0 * stride + l0;
       _tile_loadd(0, c, lane_bytes);
-      for (int64_t p0 = 0; p0 < kp; p0 += kTileRows) {
+      for (int64_t p0 = 0; p0 < kp; p0 += kAmxRows) {
         _tile_loadd(4, vt.data() + c0 * kp + p0, kp * 4);
         _tile_loadd(6, pairs + p0 * stride + l0, lane_bytes);
         _tile_dpbf16ps(0, 4, 6);
@@ -144,8 +115,6 @@ COGVLM2_AMX_ATTENTION_TARGET void amx_accumulate_pv(float* out_t, int64_t d, con
 #else
 
 bool amx_attention_applies(int64_t) { return false; }
-void amx_attention_begin() {}
-void amx_attention_end() {}
 void amx_scores(const uint32_t*, const uint16_t* const*, int64_t, int64_t, int64_t, float*) {}
 void amx_accumulate_pv(float*, int64_t, const float*, uint32_t*, int64_t, const uint16_t* const*, int64_t) {}
 

@@ -19,10 +19,7 @@ constexpr int64_t kAmxAttentionKeys = 16;  // keys per score tile; a key tile's 
 // Whether the products take AMX tiles: the CPU has them and d is a whole number of 32-element tiles, up to 256.
 bool amx_attention_applies(int64_t d);
 
-// Loads this thread's tile configuration (16 rows x 64 bytes in every tile); once before the calls below, and
-// amx_attention_end() after them.
-void amx_attention_begin();
-void amx_attention_end();
+// The calls below run between configure_amx_tiles() and release_amx_tiles() (gemm_amx.h).
 
 // scores[j][lane] for j < round_up(width, 16), lane < stride (a multiple of 16): key row j (bf16 [d]) dotted with
 // the queries' pairs qt2 [2][d / 2][stride] (high parts then low parts); rows past width get 0.

@@ -46,6 +46,12 @@ void accumulate_pv_loops(float* out, int64_t d, const float* correction, const f
   }
 }
 
+// Element e of the 32 in a pair-interleaved vector takes element kBf16PairInterleave[e] of (16 of a, then 16 of b):
+// a[0], b[0], a[1], b[1], ...: the bf16 dot products' operand layout (vdpbf16ps, AMX's tdpbf16ps).
+alignas(64) inline constexpr uint16_t kBf16PairInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7,
+                                                                 23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29,
+                                                                 14, 30, 15, 31};
+
 // Few query rows (a decode token's heads of one KV head): one dot product per (key, row) from the K row loaded
 // once, instead of the transposed form's full 16-lane FMA per key element, which wastes most lanes when only a
 // handful are used (measured: 4 rows of 16, the bench decode shape, spend ~75% of the score FMAs on padding).
@@ -273,13 +279,9 @@ void widen_row(const T* row, int64_t d, float* out) {
 // Two key elements (or two keys) per instruction into fp32 accumulators: half the multiply instructions of the
 // fp32 forms, and the cache's bf16 K and V rows are read as they are (no widened copies).
 
-// Element e of the 32 in a pair-interleaved vector takes element kInterleave[e] of (16 of a, then 16 of b):
-// a[0], b[0], a[1], b[1], ...: vdpbf16ps's operand layout.
-alignas(64) inline constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                         8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
 COGVLM2_BF16_TARGET inline __m512i interleave_bf16(__m512i halves) {
-  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), halves);
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kBf16PairInterleave), halves);
 }
 
 // scores[j][rows16] = sum_i key_rows[j][i] * q[i][rows16] with the fp32 queries split into two bf16 parts

@@ -53,9 +53,7 @@ constexpr TileConfig tile_config() {
 }
 const TileConfig kTileConfig = tile_config();
 
-COGVLM2_AMX_TARGET void configure_tiles() { _tile_loadconfig(&kTileConfig); }
 
-COGVLM2_AMX_TARGET void release_tiles() { _tile_release(); }
 
 // The tile intrinsics take their register numbers as literals (they are pasted into the instruction).
 #define COGVLM2_TILE_DOT(kInt8, c, a, b) \
@@ -156,7 +154,7 @@ void amx_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const u
     padded.assign(kAmxRows * ldx, 0);
     std::memcpy(padded.data(), x + whole * ldx, tail * ldx);
   }
-  configure_tiles();
+  configure_amx_tiles();
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     const int64_t r1 = std::min(m, r0 + chunk);
     for (int64_t p = p0; p < p1; ++p) {
@@ -173,7 +171,7 @@ void amx_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, const u
       }
     }
   }
-  release_tiles();
+  release_amx_tiles();
 }
 
 // Panels stored in the tiles' layout: k / group rows of 128 bytes each (group: k per pair or quad).
@@ -183,6 +181,10 @@ auto stored_panels(const void* wp, int64_t k, int64_t group) {
 }
 
 }  // namespace
+
+COGVLM2_AMX_TARGET void configure_amx_tiles() { _tile_loadconfig(&kTileConfig); }
+
+COGVLM2_AMX_TARGET void release_amx_tiles() { _tile_release(); }
 
 bool cpu_has_amx() {
   static const bool has = [] {
@@ -218,6 +220,8 @@ void amx_int8_panels(int64_t m, int64_t n, int64_t p0, int64_t p1, int64_t k, co
 #else
 
 bool cpu_has_amx() { return false; }
+void configure_amx_tiles() {}
+void release_amx_tiles() {}
 
 void amx_bf16_panels(int64_t, int64_t, int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*,
                      bool) {}

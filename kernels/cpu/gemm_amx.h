@@ -13,6 +13,11 @@ namespace cogvlm2 {
 // tile state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once). False off x86-64 Linux.
 bool cpu_has_amx();
 
+// This thread's tile registers configured as every AMX user here takes them (tiles 0-7 of 16 rows x 64 bytes), and
+// released; between the two, only tile code runs on the thread.
+void configure_amx_tiles();
+void release_amx_tiles();
+
 // The k an AMX call takes per tile: 32 for bf16, 64 for int8. The callers use AMX only where k is a whole multiple
 // of it (every projection of the real model); tokens go in blocks of kAmxRows, the last one zero-padded (at
 // decode's few tokens the weights' bytes set the time, and a tile instruction costs no more for padding rows).

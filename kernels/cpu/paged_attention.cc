@@ -18,6 +18,7 @@
 
 #include "attention_amx.h"
 #include "attention_math.h"
+#include "gemm_amx.h"
 #include "kv_cache.h"
 #include "rope.h"
 
@@ -276,7 +277,7 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
   load_queries(tile, s, c, q, order, stride, pairs, w);
   reset_scratch(w, s.kv * stride, d, score_rows, stride);
   if (pairs) w.pairs.resize((score_rows / 2 + 16) * stride);
-  if (amx) amx_attention_begin();
+  if (amx) configure_amx_tiles();
   std::vector<int64_t> visible(tokens);
   for (int64_t k0 = 0; k0 < tile.keys; k0 += kt) {
     const int64_t width = std::min(kt, tile.keys - k0);
@@ -306,7 +307,7 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
                      w.correction.data());
     }
   }
-  if (amx) amx_attention_end();
+  if (amx) release_amx_tiles();
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t head = 0; head < s.heads; ++head) {
       const int64_t g = head / group, lane = t * group + head % group;
