@@ -250,12 +250,16 @@ class CpuKernels(BaseKernels):
         if op == "paged_attention":
             block_size, apply_rope, bf16_math = values
             return [block_size, p["threads"], p["query_tile"], p["key_tile"], p["parallel_min_work"], apply_rope,
-                    bf16_math, int(self.amx and p["amx"] != 0)]
+                    bf16_math, self._amx(p)]
         num_language, addend = values  # an expert_linear op of PANEL_OPS
         gemm = self._gemm_kind(p["gemm"]) if op == "expert_linear" else GEMM_OWN  # 16-bit weights: panels only
         portable = self.vnni_fallback if op == INT8_DOT_OP else self.bf16_fallback
         return [num_language, addend, p["threads"], gemm, p["k_block"], p["n_block"],
-                int(op.endswith("bf16_dot")), int(portable), p["tile_rows"], int(self.amx and p["amx"] != 0)]
+                int(op.endswith("bf16_dot")), int(portable), p["tile_rows"], self._amx(p)]
+
+    def _amx(self, p: dict[str, int]) -> int:
+        """1 where an op's parameters and COGVLM2_AMX both let it take AMX tiles."""
+        return int(self.amx and p["amx"] != 0)
 
     def _gemm_kind(self, gemm: int) -> int:
         if (gemm == GEMM_OPENBLAS and self.ops.has_openblas) or (gemm == GEMM_ONEDNN and self.ops.has_onednn):

@@ -12,24 +12,24 @@
 
 #include <cstdint>
 
-namespace cogvlm2 {
+#include "kv_cache.h"
 
-constexpr int64_t kAmxAttentionKeys = 16;  // keys per score tile; a key tile's scores are padded to whole ones
+namespace cogvlm2 {
 
 // Whether the products take AMX tiles: the CPU has them and d is a whole number of 32-element tiles, up to 256.
 bool amx_attention_applies(int64_t d);
 
 // The calls below run between configure_amx_tiles() and release_amx_tiles() (gemm_amx.h).
 
-// scores[j][lane] for j < round_up(width, 16), lane < stride (a multiple of 16): key row j (bf16 [d]) dotted with
+// scores[j][lane] for j < round_up(width, kAmxRows), lane < stride (a multiple of 16): key row j (bf16 [d]) dotted with
 // the queries' pairs qt2 [2][d / 2][stride] (high parts then low parts); rows past width get 0.
-void amx_scores(const uint32_t* qt2, const uint16_t* const* key_rows, int64_t width, int64_t d, int64_t stride,
+void amx_scores(const uint32_t* qt2, const Bf16* const* key_rows, int64_t width, int64_t d, int64_t stride,
                 float* scores);
 
 // out_t[i][lane] = out_t[i][lane] * correction[lane] + sum_{j < seen} P[j][lane] v_rows[j][i] for i < d, lane <
 // stride, P as probability_pairs wrote it into pairs [ceil(seen / 2)][stride]; pairs must hold
-// round_up(ceil(seen / 2), 16) rows (the rest are zeroed here).
+// round_up(ceil(seen / 2), kAmxRows) rows (the rest are zeroed here).
 void amx_accumulate_pv(float* out_t, int64_t d, const float* correction, uint32_t* pairs, int64_t stride,
-                       const uint16_t* const* v_rows, int64_t seen);
+                       const Bf16* const* v_rows, int64_t seen);
 
 }  // namespace cogvlm2

@@ -46,12 +46,6 @@ void accumulate_pv_loops(float* out, int64_t d, const float* correction, const f
   }
 }
 
-// Element e of the 32 in a pair-interleaved vector takes element kBf16PairInterleave[e] of (16 of a, then 16 of b):
-// a[0], b[0], a[1], b[1], ...: the bf16 dot products' operand layout (vdpbf16ps, AMX's tdpbf16ps).
-alignas(64) inline constexpr uint16_t kBf16PairInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7,
-                                                                 23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29,
-                                                                 14, 30, 15, 31};
-
 // Few query rows (a decode token's heads of one KV head): one dot product per (key, row) from the K row loaded
 // once, instead of the transposed form's full 16-lane FMA per key element, which wastes most lanes when only a
 // handful are used (measured: 4 rows of 16, the bench decode shape, spend ~75% of the score FMAs on padding).
@@ -146,7 +140,6 @@ inline void score_rows(const float* qt, const float* const* key_rows, int64_t wi
     default: return score_rows_fixed<8, 1>(qt, key_rows, width, d, scores);
   }
 }
-
 
 // The sums of four vectors, each added in _mm512_reduce_add_ps's order (so to the same values), in lanes 0, 4, 8
 // and 12: a transposed reduction, cheaper than four horizontal ones.
@@ -279,9 +272,20 @@ void widen_row(const T* row, int64_t d, float* out) {
 // Two key elements (or two keys) per instruction into fp32 accumulators: half the multiply instructions of the
 // fp32 forms, and the cache's bf16 K and V rows are read as they are (no widened copies).
 
+// Element e of the 32 in a pair-interleaved vector takes element kInterleave[e] of (16 of a, then 16 of b):
+// a[0], b[0], a[1], b[1], ...: the bf16 dot products' operand layout (vdpbf16ps, AMX's tdpbf16ps).
+alignas(64) inline constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                         8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
 COGVLM2_BF16_TARGET inline __m512i interleave_bf16(__m512i halves) {
-  return _mm512_permutexvar_epi16(_mm512_load_si512(kBf16PairInterleave), halves);
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), halves);
+}
+
+// Elements [0, 16) of rows v0 and v1 pair-interleaved: v0[0], v1[0], v0[1], v1[1], ... (two keys' V as one operand).
+COGVLM2_BF16_TARGET inline __m512i interleave_rows_bf16(const Bf16* v0, const Bf16* v1) {
+  return interleave_bf16(_mm512_inserti64x4(
+      _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1)), 1));
 }
 
 // scores[j][rows16] = sum_i key_rows[j][i] * q[i][rows16] with the fp32 queries split into two bf16 parts
@@ -363,10 +367,7 @@ COGVLM2_BF16_TARGET void accumulate_pv_bf16_fixed(float* out, int64_t d, const f
     const Bf16* v1 = j + 1 < width ? v_rows[j + 1] : v0;  // an odd width's partner: its probability is 0
     const uint32_t* pj = pairs + (j / 2) * stride;
     for (int c = 0; c < Chunks; ++c) {
-      const __m512i halves = _mm512_inserti64x4(
-          _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + 16 * c))),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + 16 * c)), 1);
-      const __m512bh vc = reinterpret_cast<__m512bh>(interleave_bf16(halves));
+      const __m512bh vc = reinterpret_cast<__m512bh>(interleave_rows_bf16(v0 + 16 * c, v1 + 16 * c));
       for (int l = 0; l < Lanes; ++l)
         acc[l][c] = _mm512_dpbf16_ps(acc[l][c], vc,
                                      reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(pj[l]))));

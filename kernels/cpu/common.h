@@ -31,6 +31,9 @@ inline bool cpu_has_bf16_dot() {
 
 namespace cogvlm2 {
 
+// x rounded up to a multiple of `to`.
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
 // kCacheDtypeMismatch: a call's key and value caches hold different dtypes.
 enum Status : int { kOk = 0, kBadArity = 1, kBadDtype = 2, kBadShape = 3, kBadIndex = 4, kNoBlas = 5,
                     kCacheDtypeMismatch = 6 };

@@ -53,8 +53,6 @@ constexpr TileConfig tile_config() {
 }
 const TileConfig kTileConfig = tile_config();
 
-
-
 // The tile intrinsics take their register numbers as literals (they are pasted into the instruction).
 #define COGVLM2_TILE_DOT(kInt8, c, a, b) \
   do {                                   \

@@ -179,16 +179,11 @@ void update_lanes(const Lanes& lanes, int64_t group, int64_t d, const TileQuerie
 void update_lanes_amx(const Lanes& lanes, int64_t group, int64_t d, const TileQueries& tq, const int64_t* visible,
                       const Bf16* const* key_rows, const Bf16* const* value_rows, int64_t width, float* scores,
                       float* correction) {
-  amx_scores(tq.qt2, reinterpret_cast<const uint16_t* const*>(key_rows), width, d, lanes.stride, scores);
+  amx_scores(tq.qt2, key_rows, width, d, lanes.stride, scores);
   const int64_t seen = softmax_step(lanes, group, visible, width, scores, correction);
   probability_pairs(scores, seen, lanes.stride, tq.pairs);
-  amx_accumulate_pv(lanes.out, d, correction, tq.pairs, lanes.stride,
-                    reinterpret_cast<const uint16_t* const*>(value_rows), seen);
+  amx_accumulate_pv(lanes.out, d, correction, tq.pairs, lanes.stride, value_rows, seen);
 }
-
-template <typename T>
-void update_lanes_amx(const Lanes&, int64_t, int64_t, const TileQueries&, const int64_t*, const T* const*,
-                      const T* const*, int64_t, float*, float*) {}  // AMX runs over bf16 caches only
 
 // The online-softmax state of `lanes` lanes (sums, running max, out rows of d) and a key tile's buffers.
 template <typename T>
@@ -273,10 +268,10 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
   const bool pairs = std::is_same_v<T, Bf16> && c.bf16_math && bf16_dot_applies(d) && cpu_has_bf16_dot();
   // AMX takes what the vdpbf16ps forms would (update_lanes: more rows than the dot-product form's)
   const bool amx = pairs && count > kDotMaxRows && c.amx && amx_attention_applies(d);
-  const int64_t score_rows = amx ? (kt + kAmxAttentionKeys - 1) / kAmxAttentionKeys * kAmxAttentionKeys : kt;
+  const int64_t score_rows = amx ? round_up(kt, kAmxRows) : kt;  // AMX stores whole tiles of keys
   load_queries(tile, s, c, q, order, stride, pairs, w);
   reset_scratch(w, s.kv * stride, d, score_rows, stride);
-  if (pairs) w.pairs.resize((score_rows / 2 + 16) * stride);
+  if (pairs) w.pairs.resize(round_up((kt + 1) / 2, kAmxRows) * stride);  // AMX reads whole tiles of key pairs
   if (amx) configure_amx_tiles();
   std::vector<int64_t> visible(tokens);
   for (int64_t k0 = 0; k0 < tile.keys; k0 += kt) {
@@ -298,13 +293,15 @@ void attend_tile(const Tile& tile, const Shapes& s, const Config& c, const float
                         w.out.data() + g * stride * d};
       const TileQueries tq{w.q.data() + g * stride * d, w.qt.data() + g * d * stride,
                            pairs ? w.qt2.data() + g * d * stride : nullptr, w.pairs.data(), c.bf16_math};
-      if (amx)
-        update_lanes_amx(lanes, group, d, tq, visible.data(), w.key_rows.data(), w.value_rows.data(), width,
-                         w.scores.data(), w.correction.data());
-      else
-        update_lanes(lanes, group, d, tq, visible.data(), readable(w.key_rows.data(), width, 1, d, w.keys),
-                     readable(w.value_rows.data(), width, 1, d, w.values), width, w.scores.data(),
-                     w.correction.data());
+      if constexpr (std::is_same_v<T, Bf16>) {
+        if (amx) {
+          update_lanes_amx(lanes, group, d, tq, visible.data(), w.key_rows.data(), w.value_rows.data(), width,
+                           w.scores.data(), w.correction.data());
+          continue;
+        }
+      }
+      update_lanes(lanes, group, d, tq, visible.data(), readable(w.key_rows.data(), width, 1, d, w.keys),
+                   readable(w.value_rows.data(), width, 1, d, w.values), width, w.scores.data(), w.correction.data());
     }
   }
   if (amx) release_amx_tiles();
