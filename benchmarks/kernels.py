@@ -17,6 +17,7 @@ GF/s (w8a8's int8 dot also against the bf16 dot): bf16 >= 1.7x the twin at 1 and
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -302,10 +303,19 @@ def without_amx(compute: str, quantization: str | None) -> KernelSet:
             os.environ[AMX_ENV] = before
 
 
+def with_paired_int8() -> KernelSet:
+    """w8a16 under bf16 products with every call's int8 weights paired as bf16 (widen_rows 0): the twin of the
+    widened few-token tiles."""
+    params = copy.deepcopy(get_kernels("cpu").params)
+    for cls in ("decode", "prefill"):
+        params.ops["expert_linear_i8_bf16_dot"][cls]["widen_rows"] = 0
+    return CpuKernels(params, "bfloat16", "w8a16")
+
+
 def bench_panel_gemm(m: Model, tokens: int, repeat: int, rng: np.random.Generator) -> list[Result]:
     """Each variant against its float32 twin and its composite, and the twin against its composite, side by side;
     w8a8's int8 dot also against the bf16 dot, and both dots (on AMX tiles where the CPU has them) against the
-    AVX-512 tiles alone; targets at decode (>= 1.7x the twin) and at prefill (bf16 dot >=
+    AVX-512 tiles alone; w8a16's bf16 dot, where it widens the int8 weights, against pairing them; targets at decode (>= 1.7x the twin) and at prefill (bf16 dot >=
     1.6x)."""
     name, out, inner = panel_gemm_shape(m)
     w = rng.standard_normal((out, inner), dtype=np.float32)
@@ -330,6 +340,10 @@ def bench_panel_gemm(m: Model, tokens: int, repeat: int, rng: np.random.Generato
             avx512 = without_amx(compute, quantization)
             amx_ms, avx512_ms = time_pair(kernel, lambda: avx512.linear(x, wp), repeat)
             results.append(Result(f"gemm {variant}", m.name, shape, amx_ms, avx512_ms, "no-AMX tiles", gflop=gflop))
+        if variant == "i8 bf16 dot" and tokens <= cpu.params.get("expert_linear_i8_bf16_dot", "decode")["widen_rows"]:
+            paired = with_paired_int8()
+            widened_ms, paired_ms = time_pair(kernel, lambda: paired.linear(x, wp), repeat)
+            results.append(Result(f"gemm {variant}", m.name, shape, widened_ms, paired_ms, "paired int8", gflop=gflop))
     int8_ms, bf16_ms = time_pair(kernels["i8 vnni"], kernels["bf16 dot"], repeat)
     results.append(Result("gemm i8 vnni", m.name, shape, int8_ms, bf16_ms, "bf16 dot panels", gflop=gflop))
     twin, ref = get_kernels("cpu"), get_kernels("reference")

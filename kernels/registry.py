@@ -42,13 +42,16 @@ from kernels.quantization import (Int8Rows, QuantizedWeight, check_quantization,
                                  int8_rows)
 from kernels.runtime import configured_device
 from kernels.sku import (BACKENDS, GEMM_MINDSPORE, GEMM_ONEDNN, GEMM_OPENBLAS, GEMM_OWN, GEMM_PREPACKED, KernelParams,
-                         load_params)
+                         check_result_params, load_params)
 
 # expert_linear's addend (kernels/cpu/expert_linear.cc): none, the vision expert's bias, a residual for every row
 ADDEND_NONE, ADDEND_BIAS, ADDEND_RESIDUAL = 0, 1, 2
 ADDENDS = (ADDEND_NONE, ADDEND_BIAS, ADDEND_RESIDUAL)
 THREADS_ONLY_OPS = ("rope", "rms_norm", "swiglu", "gelu")  # ops whose config is [threads]
 DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" parameters, larger ones "prefill"
+# The panel ops' widen_rows where no table sets it: on AVX512-BF16 (no AMX), widening was 1.5x faster than pairing
+# at 1 token, 1.3x at 2 and slower from 4 (the fp32 FMAs then cost more than the pass that pairs the weights).
+WIDEN_ROWS = 2
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 BF16_FALLBACK_ENV = "COGVLM2_BF16_FALLBACK"
 VNNI_FALLBACK_ENV = "COGVLM2_VNNI_FALLBACK"
@@ -224,6 +227,7 @@ class CpuKernels(BaseKernels):
     def __init__(self, params: KernelParams, compute_dtype: str = "float32", quantization: str | None = None):
         from kernels.ops import CpuOps  # noqa: PLC0415  (loading the library may fail: see get_kernels)
         self.params = with_panel_ops(params)
+        check_result_params(self.params)
         self.compute_dtype = _checked_compute_dtype(compute_dtype)
         self.quantization = check_quantization(quantization)
         self.bf16_fallback = os.environ.get(BF16_FALLBACK_ENV, "0") not in ("", "0")
@@ -255,7 +259,7 @@ class CpuKernels(BaseKernels):
         gemm = self._gemm_kind(p["gemm"]) if op == "expert_linear" else GEMM_OWN  # 16-bit weights: panels only
         portable = self.vnni_fallback if op == INT8_DOT_OP else self.bf16_fallback
         return [num_language, addend, p["threads"], gemm, p["k_block"], p["n_block"],
-                int(op.endswith("bf16_dot")), int(portable), p["tile_rows"], self._amx(p)]
+                int(op.endswith("bf16_dot")), int(portable), p["tile_rows"], self._amx(p), p["widen_rows"]]
 
     def _amx(self, p: dict[str, int]) -> int:
         """1 where an op's parameters and COGVLM2_AMX both let it take AMX tiles."""
@@ -361,11 +365,12 @@ def resolve_backend(backend: str = "auto") -> str:
 
 def with_panel_ops(params: KernelParams) -> KernelParams:
     """params with an entry per panel op of PANEL_OPS and class: the table's over the float32 GEMM's, with tile_rows
-    (tokens per tile; 0: the kernel's default) and amx (1: the bf16/int8 dot products take AMX tiles where the CPU
-    has them, for 16 tokens or more)."""
+    (tokens per tile; 0: the kernel's default), amx (1: the bf16/int8 dot products take AMX tiles where the CPU
+    has them, for 16 tokens or more) and widen_rows (w8a16 under bf16 products: calls of up to this many tokens
+    widen the int8 weights in vdpbf16ps's order instead of pairing them as bf16; the same bits)."""
     ops = dict(params.ops)
     for op in dict.fromkeys(PANEL_OPS.values()):
-        ops[op] = {cls: {"tile_rows": 0, "amx": 1, **params.ops["expert_linear"][cls],
+        ops[op] = {cls: {"tile_rows": 0, "amx": 1, "widen_rows": WIDEN_ROWS, **params.ops["expert_linear"][cls],
                          **params.ops.get(op, {}).get(cls, {})}
                    for cls in ("decode", "prefill")}
     return KernelParams(params.sku, params.source, ops, params.ascend_backends)

@@ -62,6 +62,11 @@ DEFAULT_PARAMS: dict[str, dict[str, dict[str, int]]] = {
                       "prefill": {"threads": 2, "gemm": GEMM_PREPACKED, "k_block": 0, "n_block": 0}},
 }
 
+# The projection parameters that decide a call's bits, not only its speed: the GEMM, the k per pass (partial sums
+# are added in that order) and whether the dot products take AMX tiles. Each has one value per op for both classes,
+# so that a token's result does not depend on how many tokens share its call (batching, chunked prefill).
+RESULT_PARAMS = ("gemm", "k_block", "amx")
+
 # Built-in table: what the engine uses when no tuned table exists (a table's entries are merged over it).
 DEFAULT_KERNEL_TABLE: dict = {"version": 1, "sku": None, "ops": DEFAULT_PARAMS,
                               "ascend_backends": {op: "builtin" for op in ASCEND_CHOICE_OPS}}
@@ -340,6 +345,17 @@ class KernelParams:
 
     def get(self, op: str, cls: str) -> dict[str, int]:
         return self.ops[op][cls]
+
+
+def check_result_params(params: KernelParams) -> None:
+    """ValueError naming the op and parameter where a RESULT_PARAMS entry differs between the two classes."""
+    for op, classes in params.ops.items():
+        decode, prefill = classes.get("decode", {}), classes.get("prefill", {})
+        for name in RESULT_PARAMS:
+            if decode.get(name) != prefill.get(name):
+                raise ValueError(f"{params.source}: ops.{op}.{name} is {decode.get(name)} for decode but "
+                                 f"{prefill.get(name)} for prefill; it sets the op's results, so both classes "
+                                 "must share it (re-run `cogvlm2 tune`)")
 
 
 def check_ascend_backends(choices: dict, source: str) -> dict[str, str]:

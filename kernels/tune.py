@@ -7,8 +7,10 @@ expert_linear_i8_vnni (int8 dot: only threads and tile rows, it takes all of k i
 
 A candidate's score over a class is the mean over the class's shapes of time / best time of that shape, so that
 every shape counts equally whatever its size. Times are minima over repeated runs (the machine is shared).
-Paged attention is timed with each KV cache dtype (PAGED_CACHE_DTYPES), every (shape, dtype) one column of the
-score; the record also names the best candidate per dtype, to show whether the tiles should depend on it.
+Paged attention is timed with each KV cache dtype and attention math (PAGED_COLUMNS), every (shape, kind) one
+column of the score; the record also names the best candidate per kind, to show whether the tiles should depend on
+it. Where candidates differ in a parameter that sets the op's results (kernels.sku.RESULT_PARAMS), both classes
+get the value that costs least over the two, and each class its fastest candidate with that value.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ PANEL_OPS = ("expert_linear", "expert_linear_bf16", "expert_linear_bf16_dot", "e
              "expert_linear_i8_bf16_dot", "expert_linear_i8_vnni")
 ROW_OPS = ("rms_norm", "swiglu", "gelu")  # one pass over rows of activations: only threads to choose
 OPS = ("rope",) + ROW_OPS + ("paged_attention",) + PANEL_OPS
-PAGED_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+# Paged attention's columns: (KV cache dtype, compute dtype); bf16 compute over a bf16 cache is the bf16 math
+# (bf16 products, kernels.reference.uses_bf16_attention), the others multiply in fp32.
+PAGED_COLUMNS = (("float32", "float32"), ("bfloat16", "float32"), ("float16", "float32"), ("bfloat16", "bfloat16"))
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,10 @@ CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
     "expert_linear_i8_vnni": {cls: [{"threads": t, "k_block": 0, "tile_rows": r}
                                     for t, r in itertools.product((1, 2), (0, 4, 6, 10, 12))] for cls in SHAPES},
 }
+# w8a16's bf16 products: also the widest call whose int8 weights are widened rather than paired (the same bits;
+# prefill calls are wider than any of these).
+CANDIDATES["expert_linear_i8_bf16_dot"]["decode"] = [{**c, "widen_rows": w} for c in PANEL_CANDIDATES
+                                                     for w in (0, 1, 2, 4)]
 # The dot products that can take AMX tiles (for 16 tokens or more, where the CPU has them): each candidate with and
 # without.
 AMX_OPS = ("expert_linear_bf16_dot", "expert_linear_i8_vnni")
@@ -127,7 +135,8 @@ class Workload:
     """Inputs of `op` for one shape, built once; `call(kernels)` runs the op (expert_linear: two projections).
     cache_dtype: paged attention's KV cache dtype."""
 
-    def __init__(self, op: str, shape: Shape, rng: np.random.Generator, cache_dtype: str = "float32"):
+    def __init__(self, op: str, shape: Shape, rng: np.random.Generator, cache_dtype: str = "float32",
+                 compute_dtype: str = "float32"):
         from mindspore import Parameter, Tensor
 
         from kernels.reference import make_paged_batch
@@ -136,12 +145,16 @@ class Workload:
         normal = lambda *s: Tensor(rng.standard_normal(s).astype(np.float32))  # noqa: E731
         i32 = lambda a: Tensor.from_numpy(np.ascontiguousarray(a, np.int32))  # noqa: E731
         self.op, n, s = op, shape.tokens, shape
+        self.variant: tuple[str, str | None] = (compute_dtype, None)  # the kernel set's (compute, quantization)
         if op in PANEL_OPS:  # the QKV projection (with the vision bias) and the MLP's down projection
             from kernels.ops import pack_weight
-            from kernels.registry import get_kernels
-            dtype, self.compute_dtype, quantization = panel_variant(op)
-            # a quantization's weights as its kernel set prepares them (the layout does not depend on parameters)
-            prepare = get_kernels("cpu", compute_dtype=self.compute_dtype, quantization=quantization).prepare_weight \
+            from kernels.registry import CpuKernels
+            from kernels.sku import KernelParams
+            dtype, compute, quantization = panel_variant(op)
+            self.variant = (compute, quantization)
+            # a quantization's weights as its kernel set prepares them (the layout does not depend on parameters:
+            # the defaults', not this SKU's table, which may be what is being re-tuned)
+            prepare = CpuKernels(KernelParams("tune", "defaults"), compute, quantization).prepare_weight \
                 if quantization else lambda w: Tensor.from_numpy(pack_weight(w))
             qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
             weights = [(rng.standard_normal((qkv, s.hidden)), rng.standard_normal((qkv, s.hidden))),
@@ -187,21 +200,55 @@ class Workload:
         return [getattr(kernels, self.op)(*args) for args in self.calls][-1]
 
 
+def column_kind(cache_dtype: str, compute_dtype: str) -> str:
+    """A paged-attention column's suffix: the cache dtype, and ', bf16 math' where the products are bf16."""
+    return f"[{cache_dtype}{', bf16 math' if (cache_dtype, compute_dtype) == ('bfloat16', 'bfloat16') else ''}]"
+
+
 def _workloads(op: str, shapes: list[Shape], rng: np.random.Generator) -> dict[str, Workload]:
-    """The columns of a sweep by name: one per shape; for paged attention, one per shape and cache dtype."""
+    """The columns of a sweep by name: one per shape; for paged attention, one per shape and PAGED_COLUMNS kind."""
     if op != "paged_attention":
         return {s.name: Workload(op, s, rng) for s in shapes}
-    return {f"{s.name} [{dtype}]": Workload(op, s, rng, dtype) for s in shapes for dtype in PAGED_CACHE_DTYPES}
+    return {f"{s.name} {column_kind(cache, compute)}": Workload(op, s, rng, cache, compute)
+            for s in shapes for cache, compute in PAGED_COLUMNS}
 
 
-def _best_by_cache_dtype(candidates: list[dict], names: list[str], times: np.ndarray) -> dict[str, dict]:
-    """For paged attention: the candidate a sweep over one cache dtype's columns alone would choose."""
-    best = {}
-    for dtype in PAGED_CACHE_DTYPES:
-        columns = [i for i, name in enumerate(names) if name.endswith(f"[{dtype}]")]
-        sub = times[:, columns]
-        best[dtype] = dict(candidates[int((sub / sub.min(axis=0)).mean(axis=1).argmin())])
-    return best
+@dataclass
+class Sweep:
+    """One op and class: its candidates and the min time (ms) of each on each named column."""
+    candidates: list[dict[str, int]]
+    names: list[str]
+    times: np.ndarray  # [candidate, column]
+
+    def scores(self, columns: list[int] | None = None) -> np.ndarray:
+        times = self.times if columns is None else self.times[:, columns]
+        return (times / times.min(axis=0)).mean(axis=1)
+
+    def best_by_kind(self) -> dict[str, dict]:
+        """For paged attention: the candidate a sweep over one column kind alone would choose."""
+        best = {}
+        for cache, compute in PAGED_COLUMNS:
+            kind = column_kind(cache, compute)
+            columns = [i for i, name in enumerate(self.names) if name.endswith(kind)]
+            best[kind.strip("[]")] = dict(self.candidates[int(self.scores(columns).argmin())])
+        return best
+
+
+def result_values(candidate: dict[str, int]) -> tuple:
+    from kernels.sku import RESULT_PARAMS
+    return tuple(candidate.get(name) for name in RESULT_PARAMS)
+
+
+def choose(sweeps: dict[str, Sweep]) -> dict[str, int]:
+    """The chosen candidate's index per class: the RESULT_PARAMS values whose best candidates cost least summed
+    over the classes, then each class's best candidate with those values."""
+    def best_with(sweep: Sweep, values: tuple) -> int:
+        indices = [i for i, c in enumerate(sweep.candidates) if result_values(c) == values]
+        return min(indices, key=lambda i: sweep.scores()[i])
+
+    shared = set.intersection(*({result_values(c) for c in s.candidates} for s in sweeps.values()))
+    values = min(sorted(shared, key=str), key=lambda v: sum(s.scores()[best_with(s, v)] for s in sweeps.values()))
+    return {cls: best_with(sweep, values) for cls, sweep in sweeps.items()}
 
 
 def _params_with(sku: str, op: str, candidate: dict[str, int]):
@@ -212,11 +259,29 @@ def _params_with(sku: str, op: str, candidate: dict[str, int]):
     return params
 
 
+def sweep(sku: str, op: str, cls: str, repeat: int, rng: np.random.Generator) -> Sweep:
+    """Every candidate of op's class on every column. Round-robin over candidates, minimum per (candidate, column):
+    a burst of load from other processes then hits every candidate alike instead of one of them."""
+    from kernels.registry import CpuKernels
+    named = _workloads(op, shapes_of(op, cls), rng)
+    candidates = CANDIDATES[op][cls]
+    variants = dict.fromkeys(workload.variant for workload in named.values())
+    kernel_sets = {variant: [CpuKernels(_params_with(sku, op, candidate), *variant) for candidate in candidates]
+                   for variant in variants}
+    times = np.full((len(candidates), len(named)), np.inf)
+    for _ in range(repeat + 1):  # the first round warms up
+        for c in range(len(candidates)):
+            for i, workload in enumerate(named.values()):
+                kernels = kernel_sets[workload.variant][c]
+                times[c, i] = min(times[c, i], run_once(lambda: workload.call(kernels)))
+    return Sweep(candidates, list(named), times)
+
+
 def tune(ops: list[str], repeat: int, log: Callable[[str], None] = print) -> tuple[dict, dict]:
     """Returns (best parameters per op and class, measurements for the record)."""
     from kernels.runtime import configure_mindspore
     configure_mindspore()
-    from kernels.registry import CpuKernels, with_panel_ops
+    from kernels.registry import with_panel_ops
     from kernels.sku import DEFAULT_PARAMS, KernelParams, detect_sku
 
     sku = detect_sku()
@@ -224,36 +289,23 @@ def tune(ops: list[str], repeat: int, log: Callable[[str], None] = print) -> tup
     defaults = with_panel_ops(KernelParams(sku, "defaults")).ops
     chosen: dict[str, dict[str, dict[str, int]]] = copy.deepcopy(DEFAULT_PARAMS)
     record: dict[str, dict] = {}
-    for cls in SHAPES:
-        for op in ops:
-            named = _workloads(op, shapes_of(op, cls), rng)
-            names, workloads = list(named), list(named.values())
-            candidates = CANDIDATES[op][cls]
-            _, compute, quantization = panel_variant(op) if op in PANEL_OPS else (None, "float32", None)
-            kernel_sets = [CpuKernels(_params_with(sku, op, candidate), compute, quantization)
-                           for candidate in candidates]
-            # Round-robin over candidates, minimum per (candidate, shape): a burst of load from other processes
-            # then hits every candidate alike instead of one of them.
-            times = np.full((len(candidates), len(workloads)), np.inf)
-            for _ in range(repeat + 1):  # the first round warms up
-                for c, kernels in enumerate(kernel_sets):
-                    for i, workload in enumerate(workloads):
-                        times[c, i] = min(times[c, i], run_once(lambda: workload.call(kernels)))
-            score = (times / times.min(axis=0)).mean(axis=1)
-            best = int(score.argmin())
-            default = next((c for c, candidate in enumerate(candidates)
+    for op in ops:
+        sweeps = {cls: sweep(sku, op, cls, repeat, rng) for cls in SHAPES}
+        for cls, best in choose(sweeps).items():
+            s = sweeps[cls]
+            default = next((c for c, candidate in enumerate(s.candidates)
                             if all(defaults[op][cls].get(key) == value for key, value in candidate.items())), None)
-            chosen.setdefault(op, {})[cls] = dict(CANDIDATES[op][cls][best])
+            chosen.setdefault(op, {})[cls] = dict(s.candidates[best])
             record.setdefault(op, {})[cls] = {
-                "best_ms": {name: round(float(times[best, i]), 4) for i, name in enumerate(names)},
+                "best_ms": {name: round(float(s.times[best, i]), 4) for i, name in enumerate(s.names)},
                 "default_ms": None if default is None else
-                {name: round(float(times[default, i]), 4) for i, name in enumerate(names)},
-                "candidates": len(CANDIDATES[op][cls]),
+                {name: round(float(s.times[default, i]), 4) for i, name in enumerate(s.names)},
+                "candidates": len(s.candidates),
             }
             log(f"{op:16} {cls:8} best {chosen[op][cls]}  ms {record[op][cls]['best_ms']}")
             if op == "paged_attention":
-                record[op][cls]["best_by_cache_dtype"] = _best_by_cache_dtype(candidates, names, times)
-                log(f"{'':16} {cls:8} best per cache dtype {record[op][cls]['best_by_cache_dtype']}")
+                record[op][cls]["best_by_kind"] = s.best_by_kind()
+                log(f"{'':16} {cls:8} best per column kind {record[op][cls]['best_by_kind']}")
     return chosen, record
 
 

@@ -875,6 +875,20 @@ def test_a_token_s_projection_does_not_depend_on_its_batch(compute, quantization
 
 
 @needs_cpu
+@pytest.mark.parametrize("k", [1024, 1023])
+def test_w8a16_few_token_tiles_give_the_many_token_bits(k):
+    """Up to 8 tokens, w8a16's int8 panels under bf16 products skip the bf16 pairs (i8_dot_order_tile): the same
+    bits as the tiles over bf16 pairs that larger calls take, odd k included."""
+    rng = np.random.default_rng(4)
+    x, w = normal(rng, 24, k), normal(rng, 64, k) * 0.05
+    kernels = get_kernels("cpu", compute_dtype="bfloat16", quantization="w8a16")
+    wp = kernels.prepare_weight(w)
+    whole = kernels.linear(Tensor(x), wp).asnumpy()
+    for count in range(1, 9):
+        np.testing.assert_array_equal(kernels.linear(Tensor(x[24 - count:]), wp).asnumpy(), whole[24 - count:])
+
+
+@needs_cpu
 def test_has_amx_needs_the_cpu_flags():
     flags = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").is_file() else ""
     if CPU.ops.has_amx:  # else the CPU lacks them, or the kernel did not grant the tile state
@@ -1249,4 +1263,27 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     assert params.get("expert_linear", "decode")["gemm"] in range(5)
     assert params.get("expert_linear_bf16_dot", "prefill") in panel
     assert "measurements" in out.read_text(encoding="utf-8")
-    assert "best_by_cache_dtype" in out.read_text(encoding="utf-8")  # paged attention, timed per cache dtype
+    assert "best_by_kind" in out.read_text(encoding="utf-8")  # paged attention, timed per cache dtype and math
+    assert "bfloat16, bf16 math" in out.read_text(encoding="utf-8")
+    for op in tune.PANEL_OPS:  # what sets the bits is shared by both classes
+        assert {params.get(op, c)["k_block"] for c in ("decode", "prefill")} == \
+            {params.get(op, "decode")["k_block"]}
+
+
+def test_tune_shares_what_sets_the_results_between_the_classes():
+    """decode alone would take k_block 512, prefill alone 1024; together, the k_block cheapest over both."""
+    from kernels import tune
+    candidates = [{"threads": t, "k_block": k} for k in (512, 1024) for t in (1, 2)]
+    decode = tune.Sweep(candidates, ["a"], np.array([[1.0], [1.1], [1.3], [1.4]]))
+    prefill = tune.Sweep(candidates, ["b"], np.array([[2.2], [2.1], [2.0], [2.5]]))
+    assert tune.choose({"decode": decode, "prefill": prefill}) == {"decode": 0, "prefill": 1}
+    prefill.times[2] = 1.0  # now 1024 saves more in prefill than it costs in decode
+    assert tune.choose({"decode": decode, "prefill": prefill}) == {"decode": 2, "prefill": 2}
+
+
+def test_a_table_whose_classes_disagree_on_what_sets_the_results_is_refused(tmp_path):
+    table = tmp_path / "table.yaml"
+    table.write_text("ops:\n  expert_linear_i8_bf16_dot:\n    decode: {k_block: 1024}\n"
+                     "    prefill: {k_block: 512}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="expert_linear_i8_bf16_dot.k_block is 1024 for decode but 512 for prefill"):
+        CpuKernels(load_params(path=table))

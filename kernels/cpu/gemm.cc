@@ -332,6 +332,34 @@ COGVLM2_BF16_TARGET void bf16_dot_tile(const uint16_t* x, int64_t ldx, const uin
   store_tile<R>(acc, y, ldy, cols, add, scales.columns);
 }
 
+// vdpbf16ps's bits over int8 panels without their bf16 pairs (w8a16 under bf16 products, few tokens): the weights
+// widened to fp32 as they are loaded (exact), each bf16 activation widened as it is broadcast, and in every k pair
+// the odd k's FMA before the even k's, the order and rounding of vdpbf16ps (test_bf16_dot_fallback_is_bit_identical
+// holds the same for the fallback). It skips i8_slice_to_bf16_pairs' pass over the slice, which costs more than
+// the products where a slice serves one or a few tokens. An odd last k pairs with zero weights (x is 0 there).
+template <int R>
+void i8_dot_order_tile(const uint16_t* x, int64_t ldx, const int8_t* panel, int64_t len, float* y, int64_t ldy,
+                       int64_t cols, bool add, const char* pf, int64_t pf_lines, TileScales scales) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  Prefetcher prefetch(pf, pf_lines, len);
+  for (int64_t kk = 0; kk < len; kk += 2) {
+    prefetch.at(kk);
+    __m512 even[1][2], odd[1][2] = {{_mm512_setzero_ps(), _mm512_setzero_ps()}};
+    I8Panel::load(panel + kk * kPackedPanel, even);
+    if (kk + 1 < len) I8Panel::load(panel + (kk + 1) * kPackedPanel, odd);
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, x + r * ldx + kk, sizeof(pair));
+      const __m512 a_even = _mm512_set1_ps(bf16_to_float(static_cast<uint16_t>(pair)));
+      const __m512 a_odd = _mm512_set1_ps(bf16_to_float(static_cast<uint16_t>(pair >> 16)));
+      for (int h = 0; h < 2; ++h)
+        acc[r][h] = _mm512_fmadd_ps(a_even, even[0][h], _mm512_fmadd_ps(a_odd, odd[0][h], acc[r][h]));
+    }
+  }
+  store_tile<R>(acc, y, ldy, cols, add, scales.columns);
+}
+
 #define COGVLM2_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 // int32 accumulators as GCC's own vector type: as __m512i (64-bit lanes) GCC 12 copies every accumulator through
@@ -416,6 +444,13 @@ constexpr Tiles<uint16_t, uint16_t> dot_tiles(std::index_sequence<I...>) {
 }
 
 const Tiles<uint16_t, uint16_t> kBf16DotTiles = dot_tiles(std::make_index_sequence<kMaxTileRows>());
+
+template <size_t... I>
+constexpr Tiles<uint16_t, int8_t> i8_dot_order_tiles(std::index_sequence<I...>) {
+  return {{&i8_dot_order_tile<static_cast<int>(I) + 1>...}};
+}
+
+const Tiles<uint16_t, int8_t> kI8DotOrderTiles = i8_dot_order_tiles(std::make_index_sequence<kMaxTileRows>());
 
 template <size_t... I>
 constexpr Tiles<uint8_t, int8_t> int8_dot_tiles(std::index_sequence<I...>) {
@@ -766,6 +801,8 @@ void gemm_panels(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p
     case PanelDtype::kI8:
       if (g.math == PanelMath::kFloat32) return run_panels(kI8Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s);
 #ifdef __AVX512F__
+      if (uses_vdpbf16ps(g) && m <= g.widen_rows)
+        return run_panels<uint16_t, int8_t>(kI8DotOrderTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s);
       if (uses_vdpbf16ps(g))
         return run_panels<uint16_t, uint16_t, int8_t>(kBf16DotTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s,
                                                        &i8_slice_to_bf16_pairs_native);

@@ -56,6 +56,8 @@ struct PanelGemm {
   int64_t k_block = 0;    // k per pass over the panels (even for kBf16; kInt8Dot: always all of k); <= 0: the default
   int tile_rows = 0;      // tokens per tile, 1..kMaxTileRows; <= 0: the default
   bool amx = false;       // kBf16Dot, kInt8Dot (not portable): AMX tiles where the CPU has them (gemm_amx.h)
+  int widen_rows = 0;     // kI8 under kBf16Dot: calls of up to this many tokens widen the int8 weights to fp32 in
+                          // vdpbf16ps's order (the same bits) instead of pairing them as bf16 for it
 };
 
 // The activations as a panel GEMM reads them: x itself (kFloat32); x rounded to bf16 for kBf16Dot, as bf16
