@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -171,6 +172,13 @@ def _bytes_per(engine: LLMEngine) -> tuple[int, int]:
 
 
 def run_decode(engine: LLMEngine, batch: int, context: int, steps: int, limits: MachineLimits) -> StepReport:
+    start_decode(engine, batch, context, steps)
+    return finish_decode(engine, batch, context, [timed_step(engine) for _ in range(steps)], limits)
+
+
+def start_decode(engine: LLMEngine, batch: int, context: int, steps: int) -> None:
+    """`batch` sequences of `context` tokens prefilled and decoding, the phase timer reset: ready for `steps`
+    timed steps."""
     warmup = 4 + -(-batch * context // engine.args.max_num_batched_tokens)  # prefill everyone, then decode
     for i in range(batch):
         engine.add_request(f"d{batch}-{i}", {"prompt": _prompt_of(engine, context, batch * 1000 + i),
@@ -180,11 +188,17 @@ def run_decode(engine: LLMEngine, batch: int, context: int, steps: int, limits: 
         engine.step()
     assert engine.scheduler.num_running == batch and engine.scheduler.num_waiting == 0
     engine.timer.reset()
-    step_seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.step()
-        step_seconds.append(time.perf_counter() - start)
+
+
+def timed_step(engine: LLMEngine) -> float:
+    start = time.perf_counter()
+    engine.step()
+    return time.perf_counter() - start
+
+
+def finish_decode(engine: LLMEngine, batch: int, context: int, step_seconds: list[float],
+                  limits: MachineLimits) -> StepReport:
+    steps = len(step_seconds)
     breakdown = _breakdown(engine, sum(step_seconds), steps)
     while engine.has_unfinished_requests():
         engine.step()
@@ -219,12 +233,53 @@ def _report(name, tokens, context, gflop, gbytes, gemm_gflop, seconds, breakdown
                       breakdown)
 
 
-def run_dtype(args: argparse.Namespace, entry: str) -> dict:
-    with engine_model(args.model, entry) as (model, settings):
-        return _run_engine(args, model, settings, entry)
+@dataclass
+class Loaded:
+    """One --dtypes entry's engine and the machine's limits for its dtype."""
+    dtype: str
+    engine: LLMEngine
+    limits: MachineLimits
+    cold_start_s: float
 
 
-def _run_engine(args: argparse.Namespace, model: str, settings: dict, dtype: str) -> dict:
+def run_entries(args: argparse.Namespace, names: list[str]) -> list[dict]:
+    """Every entry, one after the other; with --interleave all loaded at once and every timed step (and prefill
+    repeat) alternated between them, so that a burst of load from other tenants hits each entry alike."""
+    runs = []
+    for group in [names] if args.interleave else [[name] for name in names]:
+        with ExitStack() as stack:
+            loaded = [load_entry(args, *stack.enter_context(engine_model(args.model, name)), name) for name in group]
+            runs += measure(args, loaded)
+            for entry in loaded:
+                entry.engine.shutdown()
+    return runs
+
+
+def measure(args: argparse.Namespace, loaded: list[Loaded]) -> list[dict]:
+    reports: list[list[StepReport]] = [[] for _ in loaded]
+    for batch in (int(b) for b in args.batches.split(",")):
+        for entry in loaded:
+            start_decode(entry.engine, batch, args.context, args.steps)
+        seconds = [[] for _ in loaded]
+        for _ in range(args.steps):
+            for i, entry in enumerate(loaded):
+                seconds[i].append(timed_step(entry.engine))
+        for i, entry in enumerate(loaded):
+            reports[i].append(finish_decode(entry.engine, batch, args.context, seconds[i], entry.limits))
+    best: list[StepReport | None] = [None] * len(loaded)
+    for _ in range(args.prefill_repeats):
+        for i, entry in enumerate(loaded):
+            report = run_prefill(entry.engine, args.prefill_tokens, entry.limits)
+            best[i] = report if best[i] is None or report.measured_ms < best[i].measured_ms else best[i]
+    runs = []
+    for entry, steps, prefill in zip(loaded, reports, best):
+        print_reports(entry.dtype, steps + [prefill], entry.limits)
+        runs.append({"dtype": entry.dtype, "cold_start_s": round(entry.cold_start_s, 2),
+                     "limits": asdict(entry.limits), "steps": [asdict(r) for r in steps + [prefill]]})
+    return runs
+
+
+def load_entry(args: argparse.Namespace, model: str, settings: dict, dtype: str) -> Loaded:
     start = time.perf_counter()
     engine = LLMEngine(model, max_num_seqs=64, max_num_batched_tokens=args.prefill_tokens,
                        max_model_len=max(args.prefill_tokens, args.context + args.steps + 16) + 16,
@@ -237,12 +292,7 @@ def _run_engine(args: argparse.Namespace, model: str, settings: dict, dtype: str
           f"bandwidth: {limits.bandwidth_gbs} GB/s; weights {engine.precision.weights}, KV {engine.precision.kv_cache}")
     for row in table:
         print("  gemm", row)
-    reports = [run_decode(engine, int(b), args.context, args.steps, limits) for b in args.batches.split(",")]
-    reports.append(run_prefill(engine, args.prefill_tokens, limits))
-    print_reports(dtype, reports, limits)
-    engine.shutdown()
-    return {"dtype": dtype, "cold_start_s": round(cold_start, 2), "limits": asdict(limits),
-            "steps": [asdict(r) for r in reports]}
+    return Loaded(dtype, engine, limits, cold_start)
 
 
 def print_reports(dtype: str, reports: list[StepReport], limits: MachineLimits) -> None:
@@ -283,9 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--prefill-repeats", type=int, default=1, help="prefills per entry; the fastest is reported")
+    p.add_argument("--interleave", action="store_true",
+                   help="load every entry at once and alternate their timed steps (fairer ratios on a shared machine)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    runs = [run_dtype(args, entry) for entry in entries(args.dtypes, args.quantizations, args.kv_cache_dtypes)]
+    runs = run_entries(args, entries(args.dtypes, args.quantizations, args.kv_cache_dtypes))
     print_speedups(runs)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "runs": runs}, indent=2))
