@@ -52,6 +52,8 @@ DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" p
 # The panel ops' widen_rows where no table sets it: on AVX512-BF16 (no AMX), widening was 1.5x faster than pairing
 # at 1 token, 1.3x at 2 and slower from 4 (the fp32 FMAs then cost more than the pass that pairs the weights).
 WIDEN_ROWS = 2
+# The panel ops' parallel_min_work where no table sets it: calls of fewer tokens x weights run on one thread.
+PARALLEL_MIN_WORK = 1 << 20
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 BF16_FALLBACK_ENV = "COGVLM2_BF16_FALLBACK"
 VNNI_FALLBACK_ENV = "COGVLM2_VNNI_FALLBACK"
@@ -259,7 +261,8 @@ class CpuKernels(BaseKernels):
         gemm = self._gemm_kind(p["gemm"]) if op == "expert_linear" else GEMM_OWN  # 16-bit weights: panels only
         portable = self.vnni_fallback if op == INT8_DOT_OP else self.bf16_fallback
         return [num_language, addend, p["threads"], gemm, p["k_block"], p["n_block"],
-                int(op.endswith("bf16_dot")), int(portable), p["tile_rows"], self._amx(p), p["widen_rows"]]
+                int(op.endswith("bf16_dot")), int(portable), p["tile_rows"], self._amx(p), p["widen_rows"],
+                p["parallel_min_work"]]
 
     def _amx(self, p: dict[str, int]) -> int:
         """1 where an op's parameters and COGVLM2_AMX both let it take AMX tiles."""
@@ -367,10 +370,12 @@ def with_panel_ops(params: KernelParams) -> KernelParams:
     """params with an entry per panel op of PANEL_OPS and class: the table's over the float32 GEMM's, with tile_rows
     (tokens per tile; 0: the kernel's default), amx (1: the bf16/int8 dot products take AMX tiles where the CPU
     has them, for 16 tokens or more) and widen_rows (w8a16 under bf16 products: calls of up to this many tokens
-    widen the int8 weights in vdpbf16ps's order instead of pairing them as bf16; the same bits)."""
+    widen the int8 weights in vdpbf16ps's order instead of pairing them as bf16; the same bits) and
+    parallel_min_work (the fewest tokens x weights for which a call takes its threads; fewer run on one)."""
     ops = dict(params.ops)
     for op in dict.fromkeys(PANEL_OPS.values()):
-        ops[op] = {cls: {"tile_rows": 0, "amx": 1, "widen_rows": WIDEN_ROWS, **params.ops["expert_linear"][cls],
+        ops[op] = {cls: {"tile_rows": 0, "amx": 1, "widen_rows": WIDEN_ROWS, "parallel_min_work": PARALLEL_MIN_WORK,
+                         **params.ops["expert_linear"][cls],
                          **params.ops.get(op, {}).get(cls, {})}
                    for cls in ("decode", "prefill")}
     return KernelParams(params.sku, params.source, ops, params.ascend_backends)

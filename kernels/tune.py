@@ -66,7 +66,8 @@ SHAPES: dict[str, list[Shape]] = {
 # The projections also at one decode and at a long prefill (their own classes' extremes; attention is tuned on
 # SHAPES only, where a 2048-token prompt would cost minutes per candidate).
 GEMM_SHAPES: dict[str, list[Shape]] = {
-    "decode": [Shape("19b 1 decode x 512", 32, 8, 128, 4096, 14336, (512,), (1,))],
+    "decode": [Shape("19b 1 decode x 512", 32, 8, 128, 4096, 14336, (512,), (1,)),
+               Shape("bench 1 decode x 512", 16, 4, 64, 1024, 2816, (512,), (1,))],
     "prefill": [Shape("bench prompt 2048", 16, 4, 64, 1024, 2816, (2048,), (2048,))],
 }
 
@@ -95,9 +96,15 @@ CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
     "expert_linear_i8_vnni": {cls: [{"threads": t, "k_block": 0, "tile_rows": r}
                                     for t, r in itertools.product((1, 2), (0, 4, 6, 10, 12))] for cls in SHAPES},
 }
+# Decode calls also choose how much work takes the threads (the same bits either way): measured here, two threads
+# lost to one on 2-16 MB of weights at one token.
+for _op in PANEL_OPS:
+    CANDIDATES[_op]["decode"] = [{**c, "parallel_min_work": w} for c in CANDIDATES[_op]["decode"]
+                                 for w in (1 << 20, 1 << 24)]
 # w8a16's bf16 products: also the widest call whose int8 weights are widened rather than paired (the same bits;
 # prefill calls are wider than any of these).
-CANDIDATES["expert_linear_i8_bf16_dot"]["decode"] = [{**c, "widen_rows": w} for c in PANEL_CANDIDATES
+CANDIDATES["expert_linear_i8_bf16_dot"]["decode"] = [{**c, "widen_rows": w}
+                                                     for c in CANDIDATES["expert_linear_i8_bf16_dot"]["decode"]
                                                      for w in (0, 1, 2, 4)]
 # The dot products that can take AMX tiles (for 16 tokens or more, where the CPU has them): each candidate with and
 # without.

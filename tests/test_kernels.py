@@ -875,6 +875,27 @@ def test_a_token_s_projection_does_not_depend_on_its_batch(compute, quantization
 
 
 @needs_cpu
+@pytest.mark.parametrize("compute,quantization", [("bfloat16", None), ("bfloat16", "w8a16"), ("float32", "w8a8")])
+def test_a_projection_on_one_thread_gives_its_threaded_bits(compute, quantization):
+    """parallel_min_work only decides whether a call takes its threads: the same bits either way."""
+    import copy
+    rng = np.random.default_rng(5)
+    x, w = normal(rng, 9, 512), normal(rng, 256, 512) * 0.05
+    threaded = get_kernels("cpu", compute_dtype=compute, quantization=quantization)
+    params = copy.deepcopy(threaded.params)
+    for op in dict.fromkeys(registry.PANEL_OPS.values()):
+        for cls in ("decode", "prefill"):
+            params.ops[op][cls].update(threads=2, parallel_min_work=0)
+    single = copy.deepcopy(params)
+    for op in dict.fromkeys(registry.PANEL_OPS.values()):
+        for cls in ("decode", "prefill"):
+            single.ops[op][cls]["parallel_min_work"] = 1 << 30
+    a, b = CpuKernels(params, compute, quantization), CpuKernels(single, compute, quantization)
+    wa = a.prepare_weight(w.astype(BF16) if quantization is None else w)
+    np.testing.assert_array_equal(a.linear(Tensor(x), wa).asnumpy(), b.linear(Tensor(x), wa).asnumpy())
+
+
+@needs_cpu
 @pytest.mark.parametrize("k", [1024, 1023])
 def test_w8a16_few_token_tiles_give_the_many_token_bits(k):
     """Up to 8 tokens, w8a16's int8 panels under bf16 products skip the bf16 pairs (i8_dot_order_tile): the same

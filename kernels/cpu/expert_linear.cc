@@ -70,7 +70,10 @@ void* open_library(const char* path) { return dlopen(path, RTLD_NOW | RTLD_LOCAL
 enum Addend : int32_t { kNoAddend = 0, kVisionBias = 1, kResidual = 2 };
 
 // The config tensor: [num_language, addend, threads, gemm, k_block, n_block] and, where present (else 0),
-// [bf16_dot, portable, tile_rows, amx, widen_rows] for panels (gemm.h PanelGemm).
+// [bf16_dot, portable, tile_rows, amx, widen_rows] for panels (gemm.h PanelGemm), then parallel_min_work: the
+// fewest tokens x weights a call needs to take cfg.threads threads (a spawned thread can start late on a loaded
+// core, and the call then waits for it; measured to cost more than it saves on small weights at few tokens;
+// absent: 0, every call takes them).
 struct Config {
   int64_t language;
   Addend addend;
@@ -81,12 +84,13 @@ struct Config {
   int tile_rows;
   bool amx;
   int widen_rows;
+  int64_t parallel_min_work;
 };
 
 Config read_config(const int32_t* c, int64_t count) {
   auto at = [&](int64_t i) { return i < count ? c[i] : 0; };
   return {c[0], static_cast<Addend>(c[1]), std::max(1, c[2]), static_cast<GemmKind>(c[3]), c[4], c[5], at(6) != 0, at(7) != 0, at(8),
-          at(9) != 0, at(10)};
+          at(9) != 0, at(10), at(11)};
 }
 
 struct Weights {
@@ -139,7 +143,7 @@ struct Scales {
 void project_experts(const Config& cfg, const Weights& w, int64_t n, int64_t in, const float* x, const void* wl,
                      const void* wv, const float* addend, float* y, Scales scales) {
   const int64_t out = w.out, language = cfg.language, vision = n - language;
-  const int workers = n * out * in >= (1 << 20) ? cfg.threads : 1;
+  const int workers = n * out * in >= cfg.parallel_min_work ? cfg.threads : 1;
   const PanelMath math = w.dtype == PanelDtype::kI8Quads ? PanelMath::kInt8Dot
                          : cfg.bf16_dot                  ? PanelMath::kBf16Dot
                                                          : PanelMath::kFloat32;
