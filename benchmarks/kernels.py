@@ -315,8 +315,8 @@ def with_paired_int8() -> KernelSet:
 def bench_panel_gemm(m: Model, tokens: int, repeat: int, rng: np.random.Generator) -> list[Result]:
     """Each variant against its float32 twin and its composite, and the twin against its composite, side by side;
     w8a8's int8 dot also against the bf16 dot, and both dots (on AMX tiles where the CPU has them) against the
-    AVX-512 tiles alone; w8a16's bf16 dot, where it widens the int8 weights, against pairing them; targets at decode (>= 1.7x the twin) and at prefill (bf16 dot >=
-    1.6x)."""
+    AVX-512 tiles alone; w8a16's bf16 dot, where it widens the int8 weights, against pairing them; targets at decode
+    (>= 1.7x the twin) and at prefill (bf16 dot >= 1.6x)."""
     name, out, inner = panel_gemm_shape(m)
     w = rng.standard_normal((out, inner), dtype=np.float32)
     x = Tensor(rng.standard_normal((tokens, inner), dtype=np.float32))

@@ -369,7 +369,7 @@ def resolve_backend(backend: str = "auto") -> str:
 def with_panel_ops(params: KernelParams) -> KernelParams:
     """params with an entry per panel op of PANEL_OPS and class: the table's over the float32 GEMM's, with tile_rows
     (tokens per tile; 0: the kernel's default), amx (1: the bf16/int8 dot products take AMX tiles where the CPU
-    has them, for 16 tokens or more) and widen_rows (w8a16 under bf16 products: calls of up to this many tokens
+    has them, for 16 tokens or more), widen_rows (w8a16 under bf16 products: calls of up to this many tokens
     widen the int8 weights in vdpbf16ps's order instead of pairing them as bf16; the same bits) and
     parallel_min_work (the fewest tokens x weights for which a call takes its threads; fewer run on one)."""
     ops = dict(params.ops)

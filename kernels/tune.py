@@ -249,13 +249,15 @@ def result_values(candidate: dict[str, int]) -> tuple:
 def choose(sweeps: dict[str, Sweep]) -> dict[str, int]:
     """The chosen candidate's index per class: the RESULT_PARAMS values whose best candidates cost least summed
     over the classes, then each class's best candidate with those values."""
-    def best_with(sweep: Sweep, values: tuple) -> int:
-        indices = [i for i, c in enumerate(sweep.candidates) if result_values(c) == values]
-        return min(indices, key=lambda i: sweep.scores()[i])
+    scores = {cls: sweep.scores() for cls, sweep in sweeps.items()}
+
+    def best_with(cls: str, values: tuple) -> int:
+        indices = [i for i, c in enumerate(sweeps[cls].candidates) if result_values(c) == values]
+        return min(indices, key=lambda i: scores[cls][i])
 
     shared = set.intersection(*({result_values(c) for c in s.candidates} for s in sweeps.values()))
-    values = min(sorted(shared, key=str), key=lambda v: sum(s.scores()[best_with(s, v)] for s in sweeps.values()))
-    return {cls: best_with(sweep, values) for cls, sweep in sweeps.items()}
+    values = min(sorted(shared, key=str), key=lambda v: sum(scores[cls][best_with(cls, v)] for cls in sweeps))
+    return {cls: best_with(cls, values) for cls in sweeps}
 
 
 def _params_with(sku: str, op: str, candidate: dict[str, int]):

@@ -762,12 +762,17 @@ def panel_kernels(monkeypatch, compute: str, fallback: bool, k_block: int = 0, t
                   threads: int = 2) -> CpuKernels:
     """CPU kernels for `compute` whose every panel op runs with these parameters."""
     monkeypatch.setenv(registry.BF16_FALLBACK_ENV, "1" if fallback else "0")
-    params = expert_params(sku.GEMM_PREPACKED, k_block, 0, threads)
+    params = with_panel_values(expert_params(sku.GEMM_PREPACKED, k_block, 0, threads), threads=threads,
+                               k_block=k_block, tile_rows=tile_rows)
+    return CpuKernels(params, compute)
+
+
+def with_panel_values(params, **values: int):
+    """params with `values` set for every panel op in both classes."""
     for op in dict.fromkeys(registry.PANEL_OPS.values()):
         for cls in ("decode", "prefill"):
-            params.ops.setdefault(op, {}).setdefault(cls, {}).update(threads=threads, k_block=k_block,
-                                                                      tile_rows=tile_rows)
-    return CpuKernels(params, compute)
+            params.ops.setdefault(op, {}).setdefault(cls, {}).update(values)
+    return params
 
 
 def routed_inputs(rng, n: int, out: int, inner: int, dtype, bias: bool):
@@ -874,35 +879,31 @@ def test_a_token_s_projection_does_not_depend_on_its_batch(compute, quantization
         np.testing.assert_array_equal(part, whole[start:start + count])
 
 
+def panel_op_kernels(compute: str, quantization: str | None, **values: int) -> CpuKernels:
+    """CPU kernels over the default parameters with `values` set for every panel op in both classes."""
+    return CpuKernels(with_panel_values(load_params(path="/nonexistent"), **values), compute, quantization)
+
+
 @needs_cpu
 @pytest.mark.parametrize("compute,quantization", [("bfloat16", None), ("bfloat16", "w8a16"), ("float32", "w8a8")])
 def test_a_projection_on_one_thread_gives_its_threaded_bits(compute, quantization):
     """parallel_min_work only decides whether a call takes its threads: the same bits either way."""
-    import copy
     rng = np.random.default_rng(5)
     x, w = normal(rng, 9, 512), normal(rng, 256, 512) * 0.05
-    threaded = get_kernels("cpu", compute_dtype=compute, quantization=quantization)
-    params = copy.deepcopy(threaded.params)
-    for op in dict.fromkeys(registry.PANEL_OPS.values()):
-        for cls in ("decode", "prefill"):
-            params.ops[op][cls].update(threads=2, parallel_min_work=0)
-    single = copy.deepcopy(params)
-    for op in dict.fromkeys(registry.PANEL_OPS.values()):
-        for cls in ("decode", "prefill"):
-            single.ops[op][cls]["parallel_min_work"] = 1 << 30
-    a, b = CpuKernels(params, compute, quantization), CpuKernels(single, compute, quantization)
-    wa = a.prepare_weight(w.astype(BF16) if quantization is None else w)
-    np.testing.assert_array_equal(a.linear(Tensor(x), wa).asnumpy(), b.linear(Tensor(x), wa).asnumpy())
+    threaded = panel_op_kernels(compute, quantization, threads=2, parallel_min_work=0)
+    single = panel_op_kernels(compute, quantization, threads=2, parallel_min_work=1 << 30)
+    wp = threaded.prepare_weight(w.astype(BF16) if quantization is None else w)
+    np.testing.assert_array_equal(threaded.linear(Tensor(x), wp).asnumpy(), single.linear(Tensor(x), wp).asnumpy())
 
 
 @needs_cpu
 @pytest.mark.parametrize("k", [1024, 1023])
 def test_w8a16_few_token_tiles_give_the_many_token_bits(k):
-    """Up to 8 tokens, w8a16's int8 panels under bf16 products skip the bf16 pairs (i8_dot_order_tile): the same
-    bits as the tiles over bf16 pairs that larger calls take, odd k included."""
+    """Up to widen_rows tokens (8 here), w8a16's int8 panels under bf16 products skip the bf16 pairs
+    (i8_dot_order_tile): the same bits as the tiles over bf16 pairs that larger calls take, odd k included."""
     rng = np.random.default_rng(4)
     x, w = normal(rng, 24, k), normal(rng, 64, k) * 0.05
-    kernels = get_kernels("cpu", compute_dtype="bfloat16", quantization="w8a16")
+    kernels = panel_op_kernels("bfloat16", "w8a16", widen_rows=8)
     wp = kernels.prepare_weight(w)
     whole = kernels.linear(Tensor(x), wp).asnumpy()
     for count in range(1, 9):

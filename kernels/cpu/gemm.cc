@@ -801,11 +801,12 @@ void gemm_panels(const PanelGemm& g, int64_t m, int64_t n, int64_t p0, int64_t p
     case PanelDtype::kI8:
       if (g.math == PanelMath::kFloat32) return run_panels(kI8Tiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s);
 #ifdef __AVX512F__
-      if (uses_vdpbf16ps(g) && m <= g.widen_rows)
-        return run_panels<uint16_t, int8_t>(kI8DotOrderTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s);
-      if (uses_vdpbf16ps(g))
+      if (uses_vdpbf16ps(g)) {
+        if (m <= g.widen_rows)
+          return run_panels<uint16_t, int8_t>(kI8DotOrderTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s);
         return run_panels<uint16_t, uint16_t, int8_t>(kBf16DotTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s,
                                                        &i8_slice_to_bf16_pairs_native);
+      }
 #endif
       return run_panels<float, uint16_t, int8_t>(kBf16FallbackTiles, g, m, n, p0, p1, k, x, wp, y, accumulate, s,
                                                  &i8_slice_to_bf16_pairs_portable);
