@@ -537,6 +537,60 @@ def test_portable_bf16_attention_is_the_native_one_to_bf16_precision(portable_li
     assert_close(outputs[1], outputs[0], rtol=4e-3)
 
 
+# The helper threads (common.h HelperThreads): one process-wide set, taken by one call at a time.
+
+def threaded_projection(library: ctypes.CDLL, x: np.ndarray, w: np.ndarray, threads: int) -> np.ndarray:
+    """ExpertLinear through the AOT convention: every row by the language expert, our GEMM on [out, in] float32
+    weights, `threads` threads whatever the size (parallel_min_work 0)."""
+    config = np.array([x.shape[0], 0, threads, 0, 0, 0, 0, 0, 0, 0, 0, 0], np.int32)
+    arrays = [x, w, w, np.zeros(1, np.float32), config, np.zeros((x.shape[0], w.shape[0]), np.float32)]
+    assert call_aot(library, "ExpertLinear", arrays) == 0
+    return arrays[-1]
+
+
+@needs_cpu
+def test_projections_called_from_several_threads_at_once_keep_their_bits():
+    """Concurrent calls: one holds the helpers, the others spawn theirs; every result as on one thread."""
+    from concurrent.futures import ThreadPoolExecutor
+    from kernels.library import load_library
+    library = ctypes.CDLL(load_library().path)
+    rng = np.random.default_rng(8)
+    x, w = normal(rng, 7, 256), normal(rng, 512, 256)
+    expected = threaded_projection(library, x, w, threads=1)
+    with ThreadPoolExecutor(4) as pool:  # ctypes releases the GIL during the call
+        results = list(pool.map(lambda _: threaded_projection(library, x, w, threads=3), range(64)))
+    for result in results:
+        np.testing.assert_array_equal(result, expected)
+
+
+@needs_cpu
+def test_a_forked_child_gets_helper_threads_of_its_own():
+    """A child inherits none of its parent's threads: its parallel calls must not wait on the parent's helpers."""
+    import os
+    import select
+    from kernels.library import load_library
+    library = ctypes.CDLL(load_library().path)
+    rng = np.random.default_rng(9)
+    x, w = normal(rng, 5, 128), normal(rng, 256, 128)
+    expected = threaded_projection(library, x, w, threads=2)  # the parent's helpers exist from here on
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover  (runs in the child)
+        try:
+            os.write(write_end, threaded_projection(library, x, w, threads=2).tobytes())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    ready, _, _ = select.select([read_end], [], [], 30)
+    data = os.read(read_end, expected.nbytes) if ready else b""
+    os.close(read_end)
+    if not ready:
+        os.kill(child, 9)
+    os.waitpid(child, 0)
+    assert ready, "the forked child's parallel call did not finish within 30 s"
+    np.testing.assert_array_equal(np.frombuffer(data, np.float32).reshape(expected.shape), expected)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_portable_cache_write_rounds_to_nearest_even(portable_library, dtype):
     values = rounding_rows(24)

@@ -71,9 +71,8 @@ enum Addend : int32_t { kNoAddend = 0, kVisionBias = 1, kResidual = 2 };
 
 // The config tensor: [num_language, addend, threads, gemm, k_block, n_block] and, where present (else 0),
 // [bf16_dot, portable, tile_rows, amx, widen_rows] for panels (gemm.h PanelGemm), then parallel_min_work: the
-// fewest tokens x weights a call needs to take cfg.threads threads (a spawned thread can start late on a loaded
-// core, and the call then waits for it; measured to cost more than it saves on small weights at few tokens;
-// absent: 0, every call takes them).
+// fewest tokens x weights a call needs to take cfg.threads threads (a helper can start late on a loaded core, and
+// the call then waits for it; absent: 0, every call takes them).
 struct Config {
   int64_t language;
   Addend addend;

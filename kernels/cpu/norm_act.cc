@@ -15,7 +15,7 @@
 namespace cogvlm2 {
 namespace {
 
-constexpr int64_t kParallelMinElements = 1 << 18;  // below this one thread: a spawned thread costs more
+constexpr int64_t kParallelMinElements = 1 << 18;  // below this one thread: waking a helper costs more
 
 int threads_for(int64_t elements, int threads) { return elements >= kParallelMinElements ? threads : 1; }
 
