@@ -5,7 +5,8 @@
 1. Peak fp32 GEMM rate at the model's shapes (best of the available GEMMs: the engine's, MindSpore's, NumPy's
    OpenBLAS) and memory bandwidth (a large array copy on every core).
 2. Steady-state decode steps at 1, 8, 32 and 64 running sequences (context ~256) and a 2048-token prefill.
-   For each: the bound max(FLOPs / peak, bytes / bandwidth), the measured step time (decode: the median step),
+   For each: the bound max(FLOPs / peak, bytes / bandwidth), the measured step time (decode: the median step;
+   its bandwidth measured again just before and after its steps, since the load of other tenants moves it),
    the fraction of the bound achieved, and a breakdown: host (scheduler + input preparation + postprocessing), decoder, sampling, other.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ class StepReport:
     fraction_of_bound: float
     gemm_gflops_achieved: float
     breakdown_ms: dict
+    bandwidth_gbs: float  # what the bound was computed from
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -230,7 +232,7 @@ def _report(name, tokens, context, gflop, gbytes, gemm_gflop, seconds, breakdown
     bound = max(gflop / limits.peak_gflops, gbytes / limits.bandwidth_gbs)
     return StepReport(name, tokens, context, round(gflop, 3), round(gbytes, 3), round(bound * 1000, 2),
                       round(seconds * 1000, 2), round(bound / seconds, 3), round(gemm_gflop / seconds, 1),
-                      breakdown)
+                      breakdown, limits.bandwidth_gbs)
 
 
 @dataclass
@@ -261,11 +263,15 @@ def measure(args: argparse.Namespace, loaded: list[Loaded]) -> list[dict]:
         for entry in loaded:
             start_decode(entry.engine, batch, args.context, args.steps)
         seconds = [[] for _ in loaded]
+        bandwidth_before = measure_bandwidth()
         for _ in range(args.steps):
             for i, entry in enumerate(loaded):
                 seconds[i].append(timed_step(entry.engine))
+        # The bandwidth while these steps ran: other tenants' load moves it by a third from minute to minute here.
+        bandwidth = round((bandwidth_before + measure_bandwidth()) / 2, 1)
         for i, entry in enumerate(loaded):
-            reports[i].append(finish_decode(entry.engine, batch, args.context, seconds[i], entry.limits))
+            reports[i].append(finish_decode(entry.engine, batch, args.context, seconds[i],
+                                            replace(entry.limits, bandwidth_gbs=bandwidth)))
     best: list[StepReport | None] = [None] * len(loaded)
     for _ in range(args.prefill_repeats):
         for i, entry in enumerate(loaded):
@@ -296,11 +302,12 @@ def load_entry(args: argparse.Namespace, model: str, settings: dict, dtype: str)
 
 
 def print_reports(dtype: str, reports: list[StepReport], limits: MachineLimits) -> None:
-    print(f"\n[{dtype}] {'step':14} {'GFLOP':>8} {'GB':>7} {'bound ms':>9} {'step ms':>9} {'of bound':>9} "
+    print(f"\n[{dtype}] {'step':14} {'GFLOP':>8} {'GB':>7} {'GB/s':>6} {'bound ms':>9} {'step ms':>9} {'of bound':>9} "
           f"{'GEMM GF/s':>10} {'of peak':>8}  breakdown, mean ms (host / decoder / sampling / other)")
     for r in reports:
         b = r.breakdown_ms
-        print(f"[{dtype}] {r.name:14} {r.gflop:8.2f} {r.gbytes:7.3f} {r.bound_ms:9.1f} {r.measured_ms:9.1f} "
+        print(f"[{dtype}] {r.name:14} {r.gflop:8.2f} {r.gbytes:7.3f} {r.bandwidth_gbs:6.1f} {r.bound_ms:9.1f} "
+              f"{r.measured_ms:9.1f} "
               f"{r.fraction_of_bound:9.1%} {r.gemm_gflops_achieved:10.1f} "
               f"{r.gemm_gflops_achieved / limits.peak_gflops:8.1%}  "
               f"{b['host']} / {b['decoder']} / {b['sampling']} / {b['other']}  (host {b['host_fraction']:.1%})")
