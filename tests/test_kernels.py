@@ -1319,6 +1319,7 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     small = tune.Shape("tiny", 4, 2, 16, 32, 48, (20, 9), (20, 1))
     monkeypatch.setattr(tune, "SHAPES", {"decode": [small], "prefill": [small]})
     monkeypatch.setattr(tune, "GEMM_SHAPES", {"decode": [small], "prefill": []})
+    monkeypatch.setattr(tune, "COLD_WEIGHT_BYTES", 1 << 17)  # a few copies of the tiny weights, rotated
     panel = [{"threads": 1, "k_block": 0, "tile_rows": 0}, {"threads": 2, "k_block": 16, "tile_rows": 3}]
     monkeypatch.setattr(tune, "CANDIDATES", {
         **{op: {c: [{"threads": 1}, {"threads": 2}] for c in ("decode", "prefill")} for op in ("rope",) + tune.ROW_OPS},
