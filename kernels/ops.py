@@ -226,8 +226,9 @@ class CpuOps:
                          cos_table, sin_table, config)
 
     def expert_linear(self, x: Tensor, wl: Tensor, wv: Tensor, addend: Tensor, config: Tensor) -> Tensor:
-        """config [num_language, addend, threads, gemm, k_block, n_block, bf16_dot, portable, tile_rows] (the
-        last three optional) with gemm 0 (built-in), 1 (OpenBLAS, needs has_openblas) or 2 (oneDNN, needs
+        """config [num_language, addend, threads, gemm, k_block, n_block, bf16_dot, portable, tile_rows, amx,
+        widen_rows, parallel_min_work, prefetch_rows] (from bf16_dot on optional: 0; kernels.registry.with_panel_ops
+        says what each does) with gemm 0 (built-in), 1 (OpenBLAS, needs has_openblas) or 2 (oneDNN, needs
         has_onednn); addend 0: none (pass any [1] tensor), 1: the vision expert's bias [out] (vision rows),
         2: a residual [N, out] added to every row. wl and wv may instead both be
         prepacked (pack_weight) in float32, bfloat16 or float16: then the panel GEMM runs whatever gemm says,

@@ -54,6 +54,8 @@ DECODE_MAX_TOKENS = 64  # calls over at most this many tokens use the "decode" p
 WIDEN_ROWS = 2
 # The panel ops' parallel_min_work where no table sets it: calls of fewer tokens x weights run on one thread.
 PARALLEL_MIN_WORK = 1 << 20
+# The panel ops' prefetch_rows where no table sets it: every call's tiles prefetch the panel slice read next into L2.
+PREFETCH_ROWS = 0
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 BF16_FALLBACK_ENV = "COGVLM2_BF16_FALLBACK"
 VNNI_FALLBACK_ENV = "COGVLM2_VNNI_FALLBACK"
@@ -262,7 +264,7 @@ class CpuKernels(BaseKernels):
         portable = self.vnni_fallback if op == INT8_DOT_OP else self.bf16_fallback
         return [num_language, addend, p["threads"], gemm, p["k_block"], p["n_block"],
                 int(op.endswith("bf16_dot")), int(portable), p["tile_rows"], self._amx(p), p["widen_rows"],
-                p["parallel_min_work"]]
+                p["parallel_min_work"], p["prefetch_rows"]]
 
     def _amx(self, p: dict[str, int]) -> int:
         """1 where an op's parameters and COGVLM2_AMX both let it take AMX tiles."""
@@ -370,12 +372,14 @@ def with_panel_ops(params: KernelParams) -> KernelParams:
     """params with an entry per panel op of PANEL_OPS and class: the table's over the float32 GEMM's, with tile_rows
     (tokens per tile; 0: the kernel's default), amx (1: the bf16/int8 dot products take AMX tiles where the CPU
     has them, for 16 tokens or more), widen_rows (w8a16 under bf16 products: calls of up to this many tokens
-    widen the int8 weights in vdpbf16ps's order instead of pairing them as bf16; the same bits) and
-    parallel_min_work (the fewest tokens x weights for which a call takes its threads; fewer run on one)."""
+    widen the int8 weights in vdpbf16ps's order instead of pairing them as bf16; the same bits),
+    parallel_min_work (the fewest tokens x weights for which a call takes its threads; fewer run on one) and
+    prefetch_rows (calls of at least this many tokens prefetch the panel slice read next into L2 as their tiles
+    go; fewer leave the weights to the hardware prefetcher; the same bits)."""
     ops = dict(params.ops)
     for op in dict.fromkeys(PANEL_OPS.values()):
         ops[op] = {cls: {"tile_rows": 0, "amx": 1, "widen_rows": WIDEN_ROWS, "parallel_min_work": PARALLEL_MIN_WORK,
-                         **params.ops["expert_linear"][cls],
+                         "prefetch_rows": PREFETCH_ROWS, **params.ops["expert_linear"][cls],
                          **params.ops.get(op, {}).get(cls, {})}
                    for cls in ("decode", "prefill")}
     return KernelParams(params.sku, params.source, ops, params.ascend_backends)

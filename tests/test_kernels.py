@@ -951,6 +951,23 @@ def test_a_projection_on_one_thread_gives_its_threaded_bits(compute, quantizatio
 
 
 @needs_cpu
+@pytest.mark.parametrize("compute,quantization", [("float32", None), ("bfloat16", None), ("bfloat16", "w8a16"),
+                                                  ("float32", "w8a8")])
+def test_a_projection_gives_the_same_bits_with_and_without_prefetching(compute, quantization):
+    """prefetch_rows only decides whether the tiles prefetch the next panel slice: the same bits either way, over
+    several k blocks and panels on two threads."""
+    rng = np.random.default_rng(9)
+    x, w = normal(rng, 9, 1000), normal(rng, 256, 1000) * 0.05
+    prefetching = panel_op_kernels(compute, quantization, threads=2, parallel_min_work=0, k_block=256,
+                                   prefetch_rows=0)
+    streaming = panel_op_kernels(compute, quantization, threads=2, parallel_min_work=0, k_block=256,
+                                 prefetch_rows=1 << 30)
+    wp = prefetching.prepare_weight(w if quantization else w.astype(BF16))
+    np.testing.assert_array_equal(prefetching.linear(Tensor(x), wp).asnumpy(),
+                                  streaming.linear(Tensor(x), wp).asnumpy())
+
+
+@needs_cpu
 @pytest.mark.parametrize("k", [1024, 1023])
 def test_w8a16_few_token_tiles_give_the_many_token_bits(k):
     """Up to widen_rows tokens (8 here), w8a16's int8 panels under bf16 products skip the bf16 pairs

@@ -72,7 +72,7 @@ enum Addend : int32_t { kNoAddend = 0, kVisionBias = 1, kResidual = 2 };
 // The config tensor: [num_language, addend, threads, gemm, k_block, n_block] and, where present (else 0),
 // [bf16_dot, portable, tile_rows, amx, widen_rows] for panels (gemm.h PanelGemm), then parallel_min_work: the
 // fewest tokens x weights a call needs to take cfg.threads threads (a helper can start late on a loaded core, and
-// the call then waits for it; absent: 0, every call takes them).
+// the call then waits for it; absent: 0, every call takes them), then prefetch_rows (gemm.h PanelGemm; absent: 0).
 struct Config {
   int64_t language;
   Addend addend;
@@ -84,12 +84,13 @@ struct Config {
   bool amx;
   int widen_rows;
   int64_t parallel_min_work;
+  int prefetch_rows;
 };
 
 Config read_config(const int32_t* c, int64_t count) {
   auto at = [&](int64_t i) { return i < count ? c[i] : 0; };
   return {c[0], static_cast<Addend>(c[1]), std::max(1, c[2]), static_cast<GemmKind>(c[3]), c[4], c[5], at(6) != 0, at(7) != 0, at(8),
-          at(9) != 0, at(10), at(11)};
+          at(9) != 0, at(10), at(11), at(12)};
 }
 
 struct Weights {
@@ -146,7 +147,8 @@ void project_experts(const Config& cfg, const Weights& w, int64_t n, int64_t in,
   const PanelMath math = w.dtype == PanelDtype::kI8Quads ? PanelMath::kInt8Dot
                          : cfg.bf16_dot                  ? PanelMath::kBf16Dot
                                                          : PanelMath::kFloat32;
-  const PanelGemm g{w.dtype, math, cfg.portable, cfg.k_block, cfg.tile_rows, cfg.amx, cfg.widen_rows};
+  const PanelGemm g{w.dtype, math, cfg.portable, cfg.k_block, cfg.tile_rows, cfg.amx, cfg.widen_rows,
+                    cfg.prefetch_rows};
   thread_local ActivationStorage storage;  // kept between calls: the rounded activations of the largest call
   const Activations xs = w.panels ? prepare_activations(g, x, n, in, storage, workers) : Activations{x, in, 4};
   auto project = [&](int64_t rows, int64_t row0, const void* wt, const float* scale, const int32_t* offsets,

@@ -589,6 +589,7 @@ struct PanelLoop {
   const W* wp;
   float* y;
   bool accumulate;
+  bool prefetch;  // the tiles prefetch the slice read next
   TileScales scales;  // int8 panels: [n] per-column scales (and offsets), the [m] rows' scales; else nullptr
   const TileW* (*convert)(const W* slice, int64_t len) = nullptr;
 
@@ -610,7 +611,7 @@ struct PanelLoop {
     const int64_t next_k0 = last ? k0 + k_block : k0;
     const W* next = wp + (last ? p0 : p + 1) * panel_stride + next_k0 * kPackedPanel;
     const int64_t next_len = next_k0 < k ? std::min(k_block, k - next_k0) : 0;
-    const int64_t lines = next_len * kPackedPanel * static_cast<int64_t>(sizeof(W)) / 64;
+    const int64_t lines = prefetch ? next_len * kPackedPanel * static_cast<int64_t>(sizeof(W)) / 64 : 0;
     const int64_t blocks = (r1 - r0 + tile_rows - 1) / tile_rows, per_block = (lines + blocks - 1) / blocks;
     for (int64_t b = 0, row = r0; row < r1; ++b, row += tile_rows) {
       const int64_t rows = std::min<int64_t>(tile_rows, r1 - row), first = std::min(b * per_block, lines);
@@ -684,7 +685,8 @@ void run_panels(const Tiles<X, TileW>& tiles, const PanelGemm& g, int64_t m, int
   const int64_t stored_k = pairs ? (k + 1) / 2 * 2 : quads ? (k + 3) / 4 * 4 : k;
   if (quads) kb = stored_k;  // integer sums over all of k (exact), scaled once
   const PanelLoop<X, W, TileW> loop{tiles, rows, m, n, k, kb, stored_k * kPackedPanel, static_cast<const X*>(x.data),
-                                    x.ld, static_cast<const W*>(wp), y, accumulate, scales, convert};
+                                    x.ld, static_cast<const W*>(wp), y, accumulate, m >= g.prefetch_rows, scales,
+                                    convert};
   loop.run(p0, p1);
 }
 

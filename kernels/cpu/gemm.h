@@ -58,6 +58,9 @@ struct PanelGemm {
   bool amx = false;       // kBf16Dot, kInt8Dot (not portable): AMX tiles where the CPU has them (gemm_amx.h)
   int widen_rows = 0;     // kI8 under kBf16Dot: calls of up to this many tokens widen the int8 weights to fp32 in
                           // vdpbf16ps's order (the same bits) instead of pairing them as bf16 for it
+  int prefetch_rows = 0;  // calls of at least this many tokens have their tiles pull the panel slice read next into
+                          // L2 as they go; fewer leave the weights' one sequential stream per core to the hardware
+                          // prefetcher (a second stream slowed 16-bit weights at few tokens)
 };
 
 // The activations as a panel GEMM reads them: x itself (kFloat32); x rounded to bf16 for kBf16Dot, as bf16
