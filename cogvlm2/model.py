@@ -67,23 +67,35 @@ class CogVLM2Model:
         """[B, 3, S, S] -> [B, tokens_per_image, hidden]."""
         return self.vision(pixel_values)
 
+    @staticmethod
+    def _has_images(batch: TokenBatch) -> bool:
+        return batch.image_features is not None and batch.image_positions is not None and \
+            len(batch.image_positions) > 0
+
     def embed(self, batch: TokenBatch) -> Tensor:
         embeds = self.language.embed(batch.token_ids)
-        if batch.image_features is None or batch.image_positions is None or len(batch.image_positions) == 0:
+        if not self._has_images(batch):
             return embeds
         idx = Tensor.from_numpy(batch.image_positions.astype(np.int32).reshape(-1, 1))
         return ops.tensor_scatter_update(embeds, idx, batch.image_features)
 
     def hidden_states(self, batch: TokenBatch, attention: Attention) -> Tensor:
-        """Final-normed hidden states in routed order (batch.order)."""
+        """Final-normed hidden states in routed order (batch.order). Without images the embedding rows are
+        gathered on the host straight in routed order: a device gather costs a MindSpore op per step."""
         order = batch.order
-        embeds = ops.gather(self.embed(batch), Tensor.from_numpy(order.astype(np.int32)), 0)
+        if self._has_images(batch):
+            embeds = ops.gather(self.embed(batch), Tensor.from_numpy(order.astype(np.int32)), 0)
+        else:
+            embeds = self.language.embed(batch.token_ids[order])
         return self.language.forward(embeds, batch.position_ids[order], batch.num_language, attention)
 
     def forward(self, batch: TokenBatch, attention: Attention) -> Tensor:
-        """Logits [len(batch.logits_positions), vocab] for the requested batch positions only."""
+        """Logits [len(batch.logits_positions), vocab] for the requested batch positions only (every row as it is
+        when they are all of them in routed order, as in a decode step: no gather)."""
         hidden = self.hidden_states(batch, attention)
         routed_position = np.empty_like(batch.order)
         routed_position[batch.order] = np.arange(batch.order.shape[0])
-        rows = Tensor.from_numpy(routed_position[batch.logits_positions].astype(np.int32))
-        return self.language.logits(ops.gather(hidden, rows, 0))
+        rows = routed_position[batch.logits_positions]
+        if np.array_equal(rows, np.arange(batch.order.shape[0])):
+            return self.language.logits(hidden)
+        return self.language.logits(ops.gather(hidden, Tensor.from_numpy(rows.astype(np.int32)), 0))
