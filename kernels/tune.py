@@ -98,8 +98,9 @@ CANDIDATES: dict[str, dict[str, list[dict[str, int]]]] = {
     "expert_linear_i8_vnni": {cls: [{"threads": t, "k_block": 0, "tile_rows": r}
                                     for t, r in itertools.product((1, 2), (0, 4, 6, 10, 12))] for cls in SHAPES},
 }
-# Decode calls also choose how much work takes the threads (the same bits either way): measured here, two threads
-# lost to one on 2-16 MB of weights at one token.
+# Decode calls also choose how much work takes the threads (the same bits either way): a helper that starts late on
+# a loaded core makes the call wait for it (measured here with helpers spawned per call, on warm weights: two
+# threads lost to one on 2-16 MB at one token; with kept helpers and cold weights two won from 2 MB).
 for _op in PANEL_OPS:
     CANDIDATES[_op]["decode"] = [{**c, "parallel_min_work": w} for c in CANDIDATES[_op]["decode"]
                                  for w in (1 << 20, 1 << 24)]
