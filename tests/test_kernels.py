@@ -1356,6 +1356,10 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     assert set(params.ops) == set(tune.OPS)
     assert params.get("expert_linear", "decode")["gemm"] in range(5)
     assert params.get("expert_linear_bf16_dot", "prefill") in panel
+    # decode projections: their chosen candidate refined by a sweep of prefetch_rows
+    decode = params.get("expert_linear_bf16_dot", "decode")
+    assert decode["prefetch_rows"] in tune.REFINED_DECODE_PARAMS["prefetch_rows"]
+    assert {key: value for key, value in decode.items() if key != "prefetch_rows"} in panel
     assert "measurements" in out.read_text(encoding="utf-8")
     assert "best_by_kind" in out.read_text(encoding="utf-8")  # paged attention, timed per cache dtype and math
     assert "bfloat16, bf16 math" in out.read_text(encoding="utf-8")
