@@ -68,34 +68,32 @@ class CogVLM2Model:
         return self.vision(pixel_values)
 
     @staticmethod
-    def _has_images(batch: TokenBatch) -> bool:
-        return batch.image_features is not None and batch.image_positions is not None and \
-            len(batch.image_positions) > 0
+    def _routed_rows(batch: TokenBatch, positions: np.ndarray) -> np.ndarray:
+        """The rows in routed order (batch.order) of the tokens at batch `positions`."""
+        routed = np.empty_like(batch.order)
+        routed[batch.order] = np.arange(batch.order.shape[0])
+        return routed[positions]
 
     def embed(self, batch: TokenBatch) -> Tensor:
-        embeds = self.language.embed(batch.token_ids)
-        if not self._has_images(batch):
+        """The batch's embeddings in routed order: the table's rows gathered on the host straight in that order (a
+        device gather would cost a MindSpore op per step), the image features written over their tokens' rows."""
+        embeds = self.language.embed(batch.token_ids[batch.order])
+        if batch.image_features is None or batch.image_positions is None or len(batch.image_positions) == 0:
             return embeds
-        idx = Tensor.from_numpy(batch.image_positions.astype(np.int32).reshape(-1, 1))
-        return ops.tensor_scatter_update(embeds, idx, batch.image_features)
+        rows = self._routed_rows(batch, batch.image_positions)
+        return ops.tensor_scatter_update(embeds, Tensor.from_numpy(rows.astype(np.int32).reshape(-1, 1)),
+                                         batch.image_features)
 
     def hidden_states(self, batch: TokenBatch, attention: Attention) -> Tensor:
-        """Final-normed hidden states in routed order (batch.order). Without images the embedding rows are
-        gathered on the host straight in routed order: a device gather costs a MindSpore op per step."""
-        order = batch.order
-        if self._has_images(batch):
-            embeds = ops.gather(self.embed(batch), Tensor.from_numpy(order.astype(np.int32)), 0)
-        else:
-            embeds = self.language.embed(batch.token_ids[order])
-        return self.language.forward(embeds, batch.position_ids[order], batch.num_language, attention)
+        """Final-normed hidden states in routed order (batch.order)."""
+        return self.language.forward(self.embed(batch), batch.position_ids[batch.order], batch.num_language,
+                                     attention)
 
     def forward(self, batch: TokenBatch, attention: Attention) -> Tensor:
         """Logits [len(batch.logits_positions), vocab] for the requested batch positions only (every row as it is
         when they are all of them in routed order, as in a decode step: no gather)."""
         hidden = self.hidden_states(batch, attention)
-        routed_position = np.empty_like(batch.order)
-        routed_position[batch.order] = np.arange(batch.order.shape[0])
-        rows = routed_position[batch.logits_positions]
-        if np.array_equal(rows, np.arange(batch.order.shape[0])):
+        if np.array_equal(batch.logits_positions, batch.order):
             return self.language.logits(hidden)
+        rows = self._routed_rows(batch, batch.logits_positions)
         return self.language.logits(ops.gather(hidden, Tensor.from_numpy(rows.astype(np.int32)), 0))
